@@ -1,0 +1,1 @@
+"""Cas-SEAT on Ray."""

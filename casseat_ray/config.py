@@ -1,0 +1,434 @@
+"""One typed config tree for a whole run: YAML file + dotted command-line overrides.
+
+Every section forbids unknown keys (a typo is an error, not a silently ignored knob), every
+field carries a description (``casseat validate --explain`` prints them), and every error names
+the dotted key, where it came from (the file or the command line) and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem, one per line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def F(default: Any = ..., description: str = "", **kw: Any) -> Any:
+    """A field that must explain itself."""
+    if not description:
+        raise TypeError("every config field needs a description")
+    if isinstance(default, (list, dict)) or (isinstance(default, type) and issubclass(default, BaseModel)):
+        factory = default if isinstance(default, type) else (lambda d=default: type(d)(d))
+        return Field(default_factory=factory, description=description, **kw)
+    return Field(default, description=description, **kw)
+
+
+AnswerType = Literal["multi_choice", "integer", "float", "text", "list"]
+
+
+# ---------------------------------------------------------------- source data
+class FieldMap(Section):
+    """Where the generic adapter finds each canonical field in a row of the user's file."""
+
+    question: str = F("question", "Column holding the question text.")
+    answer: str = F("answer", "Column holding the ground-truth answer.")
+    image: str = F("image", "Column holding the image: a path (relative to image_root or absolute), raw bytes, base64 text or a Hugging Face {bytes, path} dict.")
+    choices: str | None = F("choices", "Column holding the choices, as a list or as one delimited string such as 'A. 3;B. 4'. None when the data has no choices.")
+    choices_delimiter: str = F(";", "Delimiter between choices when the choices column is one string.")
+    answer_type: str | None = F(None, "Column stating the answer type (multi_choice|integer|float|text|list); inferred from the answer when absent.")
+    precision: str | None = F(None, "Column stating the float precision (decimal places).")
+    unit: str | None = F(None, "Column stating the answer's unit.")
+    id: str | None = F(None, "Column with the source's own item id (kept in meta).")
+
+
+class SourceConfig(Section):
+    name: str = F(description="Source name recorded on every row (used in stats, caps and breakdowns).")
+    format: Literal["canonical", "mathv360k", "mathvista", "mathv", "generic", "hf"] = F(
+        description="Adapter: canonical (Parquet written by this project, e.g. make-demo-data), mathv360k, mathvista, mathv, generic (JSON/JSONL/Parquet/CSV with a field map), hf (Parquet/Arrow saved by Hugging Face datasets)."
+    )
+    path: Path = F(description="File or directory holding the annotations (or the Parquet files).")
+    image_root: Path | None = F(None, "Directory that relative image paths are resolved against; defaults to the annotation file's directory.")
+    split: str = F("train", "Split name recorded on every row.")
+    fields: FieldMap = F(FieldMap, "Field map for the generic and hf adapters.")
+    max_samples: int | None = F(None, "Read at most this many rows from the source (None: all).", ge=1)
+    license: str | None = F(None, "License of the source, copied into the dataset card.")
+
+
+class ImageConfig(Section):
+    max_header_pixels: int = F(64_000_000, "Reject an image whose header declares more pixels than this, before decoding it (decompression bombs).", ge=1)
+    min_side: int = F(28, "Reject images whose shorter side is below this many pixels.", ge=1)
+    max_aspect_ratio: float = F(50.0, "Reject images whose long/short side ratio exceeds this (vision encoders fail on extreme strips).", gt=1)
+    max_pixels: int = F(1_003_520, "Downscale (keeping aspect) images above this many pixels, so the teacher sees a bounded budget.", ge=1)
+    format: Literal["PNG", "JPEG"] = F("PNG", "Encoding of normalized images stored in rows.")
+
+
+class ModelFilterConfig(Section):
+    enabled: bool = F(False, "Ask the student for a direct answer and drop items it already gets right (reason too_easy).")
+    batch_size: int = F(32, "Rows per batch sent to the student engine.", ge=1)
+    max_tokens: int = F(32, "Token budget of the student's direct answer.", ge=1)
+
+
+class DDFSourceConfig(Section):
+    dedup: bool = F(True, "Drop exact duplicates: same image content hash and same normalized question.")
+    min_question_chars: int = F(1, "Reject questions shorter than this after stripping whitespace.", ge=0)
+    max_question_chars: int = F(4000, "Reject questions longer than this (they would not fit the budget).", ge=1)
+    max_answer_chars: int = F(64, "Reject free-form answers longer than this (not verifiable by rule).", ge=1)
+    per_source_cap: dict[str, int] = F({}, "Keep at most N rows per source name.")
+    budget: int | None = F(None, "Keep at most this many rows in total, sampled stratified by answer type and source.", ge=1)
+    model_filter: ModelFilterConfig = F(ModelFilterConfig, "Optional student-based filter (DDF level 1, model part).")
+
+
+# ---------------------------------------------------------------- engines
+class EngineConfig(Section):
+    dtype: str = F("auto", "Weights dtype for vLLM (auto, bfloat16, float16, float32).")
+    max_model_len: int = F(4096, "Context length the engine reserves per sequence.", ge=64)
+    tensor_parallel_size: int = F(1, "GPUs one engine spans (tensor parallel).", ge=1)
+    gpu_memory_utilization: float = F(0.9, "Share of GPU memory vLLM may take.", gt=0, le=1)
+    kv_cache_memory_bytes: int | None = F(None, "Fixed KV-cache size in bytes (None: derived from gpu_memory_utilization). On CPU a fixed size also skips the start-up warm-up.", ge=1)
+    enable_prefix_caching: bool = F(True, "Reuse the KV cache of a shared conversation prefix; makes the C2 turn cheap.")
+    limit_mm_per_prompt: dict[str, int] = F({"image": 1}, "Maximum images (and videos) per prompt.")
+    mm_processor_kwargs: dict[str, Any] | None = F(None, "Extra kwargs for the model's multimodal processor (e.g. max_pixels).")
+    enable_lora: bool = F(False, "Allow LoRA adapters at generation time (needed to evaluate a trained student).")
+    max_lora_rank: int = F(16, "Largest LoRA rank the engine accepts when enable_lora is on.", ge=1)
+    max_num_seqs: int | None = F(None, "Concurrent sequences per engine step (None: vLLM's default).", ge=1)
+    enforce_eager: bool = F(False, "Disable CUDA graphs (faster start, slower steps).")
+    seed: int = F(0, "Engine seed.")
+    extra: dict[str, Any] = F({}, "Any other vllm.LLM keyword arguments, passed through unchanged.")
+
+
+class SamplingConfig(Section):
+    temperature: float = F(0.0, "Sampling temperature; 0 is greedy.", ge=0)
+    top_p: float = F(1.0, "Nucleus sampling mass.", gt=0, le=1)
+    max_tokens: int = F(1024, "New-token budget per turn (the method uses 1-2K; never as low as 128).", ge=1)
+    n: int = F(1, "Completions per prompt.", ge=1)
+    seed: int | None = F(0, "Per-request seed, for reproducible sampling (None: random).")
+    stop: list[str] = F([], "Extra stop strings.")
+
+
+class TeacherConfig(Section):
+    model: str = F(description="Teacher model: a local Hugging Face directory or a hub id.")
+    engine: EngineConfig = F(EngineConfig, "vLLM engine arguments.")
+    sampling: SamplingConfig = F(SamplingConfig, "Sampling for the C1 and C2 turns.")
+    concurrency: int = F(1, "Number of teacher actors (each owns one engine).", ge=1)
+    num_gpus: float = F(0.0, "GPUs per teacher actor; set to engine.tensor_parallel_size on GPU clusters, 0 on CPU.", ge=0)
+    num_cpus: float = F(1.0, "CPUs reserved per teacher actor.", ge=0)
+    batch_size: int = F(16, "Rows per batch handed to one teacher actor.", ge=1)
+
+
+# ---------------------------------------------------------------- synthesis
+class PromptsConfig(Section):
+    c1: Path | None = F(None, "File overriding the C1 reasoning prompt (placeholder {{question}}).")
+    c2: Path | None = F(None, "File overriding the C2 self-evaluation prompt.")
+    c2_hint: Path | None = F(None, "File overriding the C2 prompt with a hidden ground-truth hint ({{answer}}).")
+    seat: Path | None = F(None, "File overriding the single long SEAT prompt ({{question}}).")
+    direct: Path | None = F(None, "File overriding the direct-answer prompt ({{question}}).")
+    extract: Path | None = F(None, "File overriding the few-shot answer-extraction prompt ({{query}}, {{response}}).")
+
+
+class SynthesisConfig(Section):
+    mode: Literal["cascade", "seat", "cot"] = F("cascade", "cascade: C1 then C2 (Cas-SEAT); seat: one long prompt with inline self-evaluation; cot: C1 only (ablation).")
+    prompts: PromptsConfig = F(PromptsConfig, "Prompt template overrides.")
+    hint_ground_truth: bool = F(False, "Show the ground truth to the teacher in C2 as a hidden hint (mentions are filtered out).")
+    cot_samples: int = F(1, "CoT samples per question from C1 (k > 1 feeds the AFT loss; needs temperature > 0).", ge=1)
+
+
+class JudgeConfig(Section):
+    enabled: bool = F(False, "Ask a judge model whether each reflection is faithful to the image and the reasoning.")
+    model: str | None = F(None, "Judge model (defaults to the teacher).")
+
+
+class DDFLabeledConfig(Section):
+    drop_truncated: bool = F(True, "Reject outputs that hit the token budget.")
+    require_answer: bool = F(True, "Reject outputs without a final answer.")
+    require_verdict: bool = F(True, "Reject self-evaluations with no verdict or more than one.")
+    require_correct: bool = F(True, "Reject samples whose final answer is wrong.")
+    require_consistent: bool = F(True, "Reject Accept after a wrong C1, Refine after a right C1, and Refine that does not fix.")
+    leakage_phrases: list[str] = F(
+        ["the expected answer", "the correct answer is given", "given answer", "private note", "i was told", "ground truth", "the hint"],
+        "Case-insensitive phrases that reveal the hidden hint; a sample containing one is rejected.",
+    )
+    max_student_tokens: int = F(2048, "Reject samples longer than this in the student's tokens, image tokens included (never truncated).", ge=16)
+    judge: JudgeConfig = F(JudgeConfig, "Optional model judge.")
+
+
+class MixConfig(Section):
+    self_eval_per_cot: float = F(1.0, "Self-evaluation samples per CoT sample (Cas-SEAT default 1:1).", ge=0)
+    max_samples: int | None = F(None, "Cap on the total SFT set size.", ge=1)
+    seed: int = F(0, "Seed for choosing which samples fill the ratio.")
+
+
+# ---------------------------------------------------------------- student
+class LoraConfig(Section):
+    r: int = F(8, "LoRA rank.", ge=1)
+    alpha: int = F(16, "LoRA alpha.", ge=1)
+    dropout: float = F(0.05, "LoRA dropout.", ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = F("all-linear", "Language-model modules to adapt; all-linear adapts every linear layer outside the vision tower.")
+    freeze_vision: bool = F(True, "Keep the vision tower frozen.")
+    train_projector: bool = F(False, "Train the vision-language projector (merger) fully.")
+
+
+class StudentConfig(Section):
+    model: str = F(description="Student model: a local Hugging Face directory or a hub id.")
+    lora: LoraConfig = F(LoraConfig, "LoRA adapter settings.")
+    engine: EngineConfig = F(EngineConfig, "vLLM engine arguments when the student generates (model filter, evaluation).")
+
+
+class AFTConfig(Section):
+    variant: Literal["detached", "boundary"] = F("boundary", "Constraint on the alignment term: detached stops gradients through negatives; boundary floors them at tau below the lowest positive.")
+    tau: float = F(1.0, "Boundary margin for the boundary variant.", ge=0)
+    weight: float = F(1.0, "Weight of the alignment term added to the token NLL.", ge=0)
+    ranking: bool = F(False, "Use every better/worse pair of a ranked list instead of positives vs negatives.")
+
+
+class TrainConfig(Section):
+    epochs: float = F(3.0, "Passes over the SFT set.", gt=0)
+    lr: float = F(1e-4, "Peak learning rate.", gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = F("cosine", "Learning-rate schedule after warmup.")
+    warmup_ratio: float = F(0.1, "Share of steps spent warming up.", ge=0, lt=1)
+    weight_decay: float = F(0.0, "AdamW weight decay.", ge=0)
+    batch_size: int = F(4, "Samples per worker per micro-step.", ge=1)
+    grad_accum: int = F(4, "Micro-steps per optimizer step.", ge=1)
+    max_grad_norm: float = F(1.0, "Gradient clipping norm (0 disables).", ge=0)
+    cutoff_len: int = F(2048, "Samples longer than this many tokens are dropped and counted, never truncated.", ge=16)
+    label_mode: Literal["all_assistant", "last_assistant"] = F("last_assistant", "Which assistant turns carry loss; self-evaluation samples always train on the last turn only.")
+    packing: bool = F(False, "Pack several samples per row instead of padding.")
+    precision: Literal["auto", "bf16", "fp32"] = F("auto", "auto: bf16 on GPU, fp32 on CPU.")
+    gradient_checkpointing: bool = F(False, "Trade compute for memory.")
+    strategy: Literal["ddp", "fsdp"] = F("ddp", "Data parallel strategy across workers.")
+    num_workers: int = F(1, "Ray Train workers.", ge=0)
+    use_gpu: bool = F(False, "One GPU per worker.")
+    cpus_per_worker: float = F(1.0, "CPUs per worker.", gt=0)
+    checkpoint_every: int = F(50, "Optimizer steps between checkpoints.", ge=1)
+    keep_checkpoints: int = F(2, "Checkpoints kept on storage.", ge=1)
+    max_failures: int = F(0, "Worker-group restarts Ray Train attempts after a failure.", ge=-1)
+    nonfinite: Literal["skip", "stop"] = F("skip", "On a non-finite loss: skip the step and count it, or stop the run.")
+    loss: Literal["nll", "aft"] = F("nll", "nll: token cross-entropy; aft: NLL plus the constrained alignment loss.")
+    aft: AFTConfig = F(AFTConfig, "AFT alignment loss settings.")
+    seed: int = F(0, "Seed for init, data order and dropout.")
+
+
+# ---------------------------------------------------------------- evaluation
+class EvaluateConfig(Section):
+    benchmarks: list[SourceConfig] = F([], "Benchmarks to score the student on (same adapters as sources).")
+    modes: list[Literal["direct", "cot", "seat", "cascade", "best_of_n"]] = F(["cot", "cascade"], "Inference modes to compare.")
+    best_of_n: int = F(4, "Samples per question for best_of_n.", ge=1)
+    adapter: Path | None = F(None, "LoRA adapter to evaluate (None: the base student, or the adapter this run trained).")
+    sampling: SamplingConfig = F(SamplingConfig, "Sampling for evaluation passes.")
+    model_extractor: bool = F(False, "Use the model-based answer extractor when no rule parses a response.")
+
+
+# ---------------------------------------------------------------- ray + root
+class RayConfig(Section):
+    address: str | None = F(None, "Ray cluster address ('auto' inside a cluster; None starts local Ray).")
+    num_cpus: int | None = F(None, "CPUs for a local Ray started by this run (None: all).", ge=1)
+    storage_path: Path = F(Path("runs/ray"), "Shared storage for Ray Train checkpoints (a path all nodes see: NFS, or s3://... on clusters).")
+
+
+class Config(Section):
+    name: str = F("casseat", "Run name: names the output folder and the Ray Train run.", pattern=r"^[A-Za-z0-9._-]+$")
+    output_dir: Path = F(Path("out"), "Root of all outputs; this run writes under output_dir/name.")
+    seed: int = F(0, "Global seed.")
+    sources: list[SourceConfig] = F([], "Source datasets to synthesize from.")
+    images: ImageConfig = F(ImageConfig, "Image validation and normalization.")
+    ddf_source: DDFSourceConfig = F(DDFSourceConfig, "DDF level 1: source filtering before any teacher call.")
+    teacher: TeacherConfig | None = F(None, "Teacher model and engine.")
+    synthesis: SynthesisConfig = F(SynthesisConfig, "Cascade / SEAT / CoT mode and prompts.")
+    ddf_labeled: DDFLabeledConfig = F(DDFLabeledConfig, "DDF level 2: filtering of the teacher's outputs.")
+    mix: MixConfig = F(MixConfig, "Mixing CoT and self-evaluation samples.")
+    student: StudentConfig | None = F(None, "Student model and LoRA.")
+    train: TrainConfig = F(TrainConfig, "Student fine-tuning on Ray Train.")
+    evaluate: EvaluateConfig = F(EvaluateConfig, "Evaluation of the student.")
+    ray: RayConfig = F(RayConfig, "Ray connection and storage.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"sources: names must be unique, repeated: {dupes}")
+        unknown = sorted(set(self.ddf_source.per_source_cap) - set(names))
+        if unknown and self.sources:
+            raise ValueError(f"ddf_source.per_source_cap names unknown sources {unknown}; sources are {names}")
+        if self.synthesis.cot_samples > 1 and self.teacher and self.teacher.sampling.temperature == 0:
+            raise ValueError("synthesis.cot_samples > 1 needs teacher.sampling.temperature > 0 (greedy samples are identical)")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+
+# ---------------------------------------------------------------- loading
+def _format_loc(loc: tuple) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(str(p))
+        elif p in ("function-after",) or str(p).startswith(("function-", "literal[", "list[", "dict[")):
+            continue
+        else:
+            parts.append(str(p))
+    return ".".join(parts) or "(root)"
+
+
+def _describe(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; `casseat validate --explain` lists the keys)"
+    if kind == "missing":
+        return "required key is missing"
+    got = err.get("input")
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
+        return f"{msg[0].lower() + msg[1:]}, got {got!r}"
+    return msg
+
+
+def format_errors(exc: ValidationError, origin: str, overrides: list[str] = ()) -> str:
+    """One line per error, blamed on the override that set the key, else on the file."""
+    set_by = {o.split("=", 1)[0].strip(): o for o in overrides}
+    lines = []
+    for err in exc.errors():
+        key = _format_loc(err["loc"])
+        blame = next((f"command line ({o})" for k, o in set_by.items() if key == k or key.startswith(k + ".")), origin)
+        lines.append(f"{blame}: {key}: {_describe(err)}")
+    return "\n".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict, dotted: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict; list items by index."""
+    if "=" not in dotted:
+        raise ConfigError(f"command line: override {dotted!r} must look like key.sub=value")
+    key, raw = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"command line: override {dotted!r} has an empty key part")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"command line: {key}: {here} is a list of {len(node)}; use an index below it")
+            node = node[int(part)]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"command line: {key}: {here} is a value, not a section")
+    last = parts[-1]
+    value = _parse_scalar(raw)
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"command line: {key}: index {last} out of range for a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config, apply dotted overrides, validate.
+
+    Relative paths in the file are taken relative to the current working directory (the
+    directory ``casseat`` or ``ray job submit`` runs in), so the same file works locally and
+    as a job's working_dir.
+    """
+    origin = "command line"
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    for o in overrides:
+        apply_override(tree, o)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, origin, list(overrides))) from None
+
+
+def _looks_local(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or os.path.exists(ref)
+
+
+def check_inputs(cfg: Config, parts: tuple[str, ...] = ("sources", "teacher", "student", "evaluate")) -> list[str]:
+    """Paths that must exist before expensive work starts; returns one message per problem."""
+    problems: list[str] = []
+
+    def need(key: str, p: Path | str | None, what: str, is_dir: bool | None = None) -> None:
+        if p is None:
+            return
+        p = Path(p).expanduser()
+        if not p.exists():
+            problems.append(f"{key}: {what} not found: {p}")
+        elif is_dir is True and not p.is_dir():
+            problems.append(f"{key}: expected a directory: {p}")
+
+    if "sources" in parts:
+        for i, s in enumerate(cfg.sources):
+            need(f"sources.{i}.path", s.path, "source data")
+            need(f"sources.{i}.image_root", s.image_root, "image root", is_dir=True)
+    if "evaluate" in parts:
+        for i, s in enumerate(cfg.evaluate.benchmarks):
+            need(f"evaluate.benchmarks.{i}.path", s.path, "benchmark data")
+            need(f"evaluate.benchmarks.{i}.image_root", s.image_root, "image root", is_dir=True)
+        need("evaluate.adapter", cfg.evaluate.adapter, "adapter", is_dir=True)
+    for role in ("teacher", "student"):
+        section = getattr(cfg, role)
+        if role in parts and section is not None and _looks_local(section.model):
+            need(f"{role}.model", section.model, "model directory", is_dir=True)
+    for key, p in (("synthesis.prompts." + k, v) for k, v in cfg.synthesis.prompts):
+        need(key, p, "prompt file")
+    return problems
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def explain(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per key: dotted name, default, description (the config reference)."""
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if sub is None:
+            for arg in getattr(ann, "__args__", ()):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    sub = arg
+        if sub is not None:
+            is_list = str(ann).startswith("list")
+            lines.append(f"{key}: {field.description}" + (" (a list; one entry:)" if is_list else ""))
+            lines.extend(explain(sub, key + (".N." if is_list else ".")))
+        else:
+            default = field.get_default(call_default_factory=True)
+            shown = "(required)" if field.is_required() else repr(default if not isinstance(default, Path) else str(default))
+            lines.append(f"{key} = {shown}: {field.description}")
+    return lines

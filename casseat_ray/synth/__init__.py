@@ -1,0 +1,1 @@
+"""Data synthesis: the teacher cascade and the filters around it."""

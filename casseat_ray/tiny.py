@@ -1,0 +1,232 @@
+"""Tiny Qwen2-VL models with a real architecture, built offline.
+
+Nothing can be downloaded in tests or in the demo, so we build the whole model directory
+ourselves: config + random weights (seeded), a byte-level BPE tokenizer trained locally on
+math-reasoning text with the real Qwen2-VL special tokens, a Qwen-style multi-turn chat
+template, and image/video processors with small pixel bounds. The result loads with
+``AutoModelForImageTextToText`` / ``AutoProcessor`` and with vLLM's CPU build.
+
+Shape limits found on vLLM's CPU backend: head_dim must be 64 (16 is rejected), and the
+M-RoPE sections must sum to head_dim / 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL's own template, reduced to what the project uses: a default system turn, images
+# and videos as placeholder runs inside user turns, any number of turns.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyShape:
+    """Sizes of one tiny role. head_dim = hidden / heads must be 64 for vLLM on CPU."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vision_depth: int
+    vision_dim: int
+    vision_heads: int
+
+
+SHAPES = {
+    # The teacher is larger than the student, as in the method.
+    "teacher": TinyShape(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512,
+                         vision_depth=2, vision_dim=64, vision_heads=2),
+    "student": TinyShape(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=256,
+                         vision_depth=2, vision_dim=64, vision_heads=2),
+}
+
+VOCAB_SIZE = 1024
+MIN_PIXELS = 56 * 56
+MAX_PIXELS = 112 * 112
+MAX_POSITIONS = 4096
+
+
+def _tokenizer_corpus(seed: int) -> list[str]:
+    """Text that looks like what the models will read and write, so BPE merges are useful."""
+    from casseat_ray import prompts
+
+    rng = random.Random(seed)
+    words = (
+        "the answer is step first then so therefore count shapes circle square triangle bar "
+        "chart value length longer shorter angle degrees clock hour minute image shows left "
+        "right top bottom red blue green yellow total sum difference equals evaluation accept "
+        "refine check previous reasoning mistake correct wrong final choice option which how "
+        "many what is of in a an to and we see there are"
+    ).split()
+    lines = [prompts.load("c1").text, prompts.load("c2").text, prompts.load("seat").text]
+    for _ in range(400):
+        n = rng.randint(5, 20)
+        lines.append(" ".join(rng.choice(words) for _ in range(n)) + f" {rng.randint(0, 999)}.")
+        lines.append(f"The answer is {rng.choice('ABCDE')}. Evaluation: {rng.choice(['Accept', 'Refine'])}")
+        lines.append(f"{rng.randint(0, 99)} + {rng.randint(0, 99)} = {rng.random() * 100:.2f}")
+    return lines
+
+
+def build_tokenizer(seed: int = 0):
+    """Byte-level BPE trained locally; the Qwen2-VL special tokens get the last ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - len(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(seed), trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=MAX_POSITIONS,
+        padding_side="left",
+    )
+
+
+def build_config(role: str, tokenizer):
+    from transformers import Qwen2VLConfig
+
+    s = SHAPES[role]
+    head_dim = s.hidden // s.heads
+    assert head_dim == 64, "vLLM's CPU attention needs head_dim 64"
+    quarter = head_dim // 8
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        max_position_embeddings=MAX_POSITIONS,
+        max_window_layers=s.layers,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1_000_000.0,
+            # M-RoPE (temporal, height, width) sections sum to head_dim / 2.
+            "mrope_section": [quarter, (head_dim // 2 - quarter) // 2, (head_dim // 2 - quarter) // 2],
+        },
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    vision = dict(
+        depth=s.vision_depth,
+        embed_dim=s.vision_dim,
+        hidden_size=s.hidden,
+        num_heads=s.vision_heads,
+        mlp_ratio=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    return Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def build_processor(tokenizer):
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    # The processor refuses a missing video processor, so give it one with the same bounds.
+    video_processor = Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    return Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def make_tiny(out: str | Path, role: str = "student", seed: int = 0) -> Path:
+    """Build and save a tiny Qwen2-VL for ``role`` in ``out``; returns the directory.
+
+    Deterministic: the same role and seed give byte-identical weights and tokenizer.
+    """
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    if role not in SHAPES:
+        raise ValueError(f"role must be one of {sorted(SHAPES)}, got {role!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(seed)
+    config = build_config(role, tokenizer)
+    torch.manual_seed(seed + (0 if role == "student" else 1))
+    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+    with torch.no_grad():
+        # Wider init than the default 0.02 so different inputs give visibly different outputs.
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.save_pretrained(out)
+    build_processor(tokenizer).save_pretrained(out)
+    (out / "casseat_tiny.json").write_text(json.dumps({"role": role, "seed": seed}, indent=2) + "\n")
+    return out
+
+
+def fingerprint(path: str | Path) -> str:
+    """Hash of every file in a model directory (names + bytes), for determinism checks."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file():
+            h.update(f.relative_to(path).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
