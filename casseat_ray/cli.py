@@ -6,7 +6,6 @@ Exit codes: 0 success, 1 the run failed, 2 bad usage or bad config (nothing expe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ then C2 (self-evaluate, as a second user turn on the same conversation). Writes 
   data/demo.parquet                the demo questions (canonical rows, images embedded)
   cascade.parquet                  one row per question: C1 and C2 texts, token counts
   config.yaml                      the resolved config of the run
+  summary.json                     counts and timings (also printed)
 
 The tiny models are untrained, so their text is noise; the demo shows the machinery, not
 quality. Takes about a minute on a laptop CPU, most of it vLLM start-up.
@@ -100,7 +100,8 @@ def cmd_demo(args) -> int:
         print(f"casseat demo: --n must be at least 1, got {args.n}", file=sys.stderr)
         return EXIT_USAGE
     summary = demo.run(args.out, n=args.n, seed=args.seed)
-    print(json.dumps(summary, indent=2))
+    width = max(len(k) for k in summary)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in summary.items()))
     return EXIT_OK
 
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the console for our own output
     t0 = time.perf_counter()
     code = args.func(args)
     if code == EXIT_OK and args.command not in ("validate",):

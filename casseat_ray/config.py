@@ -169,9 +169,9 @@ class MixConfig(Section):
 
 # ---------------------------------------------------------------- student
 class LoraConfig(Section):
-    r: int = F(8, "LoRA rank.", ge=1)
-    alpha: int = F(16, "LoRA alpha.", ge=1)
-    dropout: float = F(0.05, "LoRA dropout.", ge=0, lt=1)
+    r: int = F(8, "LoRA rank (size of the low-rank update).", ge=1)
+    alpha: int = F(16, "LoRA alpha; the update is scaled by alpha / r.", ge=1)
+    dropout: float = F(0.05, "Dropout on the input of each LoRA layer.", ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = F("all-linear", "Language-model modules to adapt; all-linear adapts every linear layer outside the vision tower.")
     freeze_vision: bool = F(True, "Keep the vision tower frozen.")
     train_projector: bool = F(False, "Train the vision-language projector (merger) fully.")
@@ -324,7 +324,8 @@ def apply_override(tree: dict, dotted: str) -> None:
         here = ".".join(parts[: i + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"command line: {key}: {here} is a list of {len(node)}; use an index below it")
+                owner = ".".join(parts[:i])
+                raise ConfigError(f"command line: {key}: {owner} is a list of {len(node)}; use an index below it")
             node = node[int(part)]
         else:
             if node.get(part) is None:

@@ -77,7 +77,7 @@ def run(out: str | Path = "out/demo", n: int = 16, seed: int = 0) -> dict:
     import pyarrow as pa
 
     pq.write_table(pa.Table.from_pylist(records), out / "cascade.parquet")
-    return dict(
+    summary = dict(
         out=str(out),
         questions=len(rows),
         answer_types=sorted({r["answer_type"] for r in rows}),
@@ -90,3 +90,5 @@ def run(out: str | Path = "out/demo", n: int = 16, seed: int = 0) -> dict:
         c2_tokens_out=sum(b.output_tokens for b in second),
         errors=sum(1 for a, b in zip(first, second) if a.error or b.error),
     )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,73 @@
+"""Session-wide fixtures: one set of tiny models, one vLLM engine, one local Ray.
+
+vLLM takes about a minute to start and Ray about ten seconds on these machines, so every test
+that needs one shares the same instance.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A file under ../shared/data, or a skip that says what is missing."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real benchmark data not found at {path} (expected ../shared/data beside the project)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from casseat_ray.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {role: make_tiny(root / role, role=role, seed=0) for role in ("teacher", "student")}
+
+
+@pytest.fixture(scope="session")
+def demo_parquet(tmp_path_factory) -> Path:
+    from casseat_ray.demo_data import make_demo_data
+
+    return make_demo_data(tmp_path_factory.mktemp("demo"), n=24, seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_rows(demo_parquet) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(demo_parquet).to_pylist()
+
+
+@pytest.fixture(scope="session")
+def teacher_engine(tiny_models):
+    """The one vLLM engine of the test session (tiny teacher, CPU)."""
+    from casseat_ray.config import EngineConfig, SamplingConfig
+    from casseat_ray.demo import TINY_ENGINE
+    from casseat_ray.engines.vllm import VLLMEngine
+
+    engine = VLLMEngine(str(tiny_models["teacher"]), EngineConfig(**TINY_ENGINE), SamplingConfig(max_tokens=24))
+    yield engine
+    engine.llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    # Workers unpickle functions defined in test modules by module name, so they need the
+    # test directories on their path (pytest put them on the driver's).
+    test_dirs = [str(ROOT / "tests")] + [str(p) for p in (ROOT / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "_"))]
+    env = {"PYTHONPATH": os.pathsep.join(test_dirs + [os.environ.get("PYTHONPATH", "")])}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    yield ray
+    ray.shutdown()

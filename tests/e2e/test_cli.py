@@ -1,0 +1,63 @@
+"""The installed ``casseat`` command, as a user runs it."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+SUBCOMMANDS = ["validate", "make-tiny", "make-demo-data", "demo"]
+
+
+def casseat(*args, timeout=600):
+    exe = shutil.which("casseat") or sys.executable
+    cmd = [exe, *args] if exe != sys.executable else [exe, "-m", "casseat_ray.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_reads_like_a_manual():
+    top = casseat("--help")
+    assert top.returncode == 0
+    for sub in SUBCOMMANDS:
+        assert sub in top.stdout
+        r = casseat(sub, "--help")
+        assert r.returncode == 0, r.stderr
+        assert "usage: casseat " + sub in r.stdout and len(r.stdout) > 300
+    assert casseat().returncode == 2  # no subcommand: help + usage error
+    bad = casseat("frobnicate")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_validate_misspelled_key_exits_2(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: x\nteacher:\n  model: Qwen/Qwen2-VL-7B-Instruct\n  samplng: {}\n")
+    r = casseat("validate", str(f))
+    assert r.returncode == 2
+    assert f"{f}: teacher.samplng: unknown key" in r.stderr
+    assert casseat("validate", str(tmp_path / "none.yaml")).returncode == 2
+
+
+@pytest.mark.slow
+def test_make_tiny_cli(tmp_path):
+    r = casseat("make-tiny", str(tmp_path / "t"), "--role", "student", "--seed", "2")
+    assert r.returncode == 0, r.stderr
+    assert "fingerprint" in r.stdout
+    assert (tmp_path / "t" / "config.json").is_file() and (tmp_path / "t" / "tokenizer.json").is_file()
+    assert casseat("make-tiny", str(tmp_path / "u"), "--role", "oracle").returncode == 2
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    r = casseat("demo", "--out", str(tmp_path / "demo"), "--n", "8", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert "vllm_start_seconds" in r.stdout
+    assert summary["questions"] == 8 and summary["errors"] == 0
+    assert summary["c2_tokens_in"] > summary["c1_tokens_out"]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "demo" / "cascade.parquet")
+    assert table.num_rows == 8
+    assert all(t for t in table.column("c2_text").to_pylist())
+    assert (tmp_path / "demo" / "config.yaml").is_file()

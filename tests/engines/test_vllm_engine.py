@@ -1,0 +1,57 @@
+"""The real vLLM engine (CPU build) on the tiny teacher; one engine for the whole session."""
+
+import io
+
+from PIL import Image
+
+from casseat_ray import prompts
+from casseat_ray.config import SamplingConfig
+from casseat_ray.engines import Engine, failed, image_part, text_part, user
+from casseat_ray.synth.conversations import c1_conversation, c2_conversation
+
+
+def test_engine_implements_protocol(teacher_engine):
+    assert isinstance(teacher_engine, Engine)
+    assert 1 < teacher_engine.start_seconds < 600
+
+
+def test_two_turn_image_cascade(teacher_engine, demo_rows):
+    rows = demo_rows[:6]
+    c1, c2 = prompts.load("c1"), prompts.load("c2")
+    first = teacher_engine.chat([c1_conversation(r, c1) for r in rows])
+    assert [len(x) for x in first] == [1] * 6
+    for comp in (x[0] for x in first):
+        assert comp.error is None and comp.finish_reason in ("stop", "length")
+        assert 0 < comp.output_tokens <= 24 and comp.prompt_tokens > 30
+    second = teacher_engine.chat([c2_conversation(r, c1, a[0].text, c2) for r, a in zip(rows, first)])
+    for a, b in zip(first, second):
+        # The C2 prompt holds the whole C1 exchange plus the C2 turn.
+        assert b[0].prompt_tokens > a[0].prompt_tokens + a[0].output_tokens
+        assert b[0].error is None
+    # PIL images and encoded bytes are the same input (same batch size: batching changes numerics).
+    prompt = text_part(c1.render(question=rows[0]["question"]))
+    as_pil = teacher_engine.chat([[user(image_part(Image.open(io.BytesIO(rows[0]["image"]))), prompt)]])
+    as_bytes = teacher_engine.chat([[user(image_part(rows[0]["image"]), prompt)]])
+    assert as_pil[0][0].text == as_bytes[0][0].text
+
+
+def test_bad_row_fails_alone(teacher_engine, demo_rows):
+    good = [user(image_part(demo_rows[1]["image"]), text_part("How many?"))]
+    bad_image = [user(image_part(b"this is not an image"), text_part("How many?"))]
+    too_long = [user(text_part("count " * 5000))]  # over max_model_len
+    out = teacher_engine.chat([good, bad_image, too_long, good])
+    assert out[0][0].error is None and out[3][0].error is None
+    assert out[0][0].text and out[3][0].text
+    assert out[1][0].finish_reason == "error" and "UnidentifiedImageError" in out[1][0].error
+    assert out[2][0].finish_reason == "error" and out[2][0].error
+    assert failed("x").truncated is False
+
+
+def test_n_samples_and_budget(teacher_engine, demo_rows):
+    conv = [user(image_part(demo_rows[2]["image"]), text_part("Describe."))]
+    outs = teacher_engine.chat([conv], SamplingConfig(n=3, temperature=1.0, max_tokens=8, seed=1))
+    assert len(outs[0]) == 3
+    assert all(c.output_tokens <= 8 for c in outs[0])
+    assert len({c.text for c in outs[0]}) > 1  # sampled, not greedy
+    greedy = teacher_engine.chat([conv], SamplingConfig(max_tokens=5))
+    assert greedy[0][0].finish_reason == "length" and greedy[0][0].truncated

@@ -1,0 +1,165 @@
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from casseat_ray import config as C
+from casseat_ray.cli import main
+
+GOOD = """\
+name: t1
+sources:
+  - name: demo
+    format: canonical
+    path: {data}
+teacher:
+  model: {model}
+  sampling: {{temperature: 0.0, max_tokens: 256}}
+student:
+  model: {model}
+train:
+  lr: 2.0e-4
+"""
+
+
+@pytest.fixture
+def good_file(tmp_path):
+    (tmp_path / "data.parquet").write_bytes(b"")
+    (tmp_path / "model").mkdir()
+    f = tmp_path / "cfg.yaml"
+    f.write_text(GOOD.format(data=tmp_path / "data.parquet", model=tmp_path / "model"))
+    return f
+
+
+def test_good_config_loads_with_defaults(good_file):
+    cfg = C.load_config(good_file)
+    assert cfg.name == "t1"
+    assert cfg.train.lr == 2e-4
+    assert cfg.teacher.sampling.max_tokens == 256
+    assert cfg.teacher.engine.enable_prefix_caching is True  # default on
+    assert cfg.student.lora.r == 8 and cfg.student.lora.alpha == 16
+    assert C.check_inputs(cfg) == []
+    assert cfg.run_dir == Path("out/t1")
+
+
+def test_overrides_apply_after_file_and_parse_yaml(good_file):
+    cfg = C.load_config(good_file, ["train.lr=3e-5", "sources.0.max_samples=10", "synthesis.mode=seat", "teacher.sampling.stop=[x, y]"])
+    assert cfg.train.lr == 3e-5
+    assert cfg.sources[0].max_samples == 10
+    assert cfg.synthesis.mode == "seat"
+    assert cfg.teacher.sampling.stop == ["x", "y"]
+
+
+def test_misspelled_key_names_key_and_file(good_file):
+    good_file.write_text(good_file.read_text().replace("  lr: 2.0e-4", "  lrate: 2.0e-4"))
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(good_file)
+    msg = str(e.value)
+    assert f"{good_file}: train.lrate: unknown key" in msg
+
+
+def test_wrong_type_names_key_expected_and_value(good_file):
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(good_file, ["teacher.sampling.max_tokens=lots"])
+    msg = str(e.value)
+    assert "command line (teacher.sampling.max_tokens=lots): teacher.sampling.max_tokens:" in msg
+    assert "valid integer" in msg and "'lots'" in msg
+
+
+def test_wrong_choice_lists_allowed_values(good_file):
+    good_file.write_text(good_file.read_text() + "synthesis:\n  mode: cascde\n")
+    with pytest.raises(C.ConfigError, match=r"synthesis.mode: input should be 'cascade', 'seat' or 'cot', got 'cascde'"):
+        C.load_config(good_file)
+
+
+def test_bounds_are_checked(good_file):
+    with pytest.raises(C.ConfigError, match=r"train.warmup_ratio: Input should be less than 1"):
+        C.load_config(good_file, ["train.warmup_ratio=1.5"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(C.ConfigError, match=r"nope.yaml: config file not found"):
+        C.load_config(tmp_path / "nope.yaml")
+
+
+def test_missing_input_paths_are_named(good_file, tmp_path):
+    cfg = C.load_config(good_file, [f"sources.0.path={tmp_path}/missing.jsonl", f"student.model={tmp_path}/no-model"])
+    problems = C.check_inputs(cfg)
+    assert f"sources.0.path: source data not found: {tmp_path}/missing.jsonl" in problems
+    assert f"student.model: model directory not found: {tmp_path}/no-model" in problems
+    # A hub id is not a local path and is not checked here.
+    assert C.check_inputs(C.load_config(good_file, ["teacher.model=Qwen/Qwen2-VL-7B-Instruct"])) == []
+
+
+def test_not_yaml_and_not_mapping(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("name: [unclosed\n")
+    with pytest.raises(C.ConfigError, match="not valid YAML"):
+        C.load_config(f)
+    f.write_text("- a\n- b\n")
+    with pytest.raises(C.ConfigError, match="top level must be a mapping"):
+        C.load_config(f)
+
+
+def test_bad_override_syntax_and_list_index(good_file):
+    with pytest.raises(C.ConfigError, match="must look like key.sub=value"):
+        C.load_config(good_file, ["train.lr"])
+    with pytest.raises(C.ConfigError, match=r"command line: sources.3.name: sources is a list of 1; use an index below it"):
+        C.load_config(good_file, ["sources.3.name=x"])
+
+
+def test_cross_checks(good_file):
+    with pytest.raises(C.ConfigError, match="cot_samples > 1 needs teacher.sampling.temperature > 0"):
+        C.load_config(good_file, ["synthesis.cot_samples=4"])
+    assert C.load_config(good_file, ["synthesis.cot_samples=4", "teacher.sampling.temperature=0.7"]).synthesis.cot_samples == 4
+    with pytest.raises(C.ConfigError, match="per_source_cap names unknown sources"):
+        C.load_config(good_file, ["ddf_source.per_source_cap={other: 3}"])
+
+
+def _sections(model: type[BaseModel], seen: set) -> None:
+    if model in seen:
+        return
+    seen.add(model)
+    for field in model.model_fields.values():
+        for t in (field.annotation, *getattr(field.annotation, "__args__", ())):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                _sections(t, seen)
+
+
+def test_every_field_is_described_and_every_section_forbids_extras():
+    seen: set = set()
+    _sections(C.Config, seen)
+    assert len(seen) >= 15
+    for model in seen:
+        assert model.model_config.get("extra") == "forbid", model
+        for name, field in model.model_fields.items():
+            assert field.description and len(field.description) > 10, f"{model.__name__}.{name}"
+
+
+def test_explain_lists_nested_keys():
+    lines = C.explain()
+    assert any(line.startswith("teacher.engine.enable_prefix_caching = True:") for line in lines)
+    assert any(line.startswith("sources.N.fields.choices_delimiter = ';':") for line in lines)
+
+
+def test_resolved_config_round_trips(good_file, tmp_path):
+    cfg = C.load_config(good_file)
+    again = tmp_path / "again.yaml"
+    again.write_text(C.to_yaml(cfg))
+    assert C.load_config(again) == cfg
+
+
+def test_cli_validate_exit_codes(good_file, capsys):
+    assert main(["validate", str(good_file), "train.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 1.0" in out and "name: t1" in out
+    good_file.write_text(good_file.read_text().replace("name: t1", "nmae: t1"))
+    assert main(["validate", str(good_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"{good_file}: nmae: unknown key" in err
+
+
+def test_cli_validate_reports_missing_paths(good_file, tmp_path, capsys):
+    assert main(["validate", str(good_file), f"sources.0.path={tmp_path}/gone.parquet"]) == 2
+    assert f"sources.0.path: source data not found: {tmp_path}/gone.parquet" in capsys.readouterr().err
+    assert main(["validate", str(good_file), f"sources.0.path={tmp_path}/gone.parquet", "--no-check-paths"]) == 0
