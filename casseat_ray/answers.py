@@ -35,6 +35,7 @@ _LETTER_FORMS = [
     re.compile(r"^([A-Z])[.)]\s"),  # "B. text", "B) text"
     re.compile(r"^(?:option|choice)\s*\(?([A-Z])\)?\b", re.IGNORECASE),  # "option B"
 ]
+_OPTION_NAMED = re.compile(r"\b(?:option|choice)\s*\(?([A-Z])\)?(?![\w])", re.IGNORECASE)
 _NUMBER = re.compile(r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+−]?\.\d+")
 _MARKDOWN = re.compile(r"\*\*|__|`|^#+\s*", re.MULTILINE)  # bold, code, headings; not LaTeX's _
 _TEXT = re.compile(r"\\(?:text|mbox)\s*\{([^{}]*)\}")
@@ -145,6 +146,9 @@ def extract_with_method(text: str | None, choices: list[str] | None = None, answ
     if literal:  # the reply itself, unsalvaged
         return (whole, "literal") if whole else (None, "none")
     if choices:
+        named = {m.upper() for m in _OPTION_NAMED.findall(text) if LETTERS.index(m.upper()) < len(choices)}
+        if len(named) == 1:  # "I pick option C": one option named, however often
+            return named.pop(), "option_letter"
         # An exact choice text that is the whole reply, or the only choice mentioned.
         for c in choices:
             if whole.casefold() == c.strip().casefold():

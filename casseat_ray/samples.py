@@ -66,3 +66,26 @@ def sample_id(source: str, image_sha256: str, question: str) -> str:
 
 def to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+_INT = re.compile(r"^[-+]?\d+$")
+_DECIMAL = re.compile(r"^[-+]?\d*\.(\d+)$")
+
+
+def infer_answer_type(answer: str, choices: list[str] | None = None) -> tuple[str, int | None]:
+    """``(answer_type, precision)`` for a source that does not state it.
+
+    With choices: multi_choice. Otherwise an integer, a decimal (precision = its decimal
+    places), a ``[...]`` list, or text. A source's own answer-type field always wins.
+    """
+    if choices:
+        return "multi_choice", None
+    a = str(answer).strip()
+    if _INT.match(a):
+        return "integer", None
+    m = _DECIMAL.match(a)
+    if m:
+        return "float", len(m.group(1))
+    if a.startswith("[") and a.endswith("]"):
+        return "list", None
+    return "text", None

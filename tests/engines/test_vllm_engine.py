@@ -55,3 +55,15 @@ def test_n_samples_and_budget(teacher_engine, demo_rows):
     assert len({c.text for c in outs[0]}) > 1  # sampled, not greedy
     greedy = teacher_engine.chat([conv], SamplingConfig(max_tokens=5))
     assert greedy[0][0].finish_reason == "length" and greedy[0][0].truncated
+
+
+def test_model_extractor_runs_through_the_engine(teacher_engine):
+    from casseat_ray.answers import model_extract, score
+
+    sample = {"question": "How many circles?", "choices": [], "answer": "3", "answer_type": "integer"}
+    responses = ["I counted them all carefully, there seem to be three of them.", "Hard to say."]
+    extractions = model_extract(teacher_engine, [(r, sample) for r in responses])
+    assert len(extractions) == 2
+    assert all(e is None or (isinstance(e, str) and "\n" not in e) for e in extractions)
+    scored = score(responses[0], sample, extraction=extractions[0] or "", method="model")
+    assert scored.method == "model"  # outputs record that a model, not a rule, extracted it
