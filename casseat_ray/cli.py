@@ -105,6 +105,53 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def _load_checked(args, parts: tuple[str, ...]):
+    """The config, or None after printing every problem (bad keys, missing inputs)."""
+    from casseat_ray.config import ConfigError, check_inputs
+
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        print(f"config errors:\n{e}", file=sys.stderr)
+        return None
+    problems = check_inputs(cfg, parts)
+    if problems:
+        print("config errors:\n" + "\n".join(f"{args.config or 'command line'}: {p}" for p in problems), file=sys.stderr)
+        return None
+    return cfg
+
+
+def _print_funnel(f: dict) -> None:
+    print(f"rows in: {f['in']}   accepted: {f['accepted']}   rejected: {f['in'] - f['accepted']}")
+    print("\nstage        in      out  rejected by reason")
+    for name, st in f["stages"].items():
+        reasons = ", ".join(f"{k} {v}" for k, v in st["rejected"].items()) or "-"
+        print(f"{name:<10} {st['in']:>6} {st['out']:>8}  {reasons}")
+    print("\nby source:      " + ", ".join(f"{k}: {v.get('accepted', 0)} accepted / {v.get('rejected', 0)} rejected" for k, v in f["by_source"].items()))
+    print("by answer type: " + (", ".join(f"{k} {v}" for k, v in f["by_answer_type"].items()) or "-"))
+
+
+def cmd_data_inspect(args) -> int:
+    import json as _json
+
+    from casseat_ray import data
+    from casseat_ray.runtime import init_ray
+
+    cfg = _load_checked(args, ("sources",))
+    if cfg is None:
+        return EXIT_USAGE
+    if not cfg.sources:
+        print(f"{args.config}: sources: no sources configured", file=sys.stderr)
+        return EXIT_USAGE
+    init_ray(cfg.ray)
+    f = data.funnel(data.load(cfg))
+    if args.json:
+        print(_json.dumps({k: f[k] for k in ("in", "accepted", "rejected", "by_source", "by_answer_type", "stages")}))
+    else:
+        _print_funnel(f)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="casseat", description=MAIN_HELP, formatter_class=fmt)
@@ -139,6 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=64, help="number of questions (default 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_make_demo_data)
+
+    p = sub.add_parser("data", help="look at the configured source data (no model runs)", formatter_class=fmt,
+                       description="Commands about source data. They read, validate and filter (DDF level 1 rules) the\n"
+                                   "configured sources on Ray Data without running any model.")
+    data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    q = data_sub.add_parser("inspect", help="counts per source, answer type and reject reason", formatter_class=fmt,
+                            description="Stream the configured sources through reading, image validation and the DDF level-1\n"
+                                        "rules (duplicates, unverifiable answers, empty or overlong questions, caps, budget)\n"
+                                        "and print what would reach the teacher: counts per stage, source, answer type and\n"
+                                        "reject reason. Nothing is written.",
+                            epilog="example:\n  casseat data inspect --config jobs/configs/tiny-cpu.yaml ddf_source.budget=100 --json")
+    q.add_argument("--config", type=Path, required=True, help="YAML config file")
+    q.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides applied after the file")
+    q.add_argument("--json", action="store_true", help='print one JSON object: {"in", "accepted", "rejected", "by_source", "by_answer_type", "stages"}')
+    q.set_defaults(func=cmd_data_inspect)
 
     p = sub.add_parser("demo", help="run the pipeline on tiny models and generated data", formatter_class=fmt, description=DEMO_HELP)
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory (default out/demo)")

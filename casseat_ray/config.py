@@ -69,7 +69,7 @@ class ImageConfig(Section):
     min_side: int = F(28, "Reject images whose shorter side is below this many pixels.", ge=1)
     max_aspect_ratio: float = F(50.0, "Reject images whose long/short side ratio exceeds this (vision encoders fail on extreme strips).", gt=1)
     max_pixels: int = F(1_003_520, "Downscale (keeping aspect) images above this many pixels, so the teacher sees a bounded budget.", ge=1)
-    format: Literal["PNG", "JPEG"] = F("PNG", "Encoding of normalized images stored in rows.")
+    format: Literal["auto", "PNG", "JPEG"] = F("auto", "Encoding of images that normalization changed (unchanged JPEG/PNG bytes are kept as they are); auto keeps JPEG sources JPEG and encodes everything else as PNG.")
 
 
 class ModelFilterConfig(Section):
@@ -80,6 +80,7 @@ class ModelFilterConfig(Section):
 
 class DDFSourceConfig(Section):
     dedup: bool = F(True, "Drop exact duplicates: same image content hash and same normalized question.")
+    shuffle: Literal["sort", "hash"] = F("sort", "Ray Data shuffle behind dedup: sort (tasks; fast to start, best below millions of rows) or hash (aggregator actors; for very large data).")
     min_question_chars: int = F(1, "Reject questions shorter than this after stripping whitespace.", ge=0)
     max_question_chars: int = F(4000, "Reject questions longer than this (they would not fit the budget).", ge=1)
     max_answer_chars: int = F(64, "Reject free-form answers longer than this (not verifiable by rule).", ge=1)

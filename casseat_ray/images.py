@@ -20,6 +20,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from casseat_ray.config import ImageConfig
 
 
+KEEP_FORMATS = ("JPEG", "PNG")  # what every vision processor decodes; others are re-encoded
+
+
 @dataclass
 class CheckedImage:
     data: bytes
@@ -78,15 +81,20 @@ def check_image(data: bytes | None, cfg: ImageConfig | None = None) -> CheckedIm
         return ImageReject("image_too_small", f"{w}x{h}, shorter side < {cfg.min_side}")
     if max(w, h) / min(w, h) > cfg.max_aspect_ratio:
         return ImageReject("extreme_aspect_ratio", f"{w}x{h}, ratio {max(w, h) / min(w, h):.1f} > {cfg.max_aspect_ratio}")
+    source_format = img.format
     try:
         img.load()  # the full decode: truncated files fail here
-        img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
+        rotated = img.getexif().get(0x0112, 1) not in (0, 1)  # EXIF orientation tag
+        rgb = _to_rgb(ImageOps.exif_transpose(img) if rotated else img)
     except Exception as e:
         return ImageReject("corrupt_image", f"{type(e).__name__}: {e}")
-    if img.width * img.height > cfg.max_pixels:
-        scale = (cfg.max_pixels / (img.width * img.height)) ** 0.5
-        img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))), Image.Resampling.BICUBIC)
+    if rgb.width * rgb.height > cfg.max_pixels:
+        scale = (cfg.max_pixels / (rgb.width * rgb.height)) ** 0.5
+        rgb = rgb.resize((max(1, int(rgb.width * scale)), max(1, int(rgb.height * scale))), Image.Resampling.BICUBIC)
+    elif not rotated and img.mode == "RGB" and source_format in KEEP_FORMATS:
+        # Nothing to change: keep the original bytes (re-encoding costs more than the checks).
+        return CheckedImage(data, source_format, w, h)
+    fmt = cfg.format if cfg.format != "auto" else ("JPEG" if source_format == "JPEG" else "PNG")
     out = io.BytesIO()
-    img.save(out, format=cfg.format, **({"quality": 95} if cfg.format == "JPEG" else {}))
-    return CheckedImage(out.getvalue(), cfg.format, img.width, img.height)
+    rgb.save(out, format=fmt, **({"quality": 95} if fmt == "JPEG" else {"compress_level": 1}))
+    return CheckedImage(out.getvalue(), fmt, rgb.width, rgb.height)

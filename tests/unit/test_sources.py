@@ -1,0 +1,114 @@
+"""Adapters and canonicalization as pure functions (no Ray)."""
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from casseat_ray.config import FieldMap, ImageConfig, SourceConfig
+from casseat_ray.data import quotas, rule_reject
+from casseat_ray.config import DDFSourceConfig
+from casseat_ray.sources import RowError, adapt_mathv360k, item_to_row, parse_choices
+
+
+def png(size=(64, 48), color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def src(fmt="generic", **kw) -> SourceConfig:
+    return SourceConfig(name="s", format=fmt, path="unused.jsonl", **kw)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (["3", "4"], ["3", "4"]),
+        ("A. 3;B. 4;C. 5", ["3", "4", "5"]),
+        ("(A) red; (B) blue", ["red", "blue"]),
+        ("A) 1/2;B) 2/3", ["1/2", "2/3"]),
+        ("yes;no", ["yes", "no"]),
+        ("", []),
+        (None, []),
+    ],
+)
+def test_parse_choices(value, expected):
+    assert parse_choices(value) == expected
+
+
+@pytest.mark.parametrize("value", ["A. 3", "A. 3;C. 4", "just one long string without delimiter", 42])
+def test_unparseable_choices(value):
+    with pytest.raises(RowError) as e:
+        parse_choices(value)
+    assert e.value.reason == "bad_choices"
+
+
+def test_image_references_of_every_kind(tmp_path):
+    data = png()
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(data)
+    fields = FieldMap(choices=None)
+    forms = {
+        "relative": "img/a.png",
+        "absolute": str(tmp_path / "img" / "a.png"),
+        "bytes": data,
+        "base64": base64.b64encode(data).decode(),
+        "data_url": "data:image/png;base64," + base64.b64encode(data).decode(),
+        "hf_dict": {"bytes": data, "path": None},
+    }
+    ids = set()
+    for name, ref in forms.items():
+        row = item_to_row({"question": "How many?", "answer": "3", "image": ref}, src(fields=fields), tmp_path, ImageConfig())
+        assert row["reject_reason"] is None, (name, row)
+        assert row["answer_type"] == "integer" and row["width"] == 64
+        ids.add(row["sample_id"])
+    assert len(ids) == 1  # the same content gives the same id however it was referenced
+
+
+def test_answer_types_inferred_unless_stated(tmp_path):
+    base = {"question": "q?", "image": png()}
+    cases = [("7", None, "integer", None), ("2.50", None, "float", 2), ("[1, 2]", None, "list", None), ("red", None, "text", None), ("7", "text", "text", None)]
+    for answer, stated, kind, precision in cases:
+        item = dict(base, answer=answer, kind=stated)
+        row = item_to_row(item, src(fields=FieldMap(choices=None, answer_type="kind")), tmp_path, ImageConfig())
+        assert (row["answer_type"], row["precision"]) == (kind, precision), answer
+    mc = item_to_row(dict(base, answer="B", choices="A. 3;B. 4"), src(), tmp_path, ImageConfig())
+    assert (mc["answer_type"], mc["answer"], mc["choices"]) == ("multi_choice", "4", ["3", "4"])
+
+
+def test_mathv360k_inline_choices():
+    item = {"id": "x", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nHint: answer with a letter.\nQuestion: Which is larger?\nChoices:\n(A) 3\n(B) 5"},
+        {"from": "gpt", "value": "B"}]}
+    raw = adapt_mathv360k(item, FieldMap())
+    assert raw["choices"] == ["3", "5"] and raw["answer"] == "5"
+    assert raw["question"] == "Hint: answer with a letter.\nQuestion: Which is larger?"
+    with pytest.raises(RowError, match="missing_field"):
+        adapt_mathv360k({"id": "y", "image": "a.png", "conversations": []}, FieldMap())
+
+
+def test_rule_filters():
+    rules = DDFSourceConfig(max_question_chars=50, max_answer_chars=10)
+    ok = {"question": "How many?", "answer": "3", "answer_type": "integer", "choices": []}
+    assert rule_reject(ok, rules) is None
+    assert rule_reject(dict(ok, question="   "), rules)[0] == "empty_question"
+    assert rule_reject(dict(ok, question="x" * 51), rules)[0] == "question_too_long"
+    assert rule_reject(dict(ok, answer=""), rules)[0] == "empty_answer"
+    assert rule_reject(dict(ok, answer="three"), rules)[0] == "unverifiable_answer"
+    assert rule_reject(dict(ok, answer="3.5"), rules)[0] == "unverifiable_answer"
+    assert rule_reject(dict(ok, answer_type="float", answer="x1"), rules)[0] == "unverifiable_answer"
+    assert rule_reject(dict(ok, answer_type="list", answer="[1, 2"), rules)[0] == "unverifiable_answer"
+    assert rule_reject(dict(ok, answer_type="text", answer="a very long free answer"), rules)[0] == "unverifiable_answer"
+    assert rule_reject(dict(ok, answer_type="multi_choice", answer="9", choices=["3", "4"]), rules)[0] == "unverifiable_answer"
+
+
+def test_quotas_caps_then_budget():
+    counts = {("a", "integer"): 60, ("a", "text"): 40, ("b", "integer"): 10}
+    assert quotas(counts, {}, None) == counts
+    capped = quotas(counts, {"a": 50}, None)
+    assert capped == {("a", "integer"): 30, ("a", "text"): 20, ("b", "integer"): 10}
+    budget = quotas(counts, {"a": 50}, 30)
+    assert sum(budget.values()) == 30 and all(budget[k] <= capped[k] for k in counts)
