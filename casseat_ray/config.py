@@ -80,7 +80,6 @@ class ModelFilterConfig(Section):
 
 class DDFSourceConfig(Section):
     dedup: bool = F(True, "Drop exact duplicates: same image content hash and same normalized question.")
-    shuffle: Literal["sort", "hash"] = F("sort", "Ray Data shuffle behind dedup: sort (tasks; fast to start, best below millions of rows) or hash (aggregator actors; for very large data).")
     min_question_chars: int = F(1, "Reject questions shorter than this after stripping whitespace.", ge=0)
     max_question_chars: int = F(4000, "Reject questions longer than this (they would not fit the budget).", ge=1)
     max_answer_chars: int = F(64, "Reject free-form answers longer than this (not verifiable by rule).", ge=1)

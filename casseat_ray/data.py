@@ -19,10 +19,12 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from casseat_ray.config import Config, DDFSourceConfig, ImageConfig, SourceConfig
 from casseat_ray.samples import SCHEMA, normalize_question
@@ -30,6 +32,8 @@ from casseat_ray.sources import REJECT_FIELDS, item_to_row
 
 STAGES = ("read", "validate", "ddf_rules", "dedup", "sample")
 ROW_SCHEMA = SCHEMA.append(pa.field("reject_stage", pa.string())).append(pa.field("reject_reason", pa.string())).append(pa.field("reject_detail", pa.string()))
+# While the pipeline runs: the dedup key of accepted rows and a per-row id.
+WORK_SCHEMA = ROW_SCHEMA.append(pa.field("_key", pa.string())).append(pa.field("_uid", pa.string()))
 ROWS_PER_BLOCK = 64
 
 
@@ -124,8 +128,9 @@ def _image_root(source: SourceConfig) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def validate_batch(batch: pa.Table, source: SourceConfig, images: ImageConfig) -> pa.Table:
-    """read + validate stages for one batch: items in, canonical or reject rows out."""
+def validate_batch(batch: pa.Table, source: SourceConfig, images: ImageConfig, rules: DDFSourceConfig) -> pa.Table:
+    """read, validate and ddf_rules for one batch: items in, canonical or reject rows out,
+    each with its dedup ``_key`` and a ``_uid`` (one Python pass while the bytes are at hand)."""
     root = _image_root(source)
     rows = []
     for rec in batch.to_pylist():
@@ -138,8 +143,15 @@ def validate_batch(batch: pa.Table, source: SourceConfig, images: ImageConfig) -
                 item = json.loads(rec["item"])
         else:
             item = rec
-        rows.append(item_to_row(item, source, root, images))
-    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+        row = item_to_row(item, source, root, images)
+        if row["reject_reason"] is None:
+            hit = rule_reject(row, rules)
+            if hit:
+                _reject(row, "ddf_rules", *hit)
+        row["_key"] = dedup_key(row) if row["reject_reason"] is None else None
+        row["_uid"] = uuid.uuid4().hex
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 
 
 # ---------------------------------------------------------------- DDF level-1 rules (pure)
@@ -181,34 +193,13 @@ def rule_reject(row: dict, cfg: DDFSourceConfig) -> tuple[str, str] | None:
     return ("unverifiable_answer", why) if why else None
 
 
-def rules_batch(batch: pa.Table, cfg: DDFSourceConfig) -> pa.Table:
-    rows = batch.to_pylist()
-    for row in rows:
-        if row["reject_reason"] is None:
-            hit = rule_reject(row, cfg)
-            if hit:
-                _reject(row, "ddf_rules", *hit)
-    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
-
-
 def _reject(row: dict, stage: str, reason: str, detail: str) -> None:
     row.update(reject_stage=stage, reject_reason=reason, reject_detail=detail, image=b"")
 
 
 def dedup_key(row: dict) -> str:
-    """Same image content and same normalized question; rejects never collide."""
-    if row["reject_reason"] is not None:
-        return "reject:" + row["sample_id"] + ":" + (row["reject_detail"] or "")
+    """Same image content and same normalized question (across sources too)."""
     return hashlib.sha256(row["image"]).hexdigest() + "\x1f" + normalize_question(row["question"])
-
-
-def dedup_group(group: pa.Table) -> pa.Table:
-    """Keep the accepted row with the smallest sample_id of a duplicate group."""
-    rows = group.to_pylist()
-    live = sorted((r for r in rows if r["reject_reason"] is None), key=lambda r: r["sample_id"])
-    for dup in live[1:]:
-        _reject(dup, "dedup", "duplicate", f"same image and question as {live[0]['sample_id']}")
-    return pa.Table.from_pylist([{k: v for k, v in r.items() if k != "_key"} for r in rows], schema=ROW_SCHEMA)
 
 
 def _rank(sample_id: str, seed: int) -> str:
@@ -248,67 +239,91 @@ def _proportional(sizes: dict, total: int) -> dict:
     return out
 
 
-def sample_batch(batch: pa.Table, thresholds: dict[tuple[str, str], str | None], caps_hit: set, seed: int) -> pa.Table:
-    rows = batch.to_pylist()
-    for row in rows:
-        if row["reject_reason"] is not None:
+def select_batch(batch: pa.Table, duplicates: dict[str, str], thresholds: dict, caps_hit: set, seed: int) -> pa.Table:
+    """Mark duplicates (``_uid`` -> kept sample id) and rows over a cap or the budget.
+
+    Columnar: only the small columns become Python objects; image bytes stay in Arrow.
+    """
+    cols = {c: batch[c].to_pylist() for c in ("_uid", "sample_id", "source", "answer_type", "reject_stage", "reject_reason", "reject_detail")}
+    drop = []
+    for i, uid in enumerate(cols["_uid"]):
+        if cols["reject_reason"][i] is not None:
+            drop.append(False)
             continue
-        key = (row["source"], row["answer_type"])
-        limit = thresholds.get(key, "")
-        if limit is not None and _rank(row["sample_id"], seed) > limit:
-            reason = "over_source_cap" if row["source"] in caps_hit else "over_budget"
-            _reject(row, "sample", reason, f"stratum {key[0]}/{key[1]} keeps its first rows by seeded hash")
-    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+        hit = None
+        if uid in duplicates:
+            hit = ("dedup", "duplicate", f"same image and question as {duplicates[uid]}")
+        else:
+            key = (cols["source"][i], cols["answer_type"][i])
+            limit = thresholds.get(key)
+            if limit is not None and _rank(cols["sample_id"][i], seed) > limit:
+                reason = "over_source_cap" if key[0] in caps_hit else "over_budget"
+                hit = ("sample", reason, f"stratum {key[0]}/{key[1]} keeps its rows with the lowest seeded hash")
+        if hit:
+            cols["reject_stage"][i], cols["reject_reason"][i], cols["reject_detail"][i] = hit
+        drop.append(hit is not None)
+    out = batch.drop_columns(["_key", "_uid"])
+    mask = pa.array(drop, pa.bool_())
+    out = out.set_column(out.schema.get_field_index("image"), "image", pc.if_else(mask, pa.scalar(b"", pa.binary()), out["image"]))
+    for c in REJECT_FIELDS:
+        out = out.set_column(out.schema.get_field_index(c), c, pa.array(cols[c], pa.string()))
+    return out
+
+
+def plan_selection(light: list[dict], rules: DDFSourceConfig, seed: int) -> tuple[dict, dict, set]:
+    """From ``(_key, _uid, sample_id, source, answer_type)`` of accepted rows: which rows are
+    duplicates (all but the smallest sample id of each key) and the rank threshold per stratum.
+    Pure: the driver runs it on the light columns only."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in light:
+        groups[r["_key"]].append(r)
+    duplicates: dict[str, str] = {}
+    kept: list[dict] = []
+    for members in groups.values():
+        members.sort(key=lambda r: (r["sample_id"], r["_uid"]))
+        kept.append(members[0])
+        if rules.dedup:
+            duplicates.update({m["_uid"]: members[0]["sample_id"] for m in members[1:]})
+        else:
+            kept.extend(members[1:])
+    ranks: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in kept:
+        ranks[(r["source"], r["answer_type"])].append(_rank(r["sample_id"], seed))
+    counts = {k: len(v) for k, v in ranks.items()}
+    keep = quotas(counts, rules.per_source_cap, rules.budget)
+    thresholds = {k: (sorted(ranks[k])[keep[k] - 1] if keep[k] else "") for k in counts if keep[k] < counts[k]}
+    caps_hit = {s for s, cap in rules.per_source_cap.items() if sum(c for (src, _), c in counts.items() if src == s) > cap}
+    return duplicates, thresholds, caps_hit
 
 
 # ---------------------------------------------------------------- the pipeline
 def load(cfg: Config):
-    """Source rows (accepted and rejected) as one lazy Ray Dataset in ``ROW_SCHEMA``.
+    """Source rows (accepted and rejected) as one Ray Dataset in ``ROW_SCHEMA``.
 
-    The stages read top to bottom; only per-source caps or a budget need a second look at
-    the data (counts per stratum), so only then is the dataset materialized.
+    read -> validate -> rules stream; dedup, caps and budget need to see every row's key, so
+    the validated rows are materialized once, the keys are read back (light columns only, no
+    image bytes move) and one more map marks the rows to drop.
     """
     if not cfg.sources:
         raise ValueError("no sources configured (sources: [...])")
-    from ray.data import DataContext
-    from ray.data.context import ShuffleStrategy
-
-    # The driver's context governs every dataset it builds; casseat owns the driver.
-    DataContext.get_current().shuffle_strategy = (
-        ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if cfg.ddf_source.shuffle == "sort" else ShuffleStrategy.HASH_SHUFFLE
-    )
+    rules = cfg.ddf_source
     parts = [
-        read_items(s).map_batches(validate_batch, batch_format="pyarrow", fn_kwargs={"source": s, "images": cfg.images}, batch_size=ROWS_PER_BLOCK)
+        read_items(s).map_batches(validate_batch, batch_format="pyarrow", batch_size=ROWS_PER_BLOCK,
+                                  fn_kwargs={"source": s, "images": cfg.images, "rules": rules})
         for s in cfg.sources
     ]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    ds = ds.map_batches(rules_batch, batch_format="pyarrow", fn_kwargs={"cfg": cfg.ddf_source})
-    if cfg.ddf_source.dedup:
-        ds = ds.add_column("_key", lambda b: pa.array([dedup_key(r) for r in b.to_pylist()]), batch_format="pyarrow")
-        ds = ds.groupby("_key", num_partitions=_shuffle_partitions()).map_groups(dedup_group, batch_format="pyarrow")
-    if cfg.ddf_source.per_source_cap or cfg.ddf_source.budget:
-        ds = _apply_sampling(ds.materialize(), cfg.ddf_source, cfg.seed)
-    return ds
-
-
-def _shuffle_partitions() -> int:
-    """Two shuffle partitions per cluster CPU (Ray's default of 200 swamps a small machine)."""
-    import ray
-
-    return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-
-
-def _apply_sampling(ds, rules: DDFSourceConfig, seed: int):
-    ranks: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for batch in ds.select_columns(["sample_id", "source", "answer_type", "reject_reason"]).iter_batches(batch_format="pyarrow"):
-        for r in batch.to_pylist():
-            if r["reject_reason"] is None:
-                ranks[(r["source"], r["answer_type"])].append(_rank(r["sample_id"], seed))
-    counts = {k: len(v) for k, v in ranks.items()}
-    keep = quotas(counts, rules.per_source_cap, rules.budget)
-    thresholds = {k: (sorted(ranks[k])[keep[k] - 1] if keep[k] else "") if keep[k] < counts[k] else None for k in counts}
-    caps_hit = {s for s, cap in rules.per_source_cap.items() if sum(c for (src, _), c in counts.items() if src == s) > cap}
-    return ds.map_batches(sample_batch, batch_format="pyarrow", fn_kwargs={"thresholds": thresholds, "caps_hit": caps_hit, "seed": seed})
+    if not (rules.dedup or rules.per_source_cap or rules.budget):
+        return ds.drop_columns(["_key", "_uid"])
+    ds = ds.materialize()
+    light = [
+        r
+        for b in ds.select_columns(["_key", "_uid", "sample_id", "source", "answer_type"]).iter_batches(batch_format="pyarrow")
+        for r in b.to_pylist()
+        if r["_key"] is not None
+    ]
+    duplicates, thresholds, caps_hit = plan_selection(light, rules, cfg.seed)
+    return ds.map_batches(select_batch, batch_format="pyarrow", fn_kwargs={"duplicates": duplicates, "thresholds": thresholds, "caps_hit": caps_hit, "seed": cfg.seed})
 
 
 def funnel(ds) -> dict:

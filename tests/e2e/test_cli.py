@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-SUBCOMMANDS = ["validate", "make-tiny", "make-demo-data", "demo"]
+SUBCOMMANDS = ["validate", "make-tiny", "make-demo-data", "data", "demo"]
 
 
 def casseat(*args, timeout=600):
@@ -61,3 +61,16 @@ def test_demo_runs_end_to_end(tmp_path):
     assert table.num_rows == 8
     assert all(t for t in table.column("c2_text").to_pylist())
     assert (tmp_path / "demo" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_data_inspect_json_and_bad_config(tmp_path, demo_parquet):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"sources:\n  - {{name: demo, format: canonical, path: {demo_parquet}}}\nray: {{num_cpus: 2}}\n")
+    r = casseat("data", "inspect", "--config", str(cfg), "--json", "ddf_source.budget=10")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out) >= {"in", "accepted", "rejected", "by_source", "by_answer_type"}
+    assert out["in"] == 24 and out["accepted"] == 10 and out["rejected"] == {"over_budget": 14}
+    missing = casseat("data", "inspect", "--config", str(cfg), f"sources.0.path={tmp_path}/nope.parquet")
+    assert missing.returncode == 2 and f"sources.0.path: source data not found: {tmp_path}/nope.parquet" in missing.stderr
