@@ -144,7 +144,12 @@ def cmd_data_inspect(args) -> int:
         print(f"{args.config}: sources: no sources configured", file=sys.stderr)
         return EXIT_USAGE
     init_ray(cfg.ray)
-    f = data.funnel(data.load(cfg))
+    ds = data.load(cfg)
+    if args.rejects:
+        ds = ds.materialize()  # counted and written from one execution
+        n = data.write_rejects(ds, args.rejects)
+        print(f"{n} rejects written to {args.rejects}", file=sys.stderr)
+    f = data.funnel(ds)
     if args.json:
         print(_json.dumps({k: f[k] for k in ("in", "accepted", "rejected", "by_source", "by_answer_type", "stages")}))
     else:
@@ -200,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", type=Path, required=True, help="YAML config file")
     q.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides applied after the file")
     q.add_argument("--json", action="store_true", help='print one JSON object: {"in", "accepted", "rejected", "by_source", "by_answer_type", "stages"}')
+    q.add_argument("--rejects", type=Path, metavar="DIR", help="also write every rejected row (sample_id, source, stage, reason, detail, question) as Parquet to DIR")
     q.set_defaults(func=cmd_data_inspect)
 
     p = sub.add_parser("demo", help="run the pipeline on tiny models and generated data", formatter_class=fmt, description=DEMO_HELP)

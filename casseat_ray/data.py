@@ -326,6 +326,16 @@ def load(cfg: Config):
     return ds.map_batches(select_batch, batch_format="pyarrow", fn_kwargs={"duplicates": duplicates, "thresholds": thresholds, "caps_hit": caps_hit, "seed": cfg.seed})
 
 
+REJECT_COLUMNS = ["sample_id", "source", "split", "reject_stage", "reject_reason", "reject_detail", "question", "answer", "meta"]
+
+
+def write_rejects(ds, path: str | Path) -> int:
+    """Write every rejected row (no image bytes) as Parquet under ``path``; returns the count."""
+    rejects = ds.select_columns(REJECT_COLUMNS).filter(lambda r: r["reject_reason"] is not None).materialize()
+    rejects.write_parquet(str(path))
+    return rejects.count()
+
+
 def funnel(ds) -> dict:
     """Counts from one pass over the light columns: totals, per stage, per source and type."""
     total, accepted = 0, 0

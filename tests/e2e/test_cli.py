@@ -67,8 +67,13 @@ def test_demo_runs_end_to_end(tmp_path):
 def test_data_inspect_json_and_bad_config(tmp_path, demo_parquet):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"sources:\n  - {{name: demo, format: canonical, path: {demo_parquet}}}\nray: {{num_cpus: 2}}\n")
-    r = casseat("data", "inspect", "--config", str(cfg), "--json", "ddf_source.budget=10")
+    r = casseat("data", "inspect", "--config", str(cfg), "--json", "ddf_source.budget=10", "--rejects", str(tmp_path / "rejects"))
     assert r.returncode == 0, r.stderr[-2000:]
+    import pyarrow.parquet as pq
+
+    written = pq.read_table(tmp_path / "rejects")
+    assert written.num_rows == 14 and set(written.column("reject_reason").to_pylist()) == {"over_budget"}
+    assert "image" not in written.column_names
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(out) >= {"in", "accepted", "rejected", "by_source", "by_answer_type"}
     assert out["in"] == 24 and out["accepted"] == 10 and out["rejected"] == {"over_budget": 14}

@@ -138,13 +138,21 @@ def test_csv_hf_arrow_and_canonical_sources(ray_session, tmp_path, demo_parquet)
     (tmp_path / "hf").mkdir()
     (tmp_path / "data-00000-of-00001.arrow").rename(tmp_path / "hf" / "data-00000-of-00001.arrow")
     pq.write_table(table, tmp_path / "hf.parquet")
+    # MathV360K: one JSON list, choices inside the question text
+    (tmp_path / "m360.json").write_text(json.dumps([
+        {"id": "m1", "image": "pic.png", "conversations": [{"from": "human", "value": "<image>\nWhich is bigger?\nChoices:\n(A) 3\n(B) 5"}, {"from": "gpt", "value": "B"}]},
+        {"id": "m2", "image": "pic.png", "conversations": [{"from": "human", "value": "<image>\nHow many sides?"}, {"from": "gpt", "value": "4"}]},
+    ]))
     csv_fields = "{question: q, answer: a, choices: opts, image: file}"
     rows, f = _load(
         ray_session,
         f"sources=[{{name: csv, format: generic, path: {tmp_path}/d.csv, fields: {csv_fields}}},"
         f" {{name: hfarrow, format: hf, path: {tmp_path}/hf}}, {{name: hfpq, format: hf, path: {tmp_path}/hf.parquet}},"
-        f" {{name: demo, format: canonical, path: {demo_parquet}}}]",
+        f" {{name: demo, format: canonical, path: {demo_parquet}}}, {{name: m360, format: mathv360k, path: {tmp_path}/m360.json}}]",
     )
+    assert f["by_source"]["m360"] == {"accepted": 2}
+    bigger = rows[rows.question == "Which is bigger?"].iloc[0]
+    assert list(bigger.choices) == ["3", "5"] and bigger.answer == "5" and bigger.answer_type == "multi_choice"
     # The Arrow and Parquet copies hold the same image and question: a duplicate across sources.
     assert f["rejected"] == {"duplicate": 1}, rows[rows.reject_reason.notna()][["question", "reject_reason", "reject_detail"]]
     assert f["by_source"]["csv"] == {"accepted": 2} and f["by_source"]["demo"] == {"accepted": 24}
