@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+ALL_INPUTS = ("sources", "teacher", "student", "evaluate")
 
 MAIN_HELP = """\
 casseat runs Cascaded Self-Evaluation Augmented Training (Cas-SEAT) on Ray: a teacher
@@ -53,7 +54,7 @@ def _load(args) -> "object":
 
 
 def cmd_validate(args) -> int:
-    from casseat_ray.config import ConfigError, check_inputs, explain, to_yaml
+    from casseat_ray.config import explain, to_yaml
 
     if args.explain:
         print("\n".join(explain()))
@@ -61,14 +62,8 @@ def cmd_validate(args) -> int:
     if args.config is None:
         print("casseat validate: give a CONFIG file (or --explain)", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        cfg = _load(args)
-    except ConfigError as e:
-        print(f"config errors:\n{e}", file=sys.stderr)
-        return EXIT_USAGE
-    problems = [] if args.no_check_paths else check_inputs(cfg)
-    if problems:
-        print("config errors:\n" + "\n".join(f"{args.config}: {p}" for p in problems), file=sys.stderr)
+    cfg = _load_checked(args, () if args.no_check_paths else ALL_INPUTS)
+    if cfg is None:
         return EXIT_USAGE
     print(to_yaml(cfg), end="")
     return EXIT_OK
