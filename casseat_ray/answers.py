@@ -20,7 +20,7 @@ import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+from casseat_ray.samples import LETTERS, format_choices
 
 # ---------------------------------------------------------------- extraction patterns
 # "The answer is X", "the final answer is: X", "Answer: X", "**Final Answer:** X", ...
@@ -400,7 +400,7 @@ def build_query(sample: dict) -> str:
         question += f" (Unit: {sample['unit']})"
     parts = [hint, f"Question: {question}"]
     if choices:
-        parts.append("Choices:\n" + "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices)))
+        parts.append(format_choices(choices))
     return "\n".join(parts)
 
 

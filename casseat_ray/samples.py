@@ -26,6 +26,7 @@ import re
 import pyarrow as pa
 
 ANSWER_TYPES = ("multi_choice", "integer", "float", "text", "list")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters, in order
 
 SCHEMA = pa.schema(
     [
@@ -89,3 +90,8 @@ def infer_answer_type(answer: str, choices: list[str] | None = None) -> tuple[st
     if a.startswith("[") and a.endswith("]"):
         return "list", None
     return "text", None
+
+
+def format_choices(choices: list[str]) -> str:
+    """``Choices:`` followed by one ``(A) text`` line per choice, as benchmarks write them."""
+    return "Choices:\n" + "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))

@@ -22,9 +22,7 @@ from typing import Any, Callable
 
 from casseat_ray.config import FieldMap, ImageConfig, SourceConfig
 from casseat_ray.images import CheckedImage, check_image
-from casseat_ray.samples import ANSWER_TYPES, image_hash, infer_answer_type, sample_id
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+from casseat_ray.samples import ANSWER_TYPES, LETTERS, image_hash, infer_answer_type, sample_id
 REJECT_FIELDS = ("reject_stage", "reject_reason", "reject_detail")
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/=]{16,}")

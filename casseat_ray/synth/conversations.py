@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from casseat_ray.engines import assistant, image_part, text_part, user
 from casseat_ray.prompts import Prompt
-
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+from casseat_ray.samples import format_choices
 
 
 def question_with_choices(row: dict) -> str:
@@ -17,7 +16,7 @@ def question_with_choices(row: dict) -> str:
     q = row["question"].strip()
     choices = row.get("choices") or []
     if choices:
-        q += "\nChoices:\n" + "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
+        q += "\n" + format_choices(choices)
     return q
 
 
