@@ -31,7 +31,7 @@ from casseat_ray.samples import SCHEMA, normalize_question
 from casseat_ray.sources import REJECT_FIELDS, item_to_row
 
 STAGES = ("read", "validate", "ddf_rules", "dedup", "sample")
-ROW_SCHEMA = SCHEMA.append(pa.field("reject_stage", pa.string())).append(pa.field("reject_reason", pa.string())).append(pa.field("reject_detail", pa.string()))
+ROW_SCHEMA = pa.schema(list(SCHEMA) + [pa.field(name, pa.string()) for name in REJECT_FIELDS])
 # While the pipeline runs: the dedup key of accepted rows and a per-row id.
 WORK_SCHEMA = ROW_SCHEMA.append(pa.field("_key", pa.string())).append(pa.field("_uid", pa.string()))
 ROWS_PER_BLOCK = 64
@@ -39,22 +39,16 @@ ROWS_PER_BLOCK = 64
 
 # ---------------------------------------------------------------- reading (runs in Ray workers)
 def explode_jsonl(file_row: dict) -> list[dict]:
-    """One item per line; a line that is not UTF-8 or not JSON becomes a read error."""
+    """One item per line; a line that is not UTF-8 becomes a read error (JSON is parsed,
+    once, by ``validate_batch``)."""
     out = []
     for n, line in enumerate(file_row["bytes"].splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            text = line.decode("utf-8")
+            out.append({"item": line.decode("utf-8"), "error": None, "line": n})
         except UnicodeDecodeError as e:
             out.append({"item": None, "error": f"not_utf8: line {n}: {e}", "line": n})
-            continue
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as e:
-            out.append({"item": None, "error": f"bad_json: line {n}: {e}", "line": n})
-            continue
-        out.append({"item": text, "error": None, "line": n})
     return out
 
 
@@ -111,14 +105,16 @@ def read_items(source: SourceConfig):
     path = Path(source.path)
     kind = _file_kind(path, source.format)
     if kind in ("jsonl", "json"):
-        files = ray.data.read_binary_files(str(path), file_extensions=None)
-        return files.flat_map(explode_jsonl if kind == "jsonl" else explode_json).repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
-    if kind == "arrow":
-        files = ray.data.read_binary_files(str(path), file_extensions=["arrow"])
-        return files.flat_map(explode_arrow).repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
-    if kind == "csv":
-        return ray.data.read_csv(str(path)).repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
-    return ray.data.read_parquet(str(path)).repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+        items = ray.data.read_binary_files(str(path), file_extensions=None).flat_map(explode_jsonl if kind == "jsonl" else explode_json)
+    elif kind == "arrow":
+        items = ray.data.read_binary_files(str(path), file_extensions=["arrow"]).flat_map(explode_arrow)
+    elif kind == "csv":
+        items = ray.data.read_csv(str(path))
+    else:
+        items = ray.data.read_parquet(str(path))
+    if source.max_samples is not None:
+        items = items.limit(source.max_samples)
+    return items.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
 
 
 def _image_root(source: SourceConfig) -> Path:
@@ -140,7 +136,10 @@ def validate_batch(batch: pa.Table, source: SourceConfig, images: ImageConfig, r
             elif rec.get("row") is not None:
                 item = rec["row"]
             else:
-                item = json.loads(rec["item"])
+                try:
+                    item = json.loads(rec["item"])
+                except json.JSONDecodeError as e:
+                    item = {"_read_error": f"bad_json: line {rec['line']}: {e}", "_line": rec["line"]}
         else:
             item = rec
         row = item_to_row(item, source, root, images)

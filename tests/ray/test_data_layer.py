@@ -126,6 +126,8 @@ def test_caps_and_budget_are_stratified_and_deterministic(ray_session):
     assert keep(rows) == keep(again)
     _, capped = _load(ray_session, spec, "ddf_source.per_source_cap={mathv: 100}")
     assert capped["accepted"] == 100 and capped["rejected"] == {"over_source_cap": 204}
+    _, limited = _load(ray_session, spec, "sources.0.max_samples=30")
+    assert limited["in"] == 30 and limited["accepted"] == 30  # read no more than asked
 
 
 def test_csv_hf_arrow_and_canonical_sources(ray_session, tmp_path, demo_parquet):
