@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-ALL_INPUTS = ("sources", "teacher", "student", "evaluate")
 
 MAIN_HELP = """\
 casseat runs Cascaded Self-Evaluation Augmented Training (Cas-SEAT) on Ray: a teacher
@@ -54,7 +53,7 @@ def _load(args) -> "object":
 
 
 def cmd_validate(args) -> int:
-    from casseat_ray.config import explain, to_yaml
+    from casseat_ray.config import INPUT_PARTS, explain, to_yaml
 
     if args.explain:
         print("\n".join(explain()))
@@ -62,7 +61,7 @@ def cmd_validate(args) -> int:
     if args.config is None:
         print("casseat validate: give a CONFIG file (or --explain)", file=sys.stderr)
         return EXIT_USAGE
-    cfg = _load_checked(args, () if args.no_check_paths else ALL_INPUTS)
+    cfg = _load_checked(args, () if args.no_check_paths else INPUT_PARTS)
     if cfg is None:
         return EXIT_USAGE
     print(to_yaml(cfg), end="")

@@ -378,7 +378,10 @@ def _looks_local(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or os.path.exists(ref)
 
 
-def check_inputs(cfg: Config, parts: tuple[str, ...] = ("sources", "teacher", "student", "evaluate")) -> list[str]:
+INPUT_PARTS = ("sources", "teacher", "student", "evaluate")
+
+
+def check_inputs(cfg: Config, parts: tuple[str, ...] = INPUT_PARTS) -> list[str]:
     """Paths that must exist before expensive work starts; returns one message per problem."""
     problems: list[str] = []
 

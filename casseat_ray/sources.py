@@ -281,6 +281,6 @@ def item_to_row(item: dict, source: SourceConfig, image_root: Path | None, image
     except RowError as e:
         return reject_row(source, "validate", e.reason, e.detail, raw or _identity(item, source))
     except (KeyError, TypeError, ValueError) as e:
-        return reject_row(source, "validate", "malformed_row", f"{type(e).__name__}: {e}", raw)
+        return reject_row(source, "validate", "malformed_row", f"{type(e).__name__}: {e}", raw or _identity(item, source))
     row.update(reject_stage=None, reject_reason=None, reject_detail=None)
     return row
