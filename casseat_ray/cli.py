@@ -71,7 +71,10 @@ def cmd_validate(args) -> int:
 def cmd_make_tiny(args) -> int:
     from casseat_ray.tiny import fingerprint, make_tiny
 
-    path = make_tiny(args.out, role=args.role, seed=args.seed)
+    if args.format_steps is not None and args.format_steps < 0:
+        print(f"casseat make-tiny: --format-steps must be 0 or more, got {args.format_steps}", file=sys.stderr)
+        return EXIT_USAGE
+    path = make_tiny(args.out, role=args.role, seed=args.seed, format_steps=args.format_steps)
     print(f"tiny {args.role} written to {path} (fingerprint {fingerprint(path)[:12]})")
     return EXIT_OK
 
@@ -151,6 +154,65 @@ def cmd_data_inspect(args) -> int:
     return EXIT_OK
 
 
+SYNTH_HELP = """\
+Run the synthesis job: stream the configured sources through the DDF level-1 rules, the
+optional student filter (too_easy), the teacher cascade on vLLM actors (C1 reasoning, then C2
+self-evaluation on the same conversation; or SEAT / CoT-only per synthesis.mode), DDF level 2
+(format, verdict, correctness, consistency, leakage, student-token length) and the mix of CoT
+and self-evaluation samples. Writes under OUTPUT_DIR/NAME:
+
+  sft/*.parquet       the SFT set: messages + images + provenance
+  rejects.parquet     every dropped row with its stage, reason and detail
+  stats.json          funnel per stage, teacher tokens, rows/s, wall time
+  README.md           dataset card;  funnel.png  the funnel as a chart
+  config.yaml         the resolved config
+  export/             LLaMA-Factory (sharegpt + dataset_info.json) and ms-swift JSONL copies
+  work/               finished teacher outputs, one part file per block
+
+Stopping (Ctrl-C, a killed driver, a lost node) loses only the blocks in flight: rerun the
+same command and it continues where it stopped, without duplicates. A rerun with a changed
+config is refused unless --fresh is given.
+"""
+
+
+def cmd_synthesize(args) -> int:
+    from casseat_ray.config import ConfigError
+    from casseat_ray.synth import pipeline
+
+    cfg = _load_checked(args, ("sources", "teacher", "student"))
+    if cfg is None:
+        return EXIT_USAGE
+    missing = [k for k in ("teacher", "student") if getattr(cfg, k) is None]
+    if not cfg.sources or missing:
+        what = (["sources"] if not cfg.sources else []) + [f"{k}.model" for k in missing]
+        print(f"config errors:\n{args.config}: synthesize needs {', '.join(what)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        stats = pipeline.run(cfg, fresh=args.fresh, progress=not args.no_progress)
+    except ConfigError as e:
+        print(f"config errors:\n{e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished blocks are kept in {cfg.run_dir / 'work'}; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if not stats.get("stages"):
+        print(f"stopped early: {stats}", file=sys.stderr)
+        return EXIT_FAIL
+    _print_funnel_stats(stats)
+    print(f"\nSFT set: {stats['sft']['samples']} samples ({', '.join(f'{k} {v}' for k, v in stats['sft']['by_kind'].items()) or 'none'}) in {cfg.run_dir / 'sft'}")
+    return EXIT_OK
+
+
+def _print_funnel_stats(stats: dict) -> None:
+    print("stage          in      out  rejected by reason")
+    for name, st in stats["stages"].items():
+        reasons = ", ".join(f"{k} {v}" for k, v in st["rejected"].items()) or "-"
+        print(f"{name:<11} {st['in']:>6} {st['out']:>8}  {reasons}")
+    t = stats["teacher"]
+    rate = f"{stats['rows_per_s']} rows/s" if stats.get("rows_per_s") else "nothing new to run"
+    print(f"\nteacher: {t['rows']} questions, {t['tokens_in']} tokens in, {t['tokens_out']} out; {rate}; wall {stats['wall_seconds']:.0f}s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="casseat", description=MAIN_HELP, formatter_class=fmt)
@@ -170,10 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build a tiny Qwen2-VL (random weights, locally trained byte-level BPE tokenizer with the\n"
                                    "real special tokens, Qwen chat template, image and video processors) in OUT. It loads\n"
                                    "with transformers' AutoModelForImageTextToText / AutoProcessor and with vLLM.\n"
-                                   "The teacher is larger than the student. The same role and seed give identical files.")
+                                   "The teacher is larger than the student. The teacher is then trained for a few CPU\n"
+                                   "steps on scripted answers to demo questions, so it writes well-formed reasoning,\n"
+                                   "verdicts and final answers (mostly wrong ones: it cannot really see); the student stays\n"
+                                   "untrained. The same role, seed and steps give identical files.")
     p.add_argument("out", type=Path, help="output directory")
     p.add_argument("--role", choices=["teacher", "student"], required=True, help="which size to build")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and tokenizer corpus (default 0)")
+    p.add_argument("--format-steps", type=int, default=None, metavar="N", help="training steps on scripted answers (default: 100 for the teacher, 0 for the student)")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("make-demo-data", help="draw synthetic image math questions", formatter_class=fmt,
@@ -201,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help='print one JSON object: {"in", "accepted", "rejected", "by_source", "by_answer_type", "stages"}')
     q.add_argument("--rejects", type=Path, metavar="DIR", help="also write every rejected row (sample_id, source, stage, reason, detail, question) as Parquet to DIR")
     q.set_defaults(func=cmd_data_inspect)
+
+    p = sub.add_parser("synthesize", help="build the SFT set with the teacher cascade (resumable)", formatter_class=fmt, description=SYNTH_HELP,
+                       epilog="examples:\n  casseat synthesize --config jobs/configs/tiny-cpu.yaml\n"
+                              "  casseat synthesize --config jobs/configs/tiny-cpu.yaml synthesis.mode=seat name=tiny-seat\n"
+                              "  ray job submit --working-dir . -- python jobs/synthesize.py --config my.yaml ray.address=auto")
+    p.add_argument("--config", type=Path, required=True, help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides applied after the file")
+    p.add_argument("--fresh", action="store_true", help="discard earlier teacher outputs of this run name and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("demo", help="run the pipeline on tiny models and generated data", formatter_class=fmt, description=DEMO_HELP)
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory (default out/demo)")

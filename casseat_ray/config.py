@@ -159,6 +159,8 @@ class DDFLabeledConfig(Section):
     )
     max_student_tokens: int = F(2048, "Reject samples longer than this in the student's tokens, image tokens included (never truncated).", ge=16)
     judge: JudgeConfig = F(JudgeConfig, "Optional model judge.")
+    concurrency: int = F(1, "Labeling actors (each holds the student's processor to count sample lengths).", ge=1)
+    num_cpus: float = F(0.5, "CPUs reserved per labeling actor.", gt=0)
 
 
 class MixConfig(Section):

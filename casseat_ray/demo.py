@@ -30,10 +30,10 @@ def tiny_config(out: Path, seed: int = 0) -> Config:
 
 def ensure_tiny(path: Path, role: str, seed: int) -> Path:
     """Build the tiny model unless the same role and seed are already there."""
-    from casseat_ray.tiny import make_tiny
+    from casseat_ray.tiny import make_tiny, tiny_marker
 
     marker = path / "casseat_tiny.json"
-    if marker.is_file() and json.loads(marker.read_text()) == {"role": role, "seed": seed}:
+    if marker.is_file() and json.loads(marker.read_text()) == tiny_marker(role, seed):
         return path
     return make_tiny(path, role=role, seed=seed)
 

@@ -4,6 +4,7 @@ for `ray job submit`)."""
 from __future__ import annotations
 
 import logging
+import os
 
 from casseat_ray.config import RayConfig
 
@@ -16,8 +17,9 @@ def init_ray(cfg: RayConfig, quiet: bool = True) -> None:
     kwargs = dict(include_dashboard=False, ignore_reinit_error=True)
     if quiet:
         kwargs.update(logging_level=logging.WARNING, log_to_driver=False)
-    if cfg.address:
-        ray.init(address=cfg.address, **kwargs)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
+    if address:
+        ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=cfg.num_cpus, **kwargs)
     if quiet:

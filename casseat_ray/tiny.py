@@ -193,10 +193,16 @@ def build_processor(tokenizer):
     )
 
 
-def make_tiny(out: str | Path, role: str = "student", seed: int = 0) -> Path:
+DEFAULT_FORMAT_STEPS = {"teacher": 100, "student": 0}
+
+
+def make_tiny(out: str | Path, role: str = "student", seed: int = 0, format_steps: int | None = None) -> Path:
     """Build and save a tiny Qwen2-VL for ``role`` in ``out``; returns the directory.
 
-    Deterministic: the same role and seed give byte-identical weights and tokenizer.
+    ``format_steps`` > 0 then trains it briefly on scripted answers (``teach_format``); by
+    default the teacher gets 100 steps (about 30 s on a laptop CPU) and the student none, so
+    the student starts out knowing nothing. Deterministic: the same role, seed and steps give
+    byte-identical weights and tokenizer.
     """
     import torch
     from transformers import Qwen2VLForConditionalGeneration
@@ -218,8 +224,17 @@ def make_tiny(out: str | Path, role: str = "student", seed: int = 0) -> Path:
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.save_pretrained(out)
     build_processor(tokenizer).save_pretrained(out)
-    (out / "casseat_tiny.json").write_text(json.dumps({"role": role, "seed": seed}, indent=2) + "\n")
+    steps = DEFAULT_FORMAT_STEPS[role] if format_steps is None else format_steps
+    if steps:
+        teach_format(out, steps=steps, seed=seed)
+    (out / "casseat_tiny.json").write_text(json.dumps(tiny_marker(role, seed, steps), indent=2) + "\n")
     return out
+
+
+def tiny_marker(role: str, seed: int, format_steps: int | None = None) -> dict:
+    """What ``casseat_tiny.json`` records, so a rebuild can be skipped when nothing changed."""
+    steps = DEFAULT_FORMAT_STEPS[role] if format_steps is None else format_steps
+    return {"role": role, "seed": seed, "format_steps": steps}
 
 
 def fingerprint(path: str | Path) -> str:
@@ -230,3 +245,77 @@ def fingerprint(path: str | Path) -> str:
             h.update(f.relative_to(path).as_posix().encode())
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------- a teacher that knows the format
+def scripted_targets(row: dict, rng: random.Random, wrong_rate: float = 0.3) -> dict[str, str]:
+    """What a well-behaved teacher would write for one demo row, for each prompt the project
+    uses. C1 is deliberately wrong at ``wrong_rate`` so C2 has something to Refine."""
+    truth = row["answer"]
+    wrong = truth
+    if rng.random() < wrong_rate:
+        others = [c for c in row.get("choices") or [] if c != truth]
+        if others:
+            wrong = rng.choice(others)
+        else:
+            try:
+                wrong = str(int(float(truth)) + rng.choice([1, 2, 3]))
+            except ValueError:
+                wrong = truth + "s"
+    step = "Step 1: I look at the image.\nStep 2: I read the values it shows."
+    c1 = f"{step}\nThe answer is {wrong}."
+    if wrong == truth:
+        c2 = f"I check each step against the image.\nEvaluation: Accept\nThe answer is {truth}."
+    else:
+        c2 = f"I check each step against the image. Step 2 misread it.\nEvaluation: Refine\nThe corrected reading gives {truth}.\nThe answer is {truth}."
+    seat = f"{step}\n[Self-evaluation] I checked the reading. Evaluation: Accept [/Self-evaluation]\nThe answer is {truth}."
+    return {"c1": c1, "c2": c2, "seat": seat, "direct": truth}
+
+
+def teach_format(path: str | Path, n: int = 32, steps: int = 100, seed: int = 0, lr: float = 3e-3) -> dict:
+    """Train a tiny model in place, all weights, on scripted answers to ``n`` demo questions
+    (``demo_data.make_rows(n, seed)``), so end-to-end runs see well-formed reasoning,
+    verdicts and answers -- right for the questions it memorized, wrong for the rest -- and
+    greedy outputs are stable (a random model's near-tied logits flip with batch shape)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from casseat_ray import prompts
+    from casseat_ray.demo_data import make_rows
+    from casseat_ray.synth.mix import cot_sample, seat_sample, self_eval_sample
+    from casseat_ray.train.collate import collate, encode
+
+    path = Path(path)
+    processor = AutoProcessor.from_pretrained(path)
+    rng = random.Random(seed)
+    c1, c2, seat, direct = (prompts.load(k) for k in ("c1", "c2", "seat", "direct"))
+    samples = []
+    for row in make_rows(n, seed):
+        t = scripted_targets(row, rng)
+        samples += [
+            cot_sample(row, c1, t["c1"]),
+            self_eval_sample(row, c1, t["c1"], c2, t["c2"]),
+            seat_sample(row, seat, t["seat"]),
+            cot_sample(row, direct, t["direct"]),
+        ]
+    encoded = [encode(s, processor, "last_assistant") for s in samples]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a fixed thread count: the same bytes on every machine
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        order = random.Random(seed)
+        losses = []
+        for step in range(steps):
+            batch = collate(order.sample(encoded, 8), processor.tokenizer.pad_token_id)
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        model.eval().save_pretrained(path)
+    finally:
+        torch.set_num_threads(threads)
+    return {"steps": steps, "first_loss": losses[0], "last_loss": sum(losses[-10:]) / 10}

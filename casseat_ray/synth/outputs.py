@@ -1,0 +1,310 @@
+"""What a finished synthesis run writes: SFT set, rejects, stats, dataset card, chart, exports.
+
+Everything here reads the parts (teacher outputs and labels per row) and the source funnel;
+it is cheap and deterministic, so it is simply redone whenever a run completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from casseat_ray.config import Config, to_yaml
+from casseat_ray.synth.mix import cot_sample, mix, seat_sample, self_eval_sample
+
+SFT_SCHEMA = pa.schema([
+    pa.field("id", pa.string()),
+    pa.field("sample_id", pa.string()),
+    pa.field("kind", pa.string()),
+    pa.field("messages", pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))),
+    pa.field("images", pa.list_(pa.binary())),
+    pa.field("loss_on", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("answer", pa.string()),
+    pa.field("answer_type", pa.string()),
+    pa.field("verdict", pa.string()),
+    pa.field("teacher_model", pa.string()),
+    pa.field("teacher_sampling", pa.string()),
+    pa.field("prompt_shas", pa.list_(pa.string())),
+    pa.field("responses", pa.list_(pa.string())),  # every C1 sample of the question (AFT)
+    pa.field("responses_correct", pa.list_(pa.bool_())),
+])
+REJECT_SCHEMA = pa.schema([pa.field(n, pa.string()) for n in
+                           ("sample_id", "source", "split", "reject_stage", "reject_reason", "reject_detail", "question", "answer")])
+LIGHT = ["sample_id", "source", "answer_type", "reject_stage", "reject_reason", "kinds",
+         "c1_prompt_tokens", "c1_output_tokens", "c2_prompt_tokens", "c2_output_tokens", "teacher_seconds"]
+
+
+def sft_rows(row: dict, kinds: set[str], ps: dict) -> list[dict]:
+    """The SFT samples of one kept row, for the kinds the mix chose (pure)."""
+    out = []
+    cot = row["c1_texts"][0]
+    if "self_eval" in kinds:
+        out.append(self_eval_sample(row, ps["c1"], cot, ps["c2"], row["c2_text"]))
+    if "cot" in kinds:
+        out.append(cot_sample(row, ps["c1"], cot))
+    if "seat" in kinds:
+        out.append(seat_sample(row, ps["seat"], cot))
+    for s in out:
+        shas = [row["c1_prompt_sha"]] + ([row["c2_prompt_sha"]] if s["kind"] == "self_eval" else [])
+        s.update(answer_type=row["answer_type"], verdict=row.get("verdict"), teacher_model=row["teacher_model"],
+                 teacher_sampling=row["teacher_sampling"], prompt_shas=shas,
+                 responses=row["c1_texts"], responses_correct=row["c1_correct"])
+    return out
+
+
+def choose(light: list[dict], cfg: Config) -> tuple[dict[str, set[str]], int]:
+    """sample_id -> the kinds that go into the SFT set, by the configured ratio and cap;
+    and the number of candidate samples."""
+    pools: dict[str, list[dict]] = {"cot": [], "self_eval": [], "seat": []}
+    for r in light:
+        if r["reject_reason"] is None:
+            for k in r["kinds"] or []:
+                pools[k].append({"sample_id": r["sample_id"], "kind": k})
+    m = cfg.mix
+    if cfg.synthesis.mode == "cascade":
+        picked = mix(pools["cot"], pools["self_eval"], m.self_eval_per_cot, m.max_samples, m.seed)
+    else:
+        picked = mix(pools["seat" if cfg.synthesis.mode == "seat" else "cot"], [], 0, m.max_samples, m.seed)
+    chosen: dict[str, set[str]] = {}
+    for s in picked:
+        chosen.setdefault(s["sample_id"], set()).add(s["kind"])
+    return chosen, sum(len(p) for p in pools.values())
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict) -> dict:
+    from casseat_ray.synth.pipeline import PART_GLOB, _atomic_write_text
+    from casseat_ray.synth.stages import stage_prompts
+
+    run_dir = cfg.run_dir
+    files = sorted(parts.glob(PART_GLOB))
+    light = [r for f in files for r in pq.read_table(f, columns=LIGHT).to_pylist()]
+    chosen, candidates = choose(light, cfg)
+    ps = stage_prompts(cfg)
+
+    # SFT set: one shard per part, only the chosen samples.
+    tmp = run_dir / "sft.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    by_kind: Counter = Counter()
+    by_source: Counter = Counter()
+    shard = 0
+    for f in files:
+        rows = [r for r in pq.read_table(f).to_pylist() if r["sample_id"] in chosen]
+        samples = [s for r in rows for s in sft_rows(r, chosen[r["sample_id"]], ps)]
+        if samples:
+            pq.write_table(pa.Table.from_pylist(samples, schema=SFT_SCHEMA), tmp / f"sft-{shard:05d}.parquet")
+            shard += 1
+            by_kind.update(s["kind"] for s in samples)
+            by_source.update(s["source"] for s in samples)
+    _replace_dir(tmp, run_dir / "sft")
+
+    # Rejects: the source's (no image bytes) and those of the model stages.
+    rejects = [
+        r for b in source.select_columns(list(REJECT_SCHEMA.names)).iter_batches(batch_format="pyarrow")
+        for r in b.to_pylist() if r["reject_reason"] is not None
+    ]
+    for f in files:
+        t = pq.read_table(f, columns=list(REJECT_SCHEMA.names))
+        rejects += [r for r in t.to_pylist() if r["reject_reason"] is not None]
+    tmp_rej = run_dir / "rejects.parquet.tmp"
+    pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), tmp_rej)
+    os.replace(tmp_rej, run_dir / "rejects.parquet")
+
+    stats = compute_stats(cfg, source_funnel, light, candidates, sum(by_kind.values()), timing)
+    stats["sft"] = {"samples": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items())), "by_source": dict(sorted(by_source.items())), "shards": shard}
+    _atomic_write_text(run_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
+    _atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    _atomic_write_text(run_dir / "README.md", dataset_card(cfg, stats, ps))
+    funnel_chart(stats, run_dir / "funnel.png")
+    export_llamafactory(run_dir / "sft", run_dir / "export" / "llamafactory", cfg.name)
+    export_swift(run_dir / "sft", run_dir / "export" / "swift")
+    return stats
+
+
+def compute_stats(cfg: Config, source_funnel: dict, light: list[dict], candidates: int, chosen: int, timing: dict) -> dict:
+    """The funnel: per stage ``{"in", "out", "rejected": {reason: n}}``, plus teacher figures."""
+    stages = dict(source_funnel["stages"])
+    n = source_funnel["accepted"]
+    for stage in ("ddf_model", "ddf_labeled"):
+        rejected = Counter(r["reject_reason"] for r in light if r["reject_stage"] == stage)
+        stages[stage] = {"in": n, "out": n - sum(rejected.values()), "rejected": dict(sorted(rejected.items()))}
+        n = stages[stage]["out"]
+    stages["mix"] = {"in": candidates, "out": chosen, "rejected": {"over_ratio_or_cap": candidates - chosen}, "unit": "samples"}
+    taught = [r for r in light if r["c1_output_tokens"] is not None]
+    tokens_in = sum((r["c1_prompt_tokens"] or 0) + (r["c2_prompt_tokens"] or 0) for r in taught)
+    tokens_out = sum(sum(r["c1_output_tokens"] or []) + (r["c2_output_tokens"] or 0) for r in taught)
+    loop = timing["loop_seconds"]
+    return {
+        "name": cfg.name,
+        "mode": cfg.synthesis.mode,
+        "stages": stages,
+        "teacher": {
+            "model": cfg.teacher.model,
+            "rows": len(taught),
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+            "engine_seconds": round(sum(r["teacher_seconds"] or 0 for r in taught), 3),
+        },
+        "rows_processed": timing["processed_rows"],
+        "rows_resumed": timing["resumed_rows"],
+        "rows_per_s": round(timing["processed_rows"] / loop, 3) if loop > 0 and timing["processed_rows"] else None,
+        "loop_seconds": round(loop, 3),
+        "wall_seconds": round(timing["wall_seconds"], 3),
+    }
+
+
+# ---------------------------------------------------------------- dataset card and chart
+def dataset_card(cfg: Config, stats: dict, ps: dict) -> str:
+    lines = [
+        f"# {cfg.name}: a Cas-SEAT supervised fine-tuning set",
+        "",
+        f"Built by casseat_ray in `{cfg.synthesis.mode}` mode from {len(cfg.sources)} source(s) with teacher `{cfg.teacher.model}`.",
+        f"{stats['sft']['samples']} samples: " + ", ".join(f"{k} {v}" for k, v in stats["sft"]["by_kind"].items()) + ".",
+        "",
+        "## Sources",
+        "",
+        "| source | format | path | license |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {s.name} | {s.format} | `{s.path}` | {s.license or 'unknown'} |" for s in cfg.sources]
+    lines += ["", "## Funnel", "", "| stage | in | out | rejected by reason |", "|---|---:|---:|---|"]
+    for name, st in stats["stages"].items():
+        reasons = ", ".join(f"{k} {v}" for k, v in st["rejected"].items()) or "-"
+        lines.append(f"| {name} | {st['in']} | {st['out']} | {reasons} |")
+    f, mf = cfg.ddf_labeled, cfg.ddf_source.model_filter
+    lines += [
+        "",
+        "## Filters",
+        "",
+        f"- Source rules: dedup={cfg.ddf_source.dedup}, question length {cfg.ddf_source.min_question_chars}-{cfg.ddf_source.max_question_chars} chars, "
+        f"free-form answers up to {cfg.ddf_source.max_answer_chars} chars, per-source caps {cfg.ddf_source.per_source_cap or 'none'}, budget {cfg.ddf_source.budget}.",
+        f"- Student model filter (too_easy): {'on' if mf.enabled else 'off'}.",
+        f"- Teacher outputs: drop truncated={f.drop_truncated}, require answer={f.require_answer}, verdict={f.require_verdict}, "
+        f"correct={f.require_correct}, consistent={f.require_consistent}; leakage phrases {f.leakage_phrases}; "
+        f"at most {f.max_student_tokens} student tokens (image tokens included, never truncated).",
+        f"- Mix: {cfg.mix.self_eval_per_cot} self-evaluation samples per CoT sample, cap {cfg.mix.max_samples}, seed {cfg.mix.seed}.",
+        "",
+        "## Prompts (template sha256, first 12 hex)",
+        "",
+    ]
+    lines += [f"- {k}: `{p.sha}`" for k, p in ps.items()]
+    t = stats["teacher"]
+    lines += [
+        "",
+        "## Teacher",
+        "",
+        f"{t['rows']} questions, {t['tokens_in']} prompt tokens, {t['tokens_out']} generated tokens; "
+        f"sampling `{cfg.teacher.sampling.model_dump(mode='json')}`; hidden ground-truth hint in C2: {cfg.synthesis.hint_ground_truth} "
+        "(the student's prompts never contain the ground truth).",
+        "",
+        "## Files",
+        "",
+        "- `sft/*.parquet`: id, sample_id, kind (cot | self_eval | seat), messages (`<image>` marks the image), images (bytes), "
+        "loss_on (all | last), provenance (teacher, sampling, prompt hashes), responses and responses_correct (every C1 sample, for AFT).",
+        "- `rejects.parquet`: every dropped row with stage, reason and detail.",
+        "- `stats.json`, `funnel.png`, `config.yaml` (the resolved config).",
+        "- `export/llamafactory`, `export/swift`: the same samples for LLaMA-Factory and ms-swift.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def funnel_chart(stats: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [(k, v) for k, v in stats["stages"].items() if k != "mix"]
+    names = [k for k, _ in stages] + ["sft samples"]
+    values = [v["out"] for _, v in stages] + [stats["sft"]["samples"]]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
+    bars = ax.barh(names[::-1], values[::-1], color="#4c72b0")
+    ax.bar_label(bars, padding=3)
+    ax.set_xlabel("rows left after the stage")
+    ax.set_title(f"{stats['name']}: synthesis funnel ({stats['stages']['read']['in']} rows in)")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- exporters
+def _iter_sft(sft_dir: Path):
+    for f in sorted(sft_dir.glob("*.parquet")):
+        yield from pq.read_table(f).to_pylist()
+
+
+def _save_images(row: dict, images_dir: Path) -> list[str]:
+    import io
+
+    from PIL import Image
+
+    names = []
+    for i, data in enumerate(row["images"]):
+        fmt = (Image.open(io.BytesIO(data)).format or "PNG").lower()
+        name = f"{row['sample_id']}-{i}.{'jpg' if fmt == 'jpeg' else fmt}"
+        if not (images_dir / name).exists():
+            (images_dir / name).write_bytes(data)
+        names.append(name)
+    return names
+
+
+def export_llamafactory(sft_dir: Path, out: Path, name: str) -> Path:
+    """sharegpt-style JSON + ``dataset_info.json``. Self-evaluation samples go to their own
+    dataset, to be trained with ``mask_history: true`` (loss on the last turn only)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    groups: dict[str, list] = {"main": [], "self_eval": []}
+    for row in _iter_sft(sft_dir):
+        images = [f"images/{n}" for n in _save_images(row, tmp / "images")]
+        groups["self_eval" if row["loss_on"] == "last" else "main"].append({"messages": row["messages"], "images": images})
+    info = {}
+    for group, items in groups.items():
+        if not items:
+            continue
+        ds_name = name if group == "main" else f"{name}_self_eval"
+        (tmp / f"{ds_name}.json").write_text(json.dumps(items, ensure_ascii=False, indent=1))
+        info[ds_name] = {
+            "file_name": f"{ds_name}.json",
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages", "images": "images"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+        }
+    (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2))
+    _replace_dir(tmp, out)
+    return out
+
+
+def export_swift(sft_dir: Path, out: Path) -> Path:
+    """ms-swift JSONL: ``messages`` (``<image>`` in the text) and ``images`` paths; an
+    assistant turn that carries no loss says ``"loss": false``."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    with open(tmp / "train.jsonl", "w", encoding="utf-8") as fh:
+        for row in _iter_sft(sft_dir):
+            messages = [dict(m) for m in row["messages"]]
+            if row["loss_on"] == "last":
+                assistants = [m for m in messages if m["role"] == "assistant"]
+                for m in assistants[:-1]:
+                    m["loss"] = False
+            images = [str((out / "images" / n).resolve()) for n in _save_images(row, tmp / "images")]
+            fh.write(json.dumps({"messages": messages, "images": images}, ensure_ascii=False) + "\n")
+    _replace_dir(tmp, out)
+    return out

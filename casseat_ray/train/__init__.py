@@ -1,0 +1,1 @@
+"""Student fine-tuning: collate, losses, the Ray Train loop, export."""

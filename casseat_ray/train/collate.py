@@ -1,0 +1,165 @@
+"""Turning SFT rows into model inputs with the student's own processor and chat template.
+
+An SFT row holds ``messages`` (role/content strings, ``<image>`` marking where the image goes
+in the first user turn), ``images`` (encoded bytes) and ``loss_on`` ("all" or "last"). The
+rendered conversation is cut into segments at assistant-turn boundaries; each segment is
+tokenized on its own (the processor expands the image placeholder into the image's exact
+number of tokens), and only assistant segments get labels. Nothing is ever truncated: a
+sample over the length budget is reported by the caller, so image token runs stay whole.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+IMAGE_TOKEN = "<image>"
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: object | None  # torch.Tensor [patches, dim], or None without images
+    image_grid_thw: object | None  # torch.Tensor [n_images, 3]
+    token_types: list[int] | None = None  # mm_token_type_ids where the processor makes them (M-RoPE)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_label_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+def to_conversation(messages: list[dict]) -> list[dict]:
+    """``<image>`` markers in string contents become image parts (in place, in order)."""
+    conv = []
+    for m in messages:
+        parts = []
+        for i, piece in enumerate(m["content"].split(IMAGE_TOKEN)):
+            if i > 0:
+                parts.append({"type": "image"})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        conv.append({"role": m["role"], "content": parts})
+    return conv
+
+
+def label_turns(messages: list[dict], loss_on: str, label_mode: str) -> list[int]:
+    """Indices of the assistant messages that carry loss.
+
+    Self-evaluation rows (``loss_on == "last"``) always train on their final turn only, and
+    so does every row when ``label_mode`` is ``last_assistant``.
+    """
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise ValueError("sample has no assistant turn")
+    if loss_on == "last" or label_mode == "last_assistant":
+        return turns[-1:]
+    return turns
+
+
+def segments(messages: list[dict], processor, trained: list[int]) -> list[tuple[str, bool]]:
+    """The rendered conversation as ``(text, carries_loss)`` pieces, in order.
+
+    An assistant turn's span is what rendering up to and including it adds after the
+    generation prompt: its content and the end-of-turn marker, so the student learns to stop.
+    """
+    render = processor.apply_chat_template
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = render(to_conversation(messages[:i]), tokenize=False, add_generation_prompt=True)
+        full = render(to_conversation(messages[: i + 1]), tokenize=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError("the chat template does not render turns as prefixes of each other; cannot find assistant spans")
+        pieces.append((prompt[len(done):], False))
+        pieces.append((full[len(prompt):], i in trained))
+        done = full
+    tail = render(to_conversation(messages), tokenize=False)[len(done):]
+    if tail:
+        pieces.append((tail, False))
+    return [(t, lab) for t, lab in pieces if t]
+
+
+def _images(row: dict) -> list:
+    from PIL import Image
+
+    out = []
+    for data in row.get("images") or []:
+        img = Image.open(io.BytesIO(data))
+        out.append(img.convert("RGB"))
+    return out
+
+
+def encode(row: dict, processor, label_mode: str = "last_assistant") -> Encoded:
+    """Tokenize one SFT row; labels are the token ids inside trained assistant spans."""
+    messages = list(row["messages"])
+    images = _images(row)
+    n_markers = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if n_markers != len(images):
+        raise ValueError(f"{n_markers} {IMAGE_TOKEN} markers but {len(images)} images")
+    trained = label_turns(messages, row.get("loss_on") or "all", label_mode)
+    tok = processor.tokenizer
+    image_token = getattr(processor, "image_token", None)
+    ids: list[int] = []
+    labels: list[int] = []
+    types: list[int] = []
+    has_types = False
+    pixel_values = grid = None
+    pending = list(images)
+    for text, carries_loss in segments(messages, processor, trained):
+        n_here = text.count(image_token) if image_token else 0
+        if n_here:
+            enc = processor(text=[text], images=pending[:n_here], return_tensors="pt")
+            pending = pending[n_here:]
+            piece = enc["input_ids"][0].tolist()
+            if "mm_token_type_ids" in enc:
+                has_types = True
+                types.extend(enc["mm_token_type_ids"][0].tolist())
+            else:
+                types.extend([0] * len(piece))
+            pixel_values, grid = _cat(pixel_values, enc["pixel_values"]), _cat(grid, enc["image_grid_thw"])
+        else:
+            piece = tok(text, add_special_tokens=False)["input_ids"]
+            types.extend([0] * len(piece))
+        ids.extend(piece)
+        labels.extend(piece if carries_loss else [IGNORE] * len(piece))
+    return Encoded(ids, labels, pixel_values, grid, types if has_types else None)
+
+
+def _cat(a, b):
+    import torch
+
+    return b if a is None else torch.cat([a, b])
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict:
+    """Right-pad a batch; image patches and grids are concatenated in sample order."""
+    import torch
+
+    width = max(len(e) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.token_types is not None for e in batch):
+        types = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, e in enumerate(batch):
+            if e.token_types is not None:
+                types[i, : len(e)] = torch.tensor(e.token_types)
+        out["mm_token_type_ids"] = types
+    pixels = [e.pixel_values for e in batch if e.pixel_values is not None]
+    if pixels:
+        out["pixel_values"] = torch.cat(pixels)
+        out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in batch if e.image_grid_thw is not None])
+    return out
