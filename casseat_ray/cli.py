@@ -26,18 +26,22 @@ Start here:
 """
 
 DEMO_HELP = """\
-Builds a tiny teacher and a tiny student (real Qwen2-VL architecture, random weights), draws
-demo questions with PIL, and runs the teacher cascade through vLLM: C1 (reason step by step)
-then C2 (self-evaluate, as a second user turn on the same conversation). Writes under OUT:
+Builds a tiny teacher and a tiny student (real Qwen2-VL architecture; the teacher is trained
+for a few CPU steps to write the answer format), draws demo questions with PIL, and runs the
+synthesis job on local Ray: the teacher cascade on a vLLM actor -- C1 (reason step by step)
+then C2 (self-evaluate, as a second user turn on the same conversation) -- DDF level 2 and
+the mix. Writes under OUT:
 
   models/teacher, models/student   the tiny models (Hugging Face format)
   data/demo.parquet                the demo questions (canonical rows, images embedded)
-  cascade.parquet                  one row per question: C1 and C2 texts, token counts
-  config.yaml                      the resolved config of the run
+  config.yaml                      the run's config (also usable with casseat synthesize)
+  synth/                           the synthesis outputs: sft/, rejects.parquet, stats.json,
+                                   README.md (dataset card), funnel.png, export/
   summary.json                     counts and timings (also printed)
 
-The tiny models are untrained, so their text is noise; the demo shows the machinery, not
-quality. Takes about a minute on a laptop CPU, most of it vLLM start-up.
+The tiny teacher cannot really see, so most of its answers are wrong and DDF rejects them;
+the demo shows the machinery, not quality. Takes one to two minutes on a laptop CPU, most of
+it vLLM start-up.
 """
 
 
@@ -96,7 +100,7 @@ def cmd_demo(args) -> int:
     if args.n < 1:
         print(f"casseat demo: --n must be at least 1, got {args.n}", file=sys.stderr)
         return EXIT_USAGE
-    summary = demo.run(args.out, n=args.n, seed=args.seed)
+    summary = demo.run(args.out, n=args.n, seed=args.seed, progress=not args.no_progress)
     width = max(len(k) for k in summary)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in summary.items()))
     return EXIT_OK
@@ -282,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory (default out/demo)")
     p.add_argument("--n", type=int, default=16, help="demo questions to run through the teacher (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed for models and data (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -17,11 +17,12 @@ def tiny_config(out: Path, seed: int = 0) -> Config:
     out = Path(out)
     return Config.model_validate(
         dict(
-            name="demo",
-            output_dir=str(out.parent),
+            name="synth",
+            output_dir=str(out),
             seed=seed,
             sources=[dict(name="demo", format="canonical", path=str(out / "data" / "demo.parquet"), license="generated")],
-            teacher=dict(model=str(out / "models" / "teacher"), engine=TINY_ENGINE, sampling=dict(max_tokens=48)),
+            teacher=dict(model=str(out / "models" / "teacher"), engine=TINY_ENGINE, sampling=dict(max_tokens=96), batch_size=8),
+            ddf_labeled=dict(max_student_tokens=1024),
             student=dict(model=str(out / "models" / "student"), engine=TINY_ENGINE),
             ray=dict(num_cpus=2, storage_path=str(out / "ray")),
         )
@@ -38,13 +39,10 @@ def ensure_tiny(path: Path, role: str, seed: int) -> Path:
     return make_tiny(path, role=role, seed=seed)
 
 
-def run(out: str | Path = "out/demo", n: int = 16, seed: int = 0) -> dict:
-    import pyarrow.parquet as pq
-
-    from casseat_ray import prompts
+def run(out: str | Path = "out/demo", n: int = 16, seed: int = 0, progress: bool = True) -> dict:
+    """Build the tiny models and demo data under ``out``, then run the synthesis job on them."""
     from casseat_ray.demo_data import make_demo_data
-    from casseat_ray.engines.vllm import VLLMEngine
-    from casseat_ray.synth.conversations import c1_conversation, c2_conversation
+    from casseat_ray.synth import pipeline
 
     out = Path(out)
     cfg = tiny_config(out, seed)
@@ -54,41 +52,18 @@ def run(out: str | Path = "out/demo", n: int = 16, seed: int = 0) -> dict:
     make_demo_data(out / "data", n=n, seed=seed)
     (out / "config.yaml").write_text(to_yaml(cfg))
     build_s = time.perf_counter() - t0
-
-    rows = pq.read_table(cfg.sources[0].path).to_pylist()
-    c1, c2 = prompts.load("c1"), prompts.load("c2")
-    engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine, cfg.teacher.sampling)
-
-    t1 = time.perf_counter()
-    first = [outs[0] for outs in engine.chat([c1_conversation(r, c1) for r in rows])]
-    t2 = time.perf_counter()
-    second = [outs[0] for outs in engine.chat([c2_conversation(r, c1, a.text, c2) for r, a in zip(rows, first)])]
-    t3 = time.perf_counter()
-
-    records = [
-        dict(
-            sample_id=r["sample_id"], question=r["question"], answer=r["answer"], answer_type=r["answer_type"],
-            c1_text=a.text, c1_finish=a.finish_reason, c1_prompt_tokens=a.prompt_tokens, c1_output_tokens=a.output_tokens,
-            c2_text=b.text, c2_finish=b.finish_reason, c2_prompt_tokens=b.prompt_tokens, c2_output_tokens=b.output_tokens,
-            c1_prompt_sha=c1.sha, c2_prompt_sha=c2.sha, teacher=cfg.teacher.model,
-        )
-        for r, a, b in zip(rows, first, second)
-    ]
-    import pyarrow as pa
-
-    pq.write_table(pa.Table.from_pylist(records), out / "cascade.parquet")
+    stats = pipeline.run(cfg, fresh=True, progress=progress)
     summary = dict(
-        out=str(out),
-        questions=len(rows),
-        answer_types=sorted({r["answer_type"] for r in rows}),
+        out=str(cfg.run_dir),
+        questions=stats["stages"]["read"]["in"],
+        kept=stats["stages"]["ddf_labeled"]["out"],
+        rejected=stats["stages"]["ddf_labeled"]["rejected"],
+        sft_samples=stats["sft"]["samples"],
+        sft_by_kind=stats["sft"]["by_kind"],
+        teacher_tokens_in=stats["teacher"]["tokens_in"],
+        teacher_tokens_out=stats["teacher"]["tokens_out"],
         build_seconds=round(build_s, 1),
-        vllm_start_seconds=round(engine.start_seconds, 1),
-        c1_seconds=round(t2 - t1, 2),
-        c2_seconds=round(t3 - t2, 2),
-        c1_tokens_out=sum(a.output_tokens for a in first),
-        c2_tokens_in=sum(b.prompt_tokens for b in second),
-        c2_tokens_out=sum(b.output_tokens for b in second),
-        errors=sum(1 for a, b in zip(first, second) if a.error or b.error),
+        synthesis_seconds=stats["wall_seconds"],
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -33,14 +33,19 @@ import pyarrow.parquet as pq
 from casseat_ray.config import Config, ConfigError, to_yaml
 
 PART_GLOB = "part-*.parquet"
-# Config sections whose change makes earlier teacher outputs invalid for this run.
+# Config sections whose change makes earlier teacher outputs invalid for this run; how many
+# actors run and how batches are cut are not among them (a resumed run may scale out).
 FINGERPRINT_KEYS = ("sources", "images", "ddf_source", "teacher", "synthesis", "ddf_labeled", "seed")
+SCHEDULING = {"teacher": ("concurrency", "num_cpus", "num_gpus", "batch_size"), "ddf_labeled": ("concurrency", "num_cpus")}
 
 
 # ---------------------------------------------------------------- resume bookkeeping
 def fingerprint(cfg: Config) -> dict:
     dumped = cfg.model_dump(mode="json")
     out = {k: dumped[k] for k in FINGERPRINT_KEYS}
+    for section, keys in SCHEDULING.items():
+        for k in keys:
+            (out[section] or {}).pop(k, None)
     out["student.model"] = cfg.student.model if cfg.student else None
     return out
 
@@ -151,7 +156,10 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True, max_parts: int 
     parts = prepare_work_dir(cfg, fresh)
     _atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     init_ray(cfg.ray)
-    source = data.load(cfg).materialize()
+    # One teacher batch per block, cut before any actor holds a CPU: each finished block then
+    # reaches the driver (and a part file) as soon as it is done, so an interrupted run loses
+    # at most the blocks in flight.
+    source = data.load(cfg).repartition(target_num_rows_per_block=cfg.teacher.batch_size).materialize()
     source_funnel = data.funnel(source)
     done = done_ids(parts)
     accepted = source_funnel["accepted"]

@@ -1,0 +1,107 @@
+"""`casseat synthesize` as a user runs it: two teacher actors on demo + real MATH-V data, and a
+run killed mid-way that resumes to the same SFT set."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import ROOT, shared_data
+from tests.e2e.test_cli import casseat
+
+pytestmark = pytest.mark.slow
+CONFIG = ROOT / "jobs" / "configs" / "tiny-cpu.yaml"
+
+
+def _overrides(tmp: Path, tiny_models, demo_parquet, name: str, *extra: str) -> list[str]:
+    mathv = shared_data("math-v", "testmini.jsonl")
+    sources = (f"sources=[{{name: demo, format: canonical, path: {demo_parquet}, license: generated}}, "
+               f"{{name: mathv, format: mathv, path: {mathv}, max_samples: 16, license: MIT}}]")
+    return [sources, f"name={name}", f"output_dir={tmp}", f"teacher.model={tiny_models['teacher']}",
+            f"student.model={tiny_models['student']}", f"ray.storage_path={tmp / 'ray'}", "teacher.batch_size=8", *extra]
+
+
+def _sft(run: Path) -> dict:
+    return {r["id"]: (r["messages"], r["images"], r["kind"]) for r in pq.read_table(run / "sft").to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_models, demo_parquet):
+    tmp = tmp_path_factory.mktemp("synth")
+    args = _overrides(tmp, tiny_models, demo_parquet, "full", "teacher.concurrency=2", "teacher.num_cpus=0.5", "ddf_labeled.num_cpus=0.25")
+    r = casseat("synthesize", "--config", str(CONFIG), *args, "--no-progress", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, args, r
+
+
+def test_bad_inputs_stop_before_any_work(tmp_path, tiny_models, demo_parquet):
+    args = _overrides(tmp_path, tiny_models, demo_parquet, "bad", f"teacher.model={tmp_path / 'nope'}")
+    r = casseat("synthesize", "--config", str(CONFIG), *args)
+    assert r.returncode == 2 and "teacher.model: model directory not found" in r.stderr
+    assert not (tmp_path / "bad").exists()
+    r = casseat("synthesize", "--config", str(CONFIG), *args[:-1], "synthesis.mode=debate")
+    assert r.returncode == 2 and "synthesis.mode" in r.stderr
+
+
+def test_two_actor_run_writes_a_consistent_dataset(full_run):
+    tmp, _, r = full_run
+    run = tmp / "full"
+    stats = json.loads((run / "stats.json").read_text())
+    stages = stats["stages"]
+    assert stages["read"]["in"] == 24 + 16
+    previous = None
+    for name, st in stages.items():
+        if name == "mix":
+            continue
+        assert st["in"] == st["out"] + sum(st["rejected"].values()), name  # conservation per stage
+        if previous is not None:
+            assert st["in"] == previous, name
+        previous = st["out"]
+    kept = stages["ddf_labeled"]["out"]
+    assert 0 < kept < 40 and stages["ddf_labeled"]["rejected"]
+    sft = pq.read_table(run / "sft").to_pylist()
+    kinds = [s["kind"] for s in sft]
+    assert kinds.count("cot") == kinds.count("self_eval") == stats["sft"]["by_kind"]["cot"]  # 1:1, exactly
+    assert all(s["images"][0] and s["messages"][0]["content"].startswith("<image>") for s in sft)
+    rejects = pq.read_table(run / "rejects.parquet")
+    assert rejects.num_rows == 40 - kept
+    parts = pq.read_table(run / "work" / "parts")
+    assert parts.num_rows == 40 and len(set(parts["sample_id"].to_pylist())) == 40
+    assert "mathv" in set(parts["source"].to_pylist()) and all(t for t in parts["c1_texts"].to_pylist())
+    assert stats["teacher"]["rows"] == 40 and stats["teacher"]["tokens_out"] > 0 and stats["rows_per_s"] > 0
+    card = (run / "README.md").read_text()
+    assert "| mathv | mathv |" in card and "MIT" in card and "ddf_labeled" in card
+    assert (run / "funnel.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((run / "export" / "llamafactory" / "dataset_info.json").read_text())
+    assert len((run / "export" / "swift" / "train.jsonl").read_text().splitlines()) == len(sft)
+    assert "SFT set:" in r.stdout and "ddf_labeled" in r.stdout
+
+
+def test_killed_run_resumes_to_the_same_sft_set(full_run, tiny_models, demo_parquet):
+    tmp, _, _ = full_run
+    args = _overrides(tmp, tiny_models, demo_parquet, "resumed")
+    exe = str(Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "casseat")
+    exe = exe if Path(exe).exists() else "casseat"
+    proc = subprocess.Popen([exe, "synthesize", "--config", str(CONFIG), *args, "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    parts = tmp / "resumed" / "work" / "parts"
+    deadline = time.time() + 600
+    while not list(parts.glob("part-*.parquet")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait()
+    first = {f.name for f in parts.glob("part-*.parquet")}
+    assert first and not (tmp / "resumed" / "stats.json").exists()
+    r = casseat("synthesize", "--config", str(CONFIG), *args, "--no-progress", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads((tmp / "resumed" / "stats.json").read_text())
+    assert stats["rows_resumed"] >= 8 and stats["rows_resumed"] + stats["rows_processed"] == 40
+    assert first <= {f.name for f in parts.glob("part-*.parquet")}  # earlier parts kept, not redone
+    ids = pq.read_table(parts, columns=["sample_id"])["sample_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 40  # no duplicates
+    assert _sft(tmp / "resumed") == _sft(tmp / "full")

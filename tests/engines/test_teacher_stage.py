@@ -1,0 +1,101 @@
+"""The synthesis stages on the real (tiny, format-trained) teacher engine, shared per session."""
+
+import pyarrow as pa
+import pytest
+
+from casseat_ray.answers import score
+from casseat_ray.config import Config
+from casseat_ray.data import ROW_SCHEMA
+from casseat_ray.demo import TINY_ENGINE
+from casseat_ray.synth.stages import LabelStage, StudentFilter, TeacherStage
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(tiny_models, **kw) -> Config:
+    base = dict(
+        teacher=dict(model=str(tiny_models["teacher"]), engine=TINY_ENGINE, sampling=dict(max_tokens=96)),
+        student=dict(model=str(tiny_models["student"]), engine=TINY_ENGINE),
+        ddf_labeled=dict(max_student_tokens=1024),
+    )
+    base.update(kw)
+    return Config.model_validate(base)
+
+
+def _batch(demo_rows) -> pa.Table:
+    rows = [dict(r, reject_stage=None, reject_reason=None, reject_detail=None) for r in demo_rows[:12]]
+    rows[3] = dict(rows[3], image=b"", reject_stage="validate", reject_reason="empty_image", reject_detail="0 bytes")
+    rows[5] = dict(rows[5], image=b"\x89PNG\r\n\x1a\n broken")  # passes nothing to the engine but an error
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def label_stage(tiny_models):
+    return LabelStage(_cfg(tiny_models))
+
+
+def _check_conserved(before: pa.Table, after: pa.Table) -> None:
+    assert after.num_rows == before.num_rows
+    assert after["sample_id"].to_pylist() == before["sample_id"].to_pylist()
+    # an earlier reject passes through untouched
+    assert after["reject_reason"][3].as_py() == "empty_image"
+    assert "c1_texts" not in after.column_names or after["c1_texts"][3].as_py() is None
+
+
+def test_cascade_runs_c1_then_c2_and_labels_every_row(tiny_models, teacher_engine, demo_rows, label_stage):
+    cfg = _cfg(tiny_models)
+    batch = _batch(demo_rows)
+    out = TeacherStage(cfg, engine=teacher_engine)(batch)
+    _check_conserved(batch, out)
+    rows = out.to_pylist()
+    ok = [r for i, r in enumerate(rows) if i not in (3, 5)]
+    assert all(r["c2_text"] and "Evaluation:" in r["c2_text"] for r in ok)  # the taught format
+    assert all(r["c2_prompt_tokens"] > r["c1_prompt_tokens"] + r["c1_output_tokens"][0] for r in ok)
+    assert all(r["teacher_model"] == cfg.teacher.model and r["c1_prompt_sha"] and r["teacher_seconds"] > 0 for r in ok)
+    assert rows[5]["c1_finish"] == ["error"] and rows[5]["c2_text"] is None
+    labelled = label_stage(out)
+    _check_conserved(batch, labelled)
+    lab = labelled.to_pylist()
+    assert lab[5]["reject_stage"] == "ddf_labeled" and lab[5]["reject_reason"] == "engine_error"
+    for r in lab:
+        if r["reject_stage"] == "ddf_labeled" and r["reject_reason"] in ("accept_after_wrong", "refine_after_right"):
+            assert r["c1_correct"] == [r["reject_reason"] == "refine_after_right"]
+        if r["reject_reason"] is None:  # kept: right final answer, a verdict consistent with C1
+            assert r["final_correct"] and r["verdict"] in ("Accept", "Refine")
+            assert ("cot" in r["kinds"]) == r["c1_correct"][0] and 0 < r["student_tokens"] <= 1024
+    reasons = {r["reject_reason"] for r in lab}
+    assert reasons & {"accept_after_wrong", "wrong_answer", "no_answer"}, reasons
+
+
+def test_k_cot_samples_seat_and_cot_only_modes(tiny_models, teacher_engine, demo_rows, label_stage):
+    batch = _batch(demo_rows)
+    k = TeacherStage(_cfg(tiny_models, teacher=dict(model=str(tiny_models["teacher"]), sampling=dict(temperature=1.0, max_tokens=64)),
+                          synthesis=dict(cot_samples=3)), engine=teacher_engine)(batch).to_pylist()
+    assert all(len(r["c1_texts"]) == 3 and len(r["c1_output_tokens"]) == 3 for i, r in enumerate(k) if i not in (3, 5))
+    assert any(len(set(r["c1_texts"])) > 1 for r in k if r["c1_texts"])
+    for mode, kind in (("seat", "seat"), ("cot", "cot")):
+        cfg = _cfg(tiny_models, synthesis=dict(mode=mode))
+        out = TeacherStage(cfg, engine=teacher_engine)(batch)
+        rows = out.to_pylist()
+        assert all(r["c2_text"] is None for r in rows)
+        if mode == "seat":
+            assert sum("[Self-evaluation]" in r["c1_texts"][0] for r in rows if r["c1_texts"]) >= 6
+        labelled = LabelStage(cfg)(out).to_pylist()
+        kept = [r for r in labelled if r["reject_reason"] is None]
+        assert all(r["kinds"] == [kind] for r in kept)
+        assert all(r["reject_stage"] in ("validate", "ddf_labeled") for r in labelled if r["reject_reason"])
+
+
+def test_student_filter_rejects_what_the_student_already_answers(tiny_models, teacher_engine, demo_rows):
+    # The format-trained tiny teacher stands in for a student here: one engine per session.
+    cfg = _cfg(tiny_models, ddf_source=dict(model_filter=dict(enabled=True, max_tokens=16)))
+    batch = _batch(demo_rows)
+    out = StudentFilter(cfg, engine=teacher_engine)(batch)
+    _check_conserved(batch, out)
+    rows = out.to_pylist()
+    assert 0 < sum(r["reject_reason"] == "too_easy" for r in rows) < 10  # it memorized some demo answers
+    for r in rows:
+        if r["reject_reason"] == "too_easy":
+            assert r["reject_stage"] == "ddf_model" and score(r["student_direct"], r).correct
+        elif r["student_direct"] is not None:
+            assert not score(r["student_direct"], r).correct

@@ -1,0 +1,94 @@
+"""Collate with the tiny student's own processor: labels on exactly the intended spans."""
+
+import pytest
+
+from casseat_ray import prompts
+from casseat_ray.synth.mix import cot_sample, self_eval_sample
+from casseat_ray.train.collate import IGNORE, collate, encode, label_turns
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_models):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_models["student"])
+
+
+def _labelled_text(enc, processor) -> str:
+    return processor.tokenizer.decode([t for t in enc.labels if t != IGNORE])
+
+
+def _spans(enc) -> int:
+    """Number of contiguous labelled runs."""
+    runs, inside = 0, False
+    for t in enc.labels:
+        if t != IGNORE and not inside:
+            runs += 1
+        inside = t != IGNORE
+    return runs
+
+
+def test_self_eval_trains_on_the_last_turn_only(processor, demo_rows):
+    c1, c2 = prompts.load("c1"), prompts.load("c2")
+    s = self_eval_sample(demo_rows[0], c1, "Step 1: count.\nThe answer is 3.", c2, "Evaluation: Accept\nThe answer is 3.")
+    for mode in ("last_assistant", "all_assistant"):  # self-evaluation rows ignore the mode
+        enc = encode(s, processor, mode)
+        assert _labelled_text(enc, processor) == "Evaluation: Accept\nThe answer is 3.<|im_end|>\n"
+        assert _spans(enc) == 1
+    full = processor.tokenizer.decode(enc.input_ids)
+    assert "Step 1: count." in full and full.endswith("The answer is 3.<|im_end|>\n")
+
+
+def test_all_assistant_mode_labels_every_turn_of_a_multi_turn_row(processor, demo_rows):
+    messages = [
+        {"role": "user", "content": "<image>What is shown?"},
+        {"role": "assistant", "content": "Shapes."},
+        {"role": "user", "content": "How many?"},
+        {"role": "assistant", "content": "Three."},
+    ]
+    row = {"messages": messages, "images": [demo_rows[0]["image"]], "loss_on": "all"}
+    both = encode(row, processor, "all_assistant")
+    assert _spans(both) == 2
+    assert _labelled_text(both, processor) == "Shapes.<|im_end|>\nThree.<|im_end|>\n"
+    last = encode(row, processor, "last_assistant")
+    assert _labelled_text(last, processor) == "Three.<|im_end|>\n"
+    assert both.input_ids == last.input_ids
+    assert label_turns(messages, "all", "all_assistant") == [1, 3]
+
+
+def test_image_tokens_are_whole_and_never_labelled(processor, demo_rows):
+    s = cot_sample(demo_rows[1], prompts.load("c1"), "The answer is 4.")
+    enc = encode(s, processor)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    positions = [i for i, t in enumerate(enc.input_ids) if t == image_id]
+    t, h, w = enc.image_grid_thw[0].tolist()
+    merge = processor.image_processor.merge_size
+    assert len(positions) == t * h * w // merge**2
+    assert positions == list(range(positions[0], positions[0] + len(positions)))  # one contiguous run
+    assert all(enc.labels[i] == IGNORE for i in positions)
+    assert enc.pixel_values.shape[0] == t * h * w
+    assert [enc.token_types[i] for i in positions] == [1] * len(positions)
+
+
+def test_marker_image_mismatch_is_an_error(processor, demo_rows):
+    s = cot_sample(demo_rows[0], prompts.load("c1"), "x")
+    s["images"] = []
+    with pytest.raises(ValueError, match="markers but 0 images"):
+        encode(s, processor)
+    with pytest.raises(ValueError, match="no assistant turn"):
+        encode({"messages": [{"role": "user", "content": "hi"}], "images": []}, processor)
+
+
+def test_collate_pads_right_and_concatenates_images(processor, demo_rows):
+    c1 = prompts.load("c1")
+    a = encode(cot_sample(demo_rows[0], c1, "The answer is 3."), processor)
+    b = encode(cot_sample(demo_rows[2], c1, "Step 1: look closely at the bars.\nThe answer is 5."), processor)
+    batch = collate([a, b], pad_id=processor.tokenizer.pad_token_id)
+    width = max(len(a), len(b))
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, width)
+    short = 0 if len(a) < len(b) else 1
+    n = min(len(a), len(b))
+    assert batch["attention_mask"][short, n:].sum() == 0 and (batch["labels"][short, n:] == IGNORE).all()
+    assert batch["pixel_values"].shape[0] == a.pixel_values.shape[0] + b.pixel_values.shape[0]
+    assert batch["image_grid_thw"].shape == (2, 3)
+    assert batch["mm_token_type_ids"].shape == (2, width)

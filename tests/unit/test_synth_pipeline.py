@@ -1,0 +1,128 @@
+"""The synthesis job's pure parts: resume bookkeeping, labeling, choosing, exports."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from casseat_ray.config import Config, ConfigError
+from casseat_ray.synth import outputs, pipeline
+from casseat_ray.synth.stages import label_row, stage_prompts
+
+
+def _cfg(tmp_path, **kw) -> Config:
+    base = dict(name="t", output_dir=str(tmp_path), teacher=dict(model="teacher"), student=dict(model="student"))
+    base.update(kw)
+    return Config.model_validate(base)
+
+
+def _row(sample_id="s1", answer="3", c1="Step 1.\nThe answer is 3.", c2="Evaluation: Accept\nThe answer is 3.", **kw):
+    row = dict(sample_id=sample_id, image=b"png", question="How many?", choices=[], answer=answer, answer_type="integer",
+               precision=None, unit=None, source="demo", split="train", reject_stage=None, reject_reason=None, reject_detail=None,
+               c1_texts=[c1], c1_finish=["stop"], c1_errors=[None], c2_text=c2, c2_finish="stop", c2_error=None,
+               c1_prompt_sha="a", c2_prompt_sha="b", teacher_model="teacher", teacher_sampling="{}")
+    row.update(kw)
+    return row
+
+
+def test_pending_batch_keeps_accepted_rows_without_a_part():
+    t = pa.table({"sample_id": ["a", "b", "c", "d"], "reject_reason": [None, None, "duplicate", None]})
+    assert pipeline.pending_batch(t, set())["sample_id"].to_pylist() == ["a", "b", "d"]
+    assert pipeline.pending_batch(t, {"b"})["sample_id"].to_pylist() == ["a", "d"]
+
+
+def test_parts_are_named_by_content_and_written_whole(tmp_path):
+    t = pa.table({"sample_id": ["b", "a"], "x": [1, 2]})
+    p1 = pipeline.write_part(tmp_path, t)
+    p2 = pipeline.write_part(tmp_path, t.take([1, 0]))
+    assert p1 == p2 and p1.name.startswith("part-") and not list(tmp_path.glob("*.tmp"))
+    assert pipeline.done_ids(tmp_path) == {"a", "b"}
+
+
+def test_work_dir_refuses_a_changed_config_and_fresh_starts_over(tmp_path):
+    cfg = _cfg(tmp_path)
+    parts = pipeline.prepare_work_dir(cfg, fresh=False)
+    pipeline.write_part(parts, pa.table({"sample_id": ["a"]}))
+    (parts / "part-x.parquet.tmp").write_bytes(b"half a file")
+    scaled = _cfg(tmp_path, teacher=dict(model="teacher", concurrency=4, batch_size=2))  # scheduling only: fine
+    assert pipeline.prepare_work_dir(scaled, fresh=False) == parts
+    assert not list(parts.glob("*.tmp"))  # an unfinished write is discarded
+    changed = _cfg(tmp_path, teacher=dict(model="teacher", sampling=dict(max_tokens=7)))
+    with pytest.raises(ConfigError, match="teacher.sampling.max_tokens"):
+        pipeline.prepare_work_dir(changed, fresh=False)
+    pipeline.prepare_work_dir(changed, fresh=True)
+    assert pipeline.done_ids(parts) == set()
+
+
+def test_label_row_reasons_on_crafted_outputs(tmp_path):
+    cfg = _cfg(tmp_path)
+    ps = stage_prompts(cfg)
+    short = lambda s: 100  # noqa: E731
+    hit, lab = label_row(cfg, _row(), ps, short)
+    assert hit is None and sorted(lab["kinds"]) == ["cot", "self_eval"] and lab["verdict"] == "Accept"
+    assert lab["c1_correct"] == [True] and lab["student_tokens"] == 100
+    hit, lab = label_row(cfg, _row(c1="The answer is 4."), ps, short)
+    assert hit[0] == "accept_after_wrong" and lab["c1_correct"] == [False]
+    hit, lab = label_row(cfg, _row(c1="The answer is 4.", c2="Evaluation: Refine\nIt is 3.\nThe answer is 3."), ps, short)
+    assert hit is None and lab["kinds"] == ["self_eval"]  # C1 was wrong: no CoT sample
+    hit, _ = label_row(cfg, _row(), ps, lambda s: 5000)
+    assert hit[0] == "too_long" and "5000 student tokens" in hit[1]
+    hit, _ = label_row(cfg, _row(c1_finish=["error"], c1_errors=["boom"], c1_texts=[""], c2_text=None), ps, short)
+    assert hit == ("engine_error", "C1: boom")
+    seat = _cfg(tmp_path, synthesis=dict(mode="seat"))
+    hit, lab = label_row(seat, _row(c1="Step.\n[Self-evaluation] ok. Evaluation: Accept [/Self-evaluation]\nThe answer is 3.", c2_text=None), stage_prompts(seat), short)
+    assert hit is None and lab["kinds"] == ["seat"]
+    hit, _ = label_row(seat, _row(c2_text=None), stage_prompts(seat), short)
+    assert hit[0] == "no_verdict"
+    cot = _cfg(tmp_path, synthesis=dict(mode="cot"))
+    hit, lab = label_row(cot, _row(c2_text=None), stage_prompts(cot), short)
+    assert hit is None and lab["kinds"] == ["cot"]
+
+
+def test_choose_keeps_the_exact_ratio_and_cap(tmp_path):
+    light = [dict(sample_id=f"s{i}", reject_reason=None, kinds=["self_eval", "cot"] if i % 3 else ["self_eval"]) for i in range(30)]
+    light.append(dict(sample_id="r", reject_reason="wrong_answer", kinds=[]))
+    chosen, candidates = outputs.choose(light, _cfg(tmp_path, mix=dict(self_eval_per_cot=0.5)))
+    kinds = [k for ks in chosen.values() for k in ks]
+    assert candidates == 50 and kinds.count("cot") == 20 and kinds.count("self_eval") == 10
+    chosen, _ = outputs.choose(light, _cfg(tmp_path, mix=dict(self_eval_per_cot=1.0, max_samples=12)))
+    kinds = [k for ks in chosen.values() for k in ks]
+    assert kinds.count("cot") == kinds.count("self_eval") == 6
+    again, _ = outputs.choose(light, _cfg(tmp_path, mix=dict(self_eval_per_cot=1.0, max_samples=12)))
+    assert again == chosen  # seeded: the same picks every time
+
+
+def test_sft_rows_never_carry_the_hint(tmp_path, demo_rows):
+    cfg = _cfg(tmp_path, synthesis=dict(hint_ground_truth=True))
+    ps = stage_prompts(cfg)
+    assert "answer" in ps["teacher_c2"].fields and "answer" not in ps["c2"].fields
+    row = _row(image=demo_rows[0]["image"], c1_correct=[True], verdict="Accept")
+    samples = outputs.sft_rows(row, {"cot", "self_eval"}, ps)
+    assert {s["kind"] for s in samples} == {"cot", "self_eval"}
+    se = next(s for s in samples if s["kind"] == "self_eval")
+    assert se["messages"][2]["content"] == ps["c2"].render() and se["loss_on"] == "last"
+    assert se["prompt_shas"] == ["a", "b"] and se["responses_correct"] == [True]
+    hinted = ps["teacher_c2"].render(answer=row["answer"])
+    assert all(hinted not in m["content"] for s in samples for m in s["messages"])
+
+
+def test_exporters_write_loadable_llamafactory_and_swift_files(tmp_path, demo_rows):
+    cfg = _cfg(tmp_path)
+    ps = stage_prompts(cfg)
+    row = _row(image=demo_rows[0]["image"], c1_correct=[True], verdict="Accept")
+    samples = outputs.sft_rows(row, {"cot", "self_eval"}, ps)
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    pq.write_table(pa.Table.from_pylist(samples, schema=outputs.SFT_SCHEMA), sft / "sft-00000.parquet")
+    lf = outputs.export_llamafactory(sft, tmp_path / "export" / "lf", "demo")
+    info = json.loads((lf / "dataset_info.json").read_text())
+    assert set(info) == {"demo", "demo_self_eval"} and info["demo"]["formatting"] == "sharegpt"
+    items = json.loads((lf / info["demo_self_eval"]["file_name"]).read_text())
+    assert items[0]["messages"][0]["content"].startswith("<image>") and len(items[0]["messages"]) == 4
+    assert (lf / items[0]["images"][0]).read_bytes() == demo_rows[0]["image"]
+    sw = outputs.export_swift(sft, tmp_path / "export" / "swift")
+    lines = [json.loads(line) for line in (sw / "train.jsonl").read_text().splitlines()]
+    se = next(x for x in lines if len(x["messages"]) == 4)
+    assert se["messages"][1]["loss"] is False and "loss" not in se["messages"][3]
+    assert all(open(p, "rb").read() == demo_rows[0]["image"] for x in lines for p in x["images"])
