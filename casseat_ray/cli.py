@@ -217,6 +217,66 @@ def _print_funnel_stats(stats: dict) -> None:
     print(f"\nteacher: {t['rows']} questions, {t['tokens_in']} tokens in, {t['tokens_out']} out; {rate}; wall {stats['wall_seconds']:.0f}s")
 
 
+TRAIN_HELP = """\
+Fine-tune the student with LoRA on Ray Train (TorchTrainer), on the SFT set the synthesis job
+wrote (OUTPUT_DIR/NAME/sft, or --data). Each worker encodes samples with the student's own
+processor and chat template: loss only on assistant turns (the last turn only for
+self-evaluation samples), image tokens never cut, samples over train.cutoff_len dropped and
+counted. The data order is fixed by (train.seed, epoch), so a resumed run replays exactly
+what an uninterrupted one does. Writes under OUTPUT_DIR/NAME/train:
+
+  adapter/          the LoRA adapter in peft format (+ processor); vLLM loads it with enable_lora
+  metrics.jsonl     loss, lr, grad norm, tokens/s, samples/s per step (also printed)
+  loss.png          the loss curve;  summary.json  steps, samples, dropped, workers
+
+Checkpoints (adapter, optimizer, scheduler, step) go to RAY.STORAGE_PATH/NAME every
+train.checkpoint_every steps. A killed run continues with --resume; reusing a name that has
+checkpoints without --resume is refused.
+"""
+
+EXPORT_HELP = """\
+Check the trained adapter (peft format, OUTPUT_DIR/NAME/train/adapter or --adapter) and, with
+--merged OUT, write the student with the adapter merged into its weights as a plain Hugging
+Face model (plus processor) that any runtime can load without peft.
+"""
+
+
+def cmd_train(args) -> int:
+    from casseat_ray.config import ConfigError
+    from casseat_ray.train import run as train_run
+
+    cfg = _load_checked(args, ("student",))
+    if cfg is None:
+        return EXIT_USAGE
+    try:
+        summary = train_run.run(cfg, resume=args.resume, data=args.data)
+    except ConfigError as e:
+        print(f"config errors:\n{e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: rerun with --resume to continue from the last checkpoint in {cfg.ray.storage_path}", file=sys.stderr)
+        return 130
+    print(f"trained {summary['steps']} steps on {summary['samples']} samples "
+          f"({summary['dropped_too_long']} too long, {summary['skipped_nonfinite']} non-finite steps skipped); adapter: {summary['adapter']}")
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from casseat_ray.config import ConfigError
+    from casseat_ray.train import run as train_run
+
+    cfg = _load_checked(args, ("student",))
+    if cfg is None:
+        return EXIT_USAGE
+    try:
+        out = train_run.export(cfg, adapter=args.adapter, merged=args.merged)
+    except ConfigError as e:
+        print(f"config errors:\n{e}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(f"{k}: {v}" for k, v in out.items()))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="casseat", description=MAIN_HELP, formatter_class=fmt)
@@ -281,6 +341,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="discard earlier teacher outputs of this run name and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("train", help="fine-tune the student with LoRA on Ray Train (resumable)", formatter_class=fmt, description=TRAIN_HELP,
+                       epilog="examples:\n  casseat train --config jobs/configs/tiny-cpu.yaml train.num_workers=2\n"
+                              "  casseat train --config jobs/configs/tiny-cpu.yaml --resume\n"
+                              "  ray job submit --working-dir . -- python jobs/train.py --config my.yaml ray.address=auto")
+    p.add_argument("--config", type=Path, required=True, help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides applied after the file")
+    p.add_argument("--resume", action="store_true", help="continue the run of this name from its last checkpoint")
+    p.add_argument("--data", type=Path, help="SFT Parquet file or folder (default OUTPUT_DIR/NAME/sft)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="check the adapter; optionally merge it into a full model", formatter_class=fmt, description=EXPORT_HELP)
+    p.add_argument("--config", type=Path, required=True, help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides applied after the file")
+    p.add_argument("--adapter", type=Path, help="adapter folder (default OUTPUT_DIR/NAME/train/adapter)")
+    p.add_argument("--merged", type=Path, metavar="OUT", help="also write the merged model to OUT")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="run the pipeline on tiny models and generated data", formatter_class=fmt, description=DEMO_HELP)
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory (default out/demo)")

@@ -71,3 +71,30 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
+
+
+def make_sft(out: Path, n_rows: int = 16, seed: int = 5) -> Path:
+    """A small SFT set in the synthesis job's schema: CoT and self-evaluation samples with
+    scripted teacher texts for demo questions."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from casseat_ray import prompts
+    from casseat_ray.demo_data import make_rows
+    from casseat_ray.synth.mix import cot_sample, self_eval_sample
+    from casseat_ray.synth.outputs import SFT_SCHEMA
+    from casseat_ray.tiny import scripted_targets
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    c1, c2 = prompts.load("c1"), prompts.load("c2")
+    samples = []
+    for row in make_rows(n_rows, seed=seed):
+        t = scripted_targets(row, rng)
+        for s in (cot_sample(row, c1, t["c1"]), self_eval_sample(row, c1, t["c1"], c2, t["c2"])):
+            s.update(answer_type=row["answer_type"], responses=[t["c1"]], responses_correct=[True])
+            samples.append(s)
+    pq.write_table(pa.Table.from_pylist(samples, schema=SFT_SCHEMA), out / "sft-00000.parquet")
+    return out

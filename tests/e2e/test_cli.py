@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-SUBCOMMANDS = ["validate", "make-tiny", "make-demo-data", "data", "synthesize", "demo"]
+SUBCOMMANDS = ["validate", "make-tiny", "make-demo-data", "data", "synthesize", "train", "export", "demo"]
 
 
 def casseat(*args, timeout=600):

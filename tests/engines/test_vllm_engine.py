@@ -48,8 +48,11 @@ def test_bad_row_fails_alone(teacher_engine, demo_rows):
 
 
 def test_n_samples_and_budget(teacher_engine, demo_rows):
-    conv = [user(image_part(demo_rows[2]["image"]), text_part("Describe."))]
-    outs = teacher_engine.chat([conv], SamplingConfig(n=3, temperature=1.0, max_tokens=8, seed=1))
+    from casseat_ray import prompts
+
+    # the C1 prompt: the format-trained teacher answers it at length
+    conv = [user(image_part(demo_rows[2]["image"]), text_part(prompts.load("c1").render(question=demo_rows[2]["question"])))]
+    outs = teacher_engine.chat([conv], SamplingConfig(n=3, temperature=1.5, max_tokens=8, seed=1))
     assert len(outs[0]) == 3
     assert all(c.output_tokens <= 8 for c in outs[0])
     assert len({c.text for c in outs[0]}) > 1  # sampled, not greedy

@@ -1,0 +1,241 @@
+"""The student's LoRA training loop, run by every Ray Train worker.
+
+Reads top to bottom: load the student and wrap it with LoRA, read the SFT rows from the
+worker's dataset shard, encode them with the student's processor (over-long rows dropped and
+counted), then optimizer steps over a (seed, epoch)-determined order, checkpointing every
+``checkpoint_every`` steps. Every step's randomness (dropout) is seeded from (seed, rank,
+step), so a resumed run replays exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from casseat_ray.config import Config, LoraConfig
+
+VISION_PARTS = ("visual", "vision_tower", "vision_model", "image_encoder")
+PROJECTOR_NAMES = ("merger", "multi_modal_projector", "mm_projector")
+
+
+# ---------------------------------------------------------------- pure planning
+def epoch_order(ids: list[str], seed: int, epoch: int) -> list[int]:
+    """A permutation of ``range(len(ids))`` fixed by (seed, epoch) and the ids alone, not by
+    the order rows arrived in."""
+    return sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}:{epoch}:{ids[i]}".encode()).hexdigest())
+
+
+def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int, world: int) -> int:
+    per_step = batch_size * grad_accum * world
+    if n_rows < per_step:
+        raise ValueError(f"{n_rows} training samples cannot fill one step of {per_step} "
+                         f"(train.batch_size {batch_size} x train.grad_accum {grad_accum} x {world} workers)")
+    return n_rows // per_step
+
+
+def step_rows(order: list[int], step_in_epoch: int, rank: int, batch_size: int, grad_accum: int, world: int) -> list[list[int]]:
+    """Row indices of this worker's micro-batches for one optimizer step."""
+    per_worker = batch_size * grad_accum
+    start = step_in_epoch * per_worker * world + rank * per_worker
+    mine = order[start:start + per_worker]
+    return [mine[i:i + batch_size] for i in range(0, per_worker, batch_size)]
+
+
+def lora_targets(model, lora: LoraConfig) -> str | list[str]:
+    """A pattern matching the language model's linear layers (never the vision tower or the
+    output head) when ``all-linear``, else the configured module names."""
+    import torch
+
+    if lora.target_modules != "all-linear":
+        return list(lora.target_modules)
+    leaves = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(p in name.split(".") for p in VISION_PARTS) and not name.endswith("lm_head"):
+            leaves.add(name.rsplit(".", 1)[-1])
+    if not leaves:
+        raise ValueError("no linear layers found outside the vision tower")
+    vision = "|".join(VISION_PARTS)
+    return rf"^(?!.*\b({vision})\b).*\.({'|'.join(sorted(leaves))})$"
+
+
+def build_model(cfg: Config, dtype):
+    """The student with LoRA on its language model; vision tower frozen unless configured."""
+    from peft import LoraConfig as PeftLora, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    lora = cfg.student.lora
+    model = AutoModelForImageTextToText.from_pretrained(cfg.student.model, dtype=dtype)
+    projector = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in PROJECTOR_NAMES] if lora.train_projector else []
+    peft_cfg = PeftLora(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_targets(model, lora),
+        modules_to_save=[n.rsplit(".", 1)[-1] for n in projector] or None, task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, peft_cfg)
+    if not lora.freeze_vision:
+        for name, p in model.named_parameters():
+            if any(part in name.split(".") for part in VISION_PARTS):
+                p.requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def _dtype(cfg: Config, use_cuda: bool):
+    import torch
+
+    p = cfg.train.precision
+    return torch.bfloat16 if p == "bf16" or (p == "auto" and use_cuda) else torch.float32
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _trainable_state(model) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(_unwrap(model)).items()}
+
+
+# ---------------------------------------------------------------- the worker loop
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from peft import set_peft_model_state_dict
+    from transformers import AutoProcessor, get_scheduler
+
+    from casseat_ray.train.collate import collate, encode
+
+    cfg = Config.model_validate(config["cfg"])
+    out_dir = Path(config["out_dir"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    distributed = dist.is_available() and dist.is_initialized() and world > 1
+
+    torch.manual_seed(t.seed)  # identical LoRA init on every rank
+    processor = AutoProcessor.from_pretrained(cfg.student.model)
+    model = build_model(cfg, _dtype(cfg, device.type == "cuda"))
+    model = ray.train.torch.prepare_model(model, parallel_strategy=t.strategy) if world > 1 else model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # Every worker reads the whole (unsplit) set so all agree on the (seed, epoch) order.
+    shard = ray.train.get_dataset_shard("train")
+    rows = sorted((r for b in shard.iter_batches(batch_format="pyarrow") for r in b.to_pylist()), key=lambda r: r["id"])
+    encoded, dropped = [], 0
+    for r in rows:
+        e = encode(r, processor, t.label_mode)
+        if len(e) > t.cutoff_len or e.n_label_tokens == 0:
+            dropped += 1
+            continue
+        encoded.append((r["id"], e))
+    ids = [i for i, _ in encoded]
+    per_epoch = steps_per_epoch(len(encoded), t.batch_size, t.grad_accum, world)
+    total = max(1, math.ceil(t.epochs * per_epoch))
+
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total), num_training_steps=total)
+    start, skipped = 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(_unwrap(model), load_file(os.path.join(d, "adapter_state.safetensors")))
+            optimizer.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=False))
+            scheduler.load_state_dict(torch.load(os.path.join(d, "scheduler.pt"), weights_only=False))
+            state = json.loads(Path(d, "state.json").read_text())
+            start, skipped = state["step"], state["skipped_nonfinite"]
+
+    metrics_file = out_dir / "metrics.jsonl"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if start == 0:
+            metrics_file.unlink(missing_ok=True)
+        _log(f"training: {len(encoded)} samples ({dropped} over {t.cutoff_len} tokens dropped), {world} worker(s), "
+             f"{per_epoch} steps/epoch, {total} steps" + (f", resuming at step {start}" if start else ""))
+    pad = processor.tokenizer.pad_token_id
+    order_cache: dict[int, list[int]] = {}
+    model.train()
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        epoch, pos = divmod(step, per_epoch)
+        order = order_cache.setdefault(epoch, epoch_order(ids, t.seed, epoch))
+        torch.manual_seed(hash((t.seed, rank, step)) % 2**31)  # dropout: same draws after a resume
+        micro = step_rows(order, pos, rank, t.batch_size, t.grad_accum, world)
+        losses, tokens, samples = [], 0, 0
+        for k, idx in enumerate(micro):
+            batch = {n: v.to(device) for n, v in collate([encoded[i][1] for i in idx], pad).items()}
+            sync = k == len(micro) - 1 or not distributed
+            ctxm = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
+            with ctxm:
+                loss = model(**batch).loss
+                (loss / len(micro)).backward()
+            losses.append(loss.detach().float())
+            tokens += int(batch["attention_mask"].sum())
+            samples += len(idx)
+        step_loss = torch.stack(losses).mean()
+        bad = torch.tensor([0.0 if torch.isfinite(step_loss) else 1.0], device=device)
+        stats = torch.tensor([step_loss.item() if not bad.item() else 0.0, float(tokens), float(samples)], device=device)
+        if distributed:
+            dist.all_reduce(bad)
+            dist.all_reduce(stats)
+        if bad.item():
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            if t.nonfinite == "stop":
+                raise FloatingPointError(f"non-finite loss at step {step + 1} (train.nonfinite=stop)")
+            grad_norm = float("nan")
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        seconds = time.perf_counter() - t0
+        record = {
+            "step": step + 1, "epoch": round((step + 1) / per_epoch, 4), "loss": stats[0].item() / world if not bad.item() else None,
+            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(stats[1].item() / seconds, 1),
+            "samples_per_s": round(stats[2].item() / seconds, 3), "skipped_nonfinite": skipped,
+        }
+        last = step + 1 == total
+        checkpoint = None
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                with metrics_file.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                _log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                if (step + 1) % t.checkpoint_every == 0 or last:
+                    from safetensors.torch import save_file
+
+                    save_file(_trainable_state(model), os.path.join(tmp, "adapter_state.safetensors"))
+                    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+                    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+                    Path(tmp, "state.json").write_text(json.dumps({"step": step + 1, "epoch": epoch, "skipped_nonfinite": skipped}))
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            if (step + 1) % t.checkpoint_every == 0 or last:
+                ray.train.report(record, checkpoint=checkpoint)  # a barrier: every rank reports
+    if rank == 0:
+        adapter = out_dir / "adapter"
+        _unwrap(model).save_pretrained(adapter)
+        processor.save_pretrained(adapter)
+        (out_dir / "summary.json").write_text(json.dumps({
+            "steps": total, "samples": len(encoded), "dropped_too_long": dropped, "workers": world,
+            "skipped_nonfinite": skipped, "adapter": str(adapter),
+        }, indent=2) + "\n")
+
+
+def _log(msg: str) -> None:
+    print(f"[casseat train] {msg}", flush=True)
+
+

@@ -1,0 +1,64 @@
+"""Losses: token NLL and AFT's constrained alignment term (pure torch, no model code).
+
+AFT scores a chain of thought c for question q by its length-normalized log-likelihood
+s(c) = mean_t log p(c_t | c_<t, q). The alignment term pushes every better CoT above every
+worse one, L_A = log(1 + sum_{better b, worse w} exp(s(w) - s(b))); alone it drives worse
+scores down without limit, so it is constrained:
+
+- ``detached``: no gradient flows into the worse scores (only better ones are pulled up);
+- ``boundary``: worse scores keep their gradient but are penalized only down to a floor
+  tau below the lowest (detached) better score: + sum_w max(0, min_b s(b) - tau - s(w)).
+
+Positives/negatives are ranks 0/1; a ranked list uses every better/worse pair.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+
+
+def sequence_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean log-probability of the labelled tokens of each row: ``[batch]``.
+
+    ``logits`` [batch, seq, vocab] predict the next token; ``labels`` [batch, seq] hold the
+    target ids at their own positions and IGNORE elsewhere (the usual causal-LM layout).
+    """
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    count = mask.sum(-1)
+    if (count == 0).any():
+        raise ValueError("a sequence without labelled tokens has no score")
+    return (logp * mask).sum(-1) / count
+
+
+def alignment_loss(scores: torch.Tensor, ranks: list[int], variant: str = "boundary", tau: float = 1.0) -> torch.Tensor:
+    """Constrained alignment term for the CoTs of one question.
+
+    ``scores[i]`` is s(c_i); ``ranks[i]`` its rank (0 best; equal ranks form no pair).
+    Returns a scalar (zero, still attached to the graph, when there is no better/worse pair).
+    """
+    if variant not in ("detached", "boundary"):
+        raise ValueError(f"unknown AFT variant {variant!r}")
+    if len(ranks) != scores.shape[0]:
+        raise ValueError(f"{scores.shape[0]} scores but {len(ranks)} ranks")
+    pairs = [(b, w) for b in range(len(ranks)) for w in range(len(ranks)) if ranks[b] < ranks[w]]
+    if not pairs:
+        return scores.sum() * 0.0
+    worse_scores = scores.detach() if variant == "detached" else scores
+    diffs = torch.stack([worse_scores[w] - scores[b] for b, w in pairs])
+    # log(1 + sum exp(d)) computed stably as logsumexp over [0, d...]
+    loss = torch.logsumexp(torch.cat([diffs.new_zeros(1), diffs]), dim=0)
+    if variant == "boundary":
+        for w in sorted({w for _, w in pairs}):
+            floor = torch.stack([scores[b] for b, ww in pairs if ww == w]).detach().min() - tau
+            loss = loss + torch.relu(floor - scores[w])
+    return loss
+
+
+def ranks_from_correct(correct: list[bool]) -> list[int]:
+    """Positives (right final answer) rank 0, negatives rank 1."""
+    return [0 if c else 1 for c in correct]

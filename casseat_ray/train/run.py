@@ -1,0 +1,120 @@
+"""Driver side of training: checks, the TorchTrainer, the loss curve, adapter export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from casseat_ray.config import Config, ConfigError
+
+
+def sft_path(cfg: Config, override: str | Path | None = None) -> Path:
+    path = Path(override) if override else cfg.run_dir / "sft"
+    if not path.exists() or not (path.is_file() or list(path.glob("*.parquet"))):
+        raise ConfigError(f"{path}: no SFT Parquet found (run `casseat synthesize` first, or pass --data)")
+    return path
+
+
+def train_dir(cfg: Config) -> Path:
+    return cfg.run_dir / "train"
+
+
+def check_run_name(cfg: Config, resume: bool) -> Path:
+    """Ray Train resumes any run whose name it finds in storage; a new run must not
+    silently continue an old one."""
+    storage = Path(cfg.ray.storage_path).expanduser().resolve()
+    previous = storage / cfg.name
+    if previous.exists() and any(previous.rglob("checkpoint_*")) and not resume:
+        raise ConfigError(f"train run {cfg.name!r} already has checkpoints in {previous}; pass --resume to continue it, "
+                          "or choose another name=")
+    return storage
+
+
+def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> dict:
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from casseat_ray.runtime import init_ray
+    from casseat_ray.train.loop import train_loop_per_worker
+
+    if cfg.student is None:
+        raise ConfigError("train needs student.model")
+    path = sft_path(cfg, data)
+    storage = check_run_name(cfg, resume)
+    out = train_dir(cfg).resolve()
+    t = cfg.train
+    init_ray(cfg.ray)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": str(out)},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        # Read once, before the workers hold their CPUs: they only iterate finished blocks.
+        datasets={"train": ray.data.read_parquet(str(path)).materialize()},
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    summary = json.loads((out / "summary.json").read_text())
+    summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    loss_curve(out / "metrics.jsonl", out / "loss.png", cfg.name)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Metric records, the last one per step (a resumed run may have repeated a few)."""
+    by_step = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            by_step[r["step"]] = r
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def loss_curve(metrics: Path, png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics)
+    steps = [r["step"] for r in records if r["loss"] is not None]
+    losses = [r["loss"] for r in records if r["loss"] is not None]
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    ax1.plot(steps, losses, marker="." if len(steps) < 50 else None, color="#4c72b0")
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("training loss", color="#4c72b0")
+    ax2 = ax1.twinx()
+    ax2.plot([r["step"] for r in records], [r["lr"] for r in records], color="#dd8452", alpha=0.6)
+    ax2.set_ylabel("learning rate", color="#dd8452")
+    ax1.set_title(f"{title}: student LoRA training")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def export(cfg: Config, adapter: str | Path | None = None, merged: str | Path | None = None) -> dict:
+    """The trained adapter (peft format, loadable by vLLM with enable_lora) and optionally
+    a merged full model in Hugging Face format."""
+    adapter = Path(adapter) if adapter else train_dir(cfg) / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter}: no peft adapter (adapter_config.json) found; train first or pass --adapter")
+    out = {"adapter": str(adapter)}
+    if merged:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        base = AutoModelForImageTextToText.from_pretrained(cfg.student.model, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+        model.save_pretrained(merged)
+        AutoProcessor.from_pretrained(cfg.student.model).save_pretrained(merged)
+        out["merged"] = str(merged)
+    return out

@@ -1,0 +1,58 @@
+"""AFT's alignment loss against values computed by hand on small tensors."""
+
+import math
+
+import pytest
+import torch
+
+from casseat_ray.train.losses import IGNORE, alignment_loss, ranks_from_correct, sequence_scores
+
+
+def test_sequence_scores_are_mean_logprobs_of_labelled_tokens():
+    # vocab 2; logits chosen so p(token 1) = sigmoid(x)
+    logits = torch.tensor([[[0.0, 0.0], [0.0, math.log(3.0)], [0.0, 0.0], [5.0, 5.0]]])
+    labels = torch.tensor([[IGNORE, 1, 1, IGNORE]])  # position t is predicted by logits t-1
+    s = sequence_scores(logits, labels)
+    expected = (math.log(0.5) + math.log(0.75)) / 2
+    assert s.shape == (1,) and s.item() == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError):
+        sequence_scores(logits, torch.full((1, 4), IGNORE))
+
+
+def test_alignment_loss_by_hand():
+    s = torch.tensor([-1.0, -2.0, -3.5], requires_grad=True)
+    ranks = ranks_from_correct([True, False, False])
+    # pairs (0,1), (0,2): log(1 + e^{-1} + e^{-2.5})
+    expected = math.log(1 + math.exp(-1.0) + math.exp(-2.5))
+    assert alignment_loss(s, ranks, "detached").item() == pytest.approx(expected, abs=1e-6)
+    # boundary, tau 0.5: floor = -1 - 0.5 = -1.5; s1=-2 is 0.5 under it, s2=-3.5 is 2.0 under it
+    assert alignment_loss(s, ranks, "boundary", tau=0.5).item() == pytest.approx(expected + 0.5 + 2.0, abs=1e-6)
+    assert alignment_loss(s, ranks, "boundary", tau=5.0).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_detached_sends_no_gradient_into_negatives():
+    s = torch.tensor([-1.0, -2.0, -3.5], requires_grad=True)
+    alignment_loss(s, [0, 1, 1], "detached").backward()
+    e1, e2 = math.exp(-1.0), math.exp(-2.5)
+    z = 1 + e1 + e2
+    assert s.grad[1].item() == 0.0 and s.grad[2].item() == 0.0
+    assert s.grad[0].item() == pytest.approx(-(e1 + e2) / z, abs=1e-6)  # the positive is pulled up
+    b = torch.tensor([-1.0, -2.0, -3.5], requires_grad=True)
+    alignment_loss(b, [0, 1, 1], "boundary", tau=0.5).backward()
+    # boundary: negatives get the softmax push down plus -1 from each active floor term
+    assert b.grad[1].item() == pytest.approx(e1 / z - 1.0, abs=1e-6)
+    assert b.grad[2].item() == pytest.approx(e2 / z - 1.0, abs=1e-6)
+    assert b.grad[0].item() == pytest.approx(-(e1 + e2) / z, abs=1e-6)  # the floor is detached from positives
+
+
+def test_ranking_uses_every_better_worse_pair_and_no_pair_means_zero():
+    s = torch.tensor([-1.0, -1.5, -2.0], requires_grad=True)
+    # ranks 0 > 1 > 2: pairs (0,1), (0,2), (1,2)
+    expected = math.log(1 + math.exp(-0.5) + math.exp(-1.0) + math.exp(-0.5))
+    assert alignment_loss(s, [0, 1, 2], "detached").item() == pytest.approx(expected, abs=1e-6)
+    zero = alignment_loss(s, [0, 0, 0])
+    assert zero.item() == 0.0 and zero.requires_grad
+    with pytest.raises(ValueError):
+        alignment_loss(s, [0, 1], "detached")
+    with pytest.raises(ValueError):
+        alignment_loss(s, [0, 1, 1], "margin")

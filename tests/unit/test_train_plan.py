@@ -1,0 +1,44 @@
+"""Pure planning of the training loop: deterministic order, disjoint shards, LoRA targets."""
+
+import pytest
+
+from casseat_ray.config import LoraConfig
+from casseat_ray.train.loop import epoch_order, lora_targets, step_rows, steps_per_epoch
+
+
+def test_epoch_order_depends_on_seed_epoch_and_ids_not_arrival():
+    ids = [f"s{i}" for i in range(20)]
+    a = epoch_order(ids, 0, 0)
+    assert sorted(a) == list(range(20))
+    shuffled = list(reversed(ids))
+    assert [shuffled[i] for i in epoch_order(shuffled, 0, 0)] == [ids[i] for i in a]
+    assert epoch_order(ids, 0, 1) != a and epoch_order(ids, 1, 0) != a
+
+
+def test_step_rows_split_a_step_disjointly_across_workers():
+    order = list(range(100))
+    per_epoch = steps_per_epoch(100, batch_size=2, grad_accum=3, world=4)
+    assert per_epoch == 4
+    seen = []
+    for step in range(per_epoch):
+        for rank in range(4):
+            micro = step_rows(order, step, rank, 2, 3, 4)
+            assert len(micro) == 3 and all(len(m) == 2 for m in micro)
+            seen += [i for m in micro for i in m]
+    assert len(seen) == len(set(seen)) == 96
+    with pytest.raises(ValueError, match="cannot fill one step"):
+        steps_per_epoch(5, batch_size=2, grad_accum=2, world=2)
+
+
+def test_lora_targets_the_language_model_only(tiny_models):
+    import re
+
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["student"])
+    pattern = lora_targets(model, LoraConfig())
+    names = [n for n, _ in model.named_modules()]
+    hits = [n for n in names if re.fullmatch(pattern, n)]
+    assert hits and all("visual" not in n for n in hits) and not any(n.endswith("lm_head") for n in hits)
+    assert any(n.endswith("self_attn.q_proj") for n in hits) and any(n.endswith("mlp.down_proj") for n in hits)
+    assert lora_targets(model, LoraConfig(target_modules=["q_proj"])) == ["q_proj"]
