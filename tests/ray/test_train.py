@@ -67,10 +67,10 @@ def test_two_workers_lower_the_loss_and_train_only_lora(two_workers, tiny_models
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_models, sft, ray_session):
-    whole = _cfg(tmp_path, tiny_models, "whole", epochs=1.5)
+    whole = _cfg(tmp_path, tiny_models, "whole", epochs=0.75)
     train_run.run(whole, data=sft)
     # the same run, killed after its first checkpoint, then resumed from the command line
-    cfg = _cfg(tmp_path, tiny_models, "killed", epochs=1.5)
+    cfg = _cfg(tmp_path, tiny_models, "killed", epochs=0.75)
     path = tmp_path / "killed.yaml"
     path.write_text(to_yaml(cfg))
     exe = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "casseat"
