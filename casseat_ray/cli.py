@@ -122,12 +122,17 @@ def _load_checked(args, parts: tuple[str, ...]):
     return cfg
 
 
-def _print_funnel(f: dict) -> None:
-    print(f"rows in: {f['in']}   accepted: {f['accepted']}   rejected: {f['in'] - f['accepted']}")
-    print("\nstage        in      out  rejected by reason")
-    for name, st in f["stages"].items():
+def _print_stages(stages: dict) -> None:
+    """The funnel table: one line per stage with its in/out counts and reject reasons."""
+    print("stage          in      out  rejected by reason")
+    for name, st in stages.items():
         reasons = ", ".join(f"{k} {v}" for k, v in st["rejected"].items()) or "-"
-        print(f"{name:<10} {st['in']:>6} {st['out']:>8}  {reasons}")
+        print(f"{name:<11} {st['in']:>6} {st['out']:>8}  {reasons}")
+
+
+def _print_funnel(f: dict) -> None:
+    print(f"rows in: {f['in']}   accepted: {f['accepted']}   rejected: {f['in'] - f['accepted']}\n")
+    _print_stages(f["stages"])
     print("\nby source:      " + ", ".join(f"{k}: {v.get('accepted', 0)} accepted / {v.get('rejected', 0)} rejected" for k, v in f["by_source"].items()))
     print("by answer type: " + (", ".join(f"{k} {v}" for k, v in f["by_answer_type"].items()) or "-"))
 
@@ -180,7 +185,6 @@ config is refused unless --fresh is given.
 
 
 def cmd_synthesize(args) -> int:
-    from casseat_ray.config import ConfigError
     from casseat_ray.synth import pipeline
 
     cfg = _load_checked(args, ("sources", "teacher", "student"))
@@ -193,9 +197,6 @@ def cmd_synthesize(args) -> int:
         return EXIT_USAGE
     try:
         stats = pipeline.run(cfg, fresh=args.fresh, progress=not args.no_progress)
-    except ConfigError as e:
-        print(f"config errors:\n{e}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished blocks are kept in {cfg.run_dir / 'work'}; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -208,10 +209,7 @@ def cmd_synthesize(args) -> int:
 
 
 def _print_funnel_stats(stats: dict) -> None:
-    print("stage          in      out  rejected by reason")
-    for name, st in stats["stages"].items():
-        reasons = ", ".join(f"{k} {v}" for k, v in st["rejected"].items()) or "-"
-        print(f"{name:<11} {st['in']:>6} {st['out']:>8}  {reasons}")
+    _print_stages(stats["stages"])
     t = stats["teacher"]
     rate = f"{stats['rows_per_s']} rows/s" if stats.get("rows_per_s") else "nothing new to run"
     print(f"\nteacher: {t['rows']} questions, {t['tokens_in']} tokens in, {t['tokens_out']} out; {rate}; wall {stats['wall_seconds']:.0f}s")
@@ -242,7 +240,6 @@ Face model (plus processor) that any runtime can load without peft.
 
 
 def cmd_train(args) -> int:
-    from casseat_ray.config import ConfigError
     from casseat_ray.train import run as train_run
 
     cfg = _load_checked(args, ("student",))
@@ -250,9 +247,6 @@ def cmd_train(args) -> int:
         return EXIT_USAGE
     try:
         summary = train_run.run(cfg, resume=args.resume, data=args.data)
-    except ConfigError as e:
-        print(f"config errors:\n{e}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"\ninterrupted: rerun with --resume to continue from the last checkpoint in {cfg.ray.storage_path}", file=sys.stderr)
         return 130
@@ -262,17 +256,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from casseat_ray.config import ConfigError
     from casseat_ray.train import run as train_run
 
     cfg = _load_checked(args, ("student",))
     if cfg is None:
         return EXIT_USAGE
-    try:
-        out = train_run.export(cfg, adapter=args.adapter, merged=args.merged)
-    except ConfigError as e:
-        print(f"config errors:\n{e}", file=sys.stderr)
-        return EXIT_USAGE
+    out = train_run.export(cfg, adapter=args.adapter, merged=args.merged)
     print("\n".join(f"{k}: {v}" for k, v in out.items()))
     return EXIT_OK
 
@@ -375,8 +364,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep the console for our own output
+    from casseat_ray.config import ConfigError
+
     t0 = time.perf_counter()
-    code = args.func(args)
+    try:
+        code = args.func(args)
+    except ConfigError as e:  # found once the run has looked at its inputs; nothing expensive ran
+        print(f"config errors:\n{e}", file=sys.stderr)
+        return EXIT_USAGE
     if code == EXIT_OK and args.command not in ("validate",):
         print(f"done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return code

@@ -13,9 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from casseat_ray.config import Config, to_yaml
+from casseat_ray.config import Config
 from casseat_ray.synth.mix import cot_sample, mix, seat_sample, self_eval_sample
 
 SFT_SCHEMA = pa.schema([
@@ -94,15 +95,24 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
     chosen, candidates = choose(light, cfg)
     ps = stage_prompts(cfg)
 
-    # SFT set: one shard per part, only the chosen samples.
+    # One pass over the parts: the chosen rows become SFT shards, the rejected ones reject
+    # rows; only the chosen rows (with their image bytes) become Python objects.
     tmp = run_dir / "sft.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     by_kind: Counter = Counter()
     by_source: Counter = Counter()
     shard = 0
+    wanted = pa.array(sorted(chosen), pa.string())
+    rejects = [  # the source's own rejects (no image bytes)
+        r for b in source.select_columns(list(REJECT_SCHEMA.names)).iter_batches(batch_format="pyarrow")
+        for r in b.to_pylist() if r["reject_reason"] is not None
+    ]
     for f in files:
-        rows = [r for r in pq.read_table(f).to_pylist() if r["sample_id"] in chosen]
+        table = pq.read_table(f)
+        rejected = table.select(list(REJECT_SCHEMA.names)).filter(pc.is_valid(table["reject_reason"]))
+        rejects += rejected.to_pylist()
+        rows = table.filter(pc.is_in(table["sample_id"], value_set=wanted)).to_pylist()
         samples = [s for r in rows for s in sft_rows(r, chosen[r["sample_id"]], ps)]
         if samples:
             pq.write_table(pa.Table.from_pylist(samples, schema=SFT_SCHEMA), tmp / f"sft-{shard:05d}.parquet")
@@ -111,14 +121,6 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
             by_source.update(s["source"] for s in samples)
     _replace_dir(tmp, run_dir / "sft")
 
-    # Rejects: the source's (no image bytes) and those of the model stages.
-    rejects = [
-        r for b in source.select_columns(list(REJECT_SCHEMA.names)).iter_batches(batch_format="pyarrow")
-        for r in b.to_pylist() if r["reject_reason"] is not None
-    ]
-    for f in files:
-        t = pq.read_table(f, columns=list(REJECT_SCHEMA.names))
-        rejects += [r for r in t.to_pylist() if r["reject_reason"] is not None]
     tmp_rej = run_dir / "rejects.parquet.tmp"
     pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), tmp_rej)
     os.replace(tmp_rej, run_dir / "rejects.parquet")
@@ -126,7 +128,6 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
     stats = compute_stats(cfg, source_funnel, light, candidates, sum(by_kind.values()), timing)
     stats["sft"] = {"samples": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items())), "by_source": dict(sorted(by_source.items())), "shards": shard}
     _atomic_write_text(run_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
-    _atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     _atomic_write_text(run_dir / "README.md", dataset_card(cfg, stats, ps))
     funnel_chart(stats, run_dir / "funnel.png")
     export_llamafactory(run_dir / "sft", run_dir / "export" / "llamafactory", cfg.name)

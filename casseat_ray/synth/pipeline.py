@@ -140,11 +140,8 @@ def build(cfg: Config, source, done: set[str]):
     return ds
 
 
-def run(cfg: Config, fresh: bool = False, progress: bool = True, max_parts: int | None = None) -> dict:
-    """Synthesize (or resume) the SFT set of ``cfg``; returns the stats written to stats.json.
-
-    ``max_parts`` stops after writing that many parts (for tests of resuming).
-    """
+def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
+    """Synthesize (or resume) the SFT set of ``cfg``; returns the stats written to stats.json."""
     from casseat_ray import data
     from casseat_ray.runtime import init_ray
     from casseat_ray.synth import outputs
@@ -176,14 +173,12 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True, max_parts: int 
                 processed += block.num_rows
                 written += 1
                 bar.update(block.num_rows)
-                if max_parts is not None and written >= max_parts:
-                    break
         finally:
             bar.close()
     loop_seconds = time.perf_counter() - t_loop
-    have = done_ids(parts)
-    if len(have) < accepted:
-        return {"complete": False, "parts": written, "rows_done": len(have), "rows_total": accepted}
+    have = len(done) + processed  # blocks hold only pending rows, so no id is counted twice
+    if have < accepted:
+        return {"complete": False, "parts": written, "rows_done": have, "rows_total": accepted}
     timing = {"wall_seconds": time.perf_counter() - t0, "loop_seconds": loop_seconds, "processed_rows": processed, "resumed_rows": len(done)}
     return outputs.finalize(cfg, source, source_funnel, parts, timing)
 
@@ -195,11 +190,4 @@ def _progress(total: int, enabled: bool, resumed: int):
     return tqdm(total=total, desc=desc, unit="q", disable=not enabled, dynamic_ncols=True)
 
 
-def read_parts(parts: Path, columns: list[str] | None = None) -> pa.Table:
-    files = sorted(parts.glob(PART_GLOB))
-    if not files:
-        return pa.table({})
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="default")
-
-
-__all__ = ["run", "build", "pending_batch", "write_part", "done_ids", "read_parts"]
+__all__ = ["run", "build", "pending_batch", "write_part", "done_ids"]

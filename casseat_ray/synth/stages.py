@@ -139,9 +139,10 @@ def label_row(cfg: Config, row: dict, ps: dict, count_tokens) -> tuple[tuple[str
         if reason:
             return (reason, detail), labels
         samples = [seat_sample(row, ps["seat"], c1[0]["text"]) if mode == "seat" else cot_sample(row, ps["c1"], c1[0]["text"])]
-    lengths = [count_tokens(s) for s in samples]
-    labels["student_tokens"] = max(lengths)
-    hit = too_long(max(lengths), f)
+    # The first sample is the row's longest: a self-evaluation sample contains its CoT sample
+    # (same image, same C1 turn) as a prefix, so counting it alone bounds both.
+    labels["student_tokens"] = count_tokens(samples[0])
+    hit = too_long(labels["student_tokens"], f)
     if hit:
         return hit, labels
     labels["kinds"] = [s["kind"] for s in samples]
