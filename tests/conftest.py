@@ -73,9 +73,18 @@ def ray_session():
     ray.shutdown()
 
 
-def make_sft(out: Path, n_rows: int = 16, seed: int = 5) -> Path:
+def aft_responses(row: dict) -> list[str]:
+    """Right, wrong and unfinished responses to a demo question."""
+    truth = row["answer"]
+    wrong = next((c for c in row.get("choices") or [] if c != truth), None) or f"{truth}0"
+    step = "Step 1: I look at the image.\nStep 2: I read the values it shows."
+    return [f"{step}\nThe answer is {truth}.", f"I guess without looking.\nThe answer is {wrong}.", "I am not sure what it"]
+
+
+def make_sft(out: Path, n_rows: int = 16, seed: int = 5, aft: bool = False) -> Path:
     """A small SFT set in the synthesis job's schema: CoT and self-evaluation samples with
-    scripted teacher texts for demo questions."""
+    scripted teacher texts for demo questions. With ``aft`` every question also carries three
+    teacher responses as AFT needs them: right, wrong, and without an answer."""
     import random
 
     import pyarrow as pa
@@ -94,7 +103,9 @@ def make_sft(out: Path, n_rows: int = 16, seed: int = 5) -> Path:
     for row in make_rows(n_rows, seed=seed):
         t = scripted_targets(row, rng)
         for s in (cot_sample(row, c1, t["c1"]), self_eval_sample(row, c1, t["c1"], c2, t["c2"])):
-            s.update(answer_type=row["answer_type"], responses=[t["c1"]], responses_correct=[True])
+            s.update(answer_type=row["answer_type"], responses=[t["c1"]], responses_correct=[True], responses_rank=[0])
+            if aft:
+                s.update(responses=aft_responses(row), responses_correct=[True, False, False], responses_rank=[0, 1, 2])
             samples.append(s)
     pq.write_table(pa.Table.from_pylist(samples, schema=SFT_SCHEMA), out / "sft-00000.parquet")
     return out

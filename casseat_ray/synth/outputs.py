@@ -35,6 +35,7 @@ SFT_SCHEMA = pa.schema([
     pa.field("prompt_shas", pa.list_(pa.string())),
     pa.field("responses", pa.list_(pa.string())),  # every C1 sample of the question (AFT)
     pa.field("responses_correct", pa.list_(pa.bool_())),
+    pa.field("responses_rank", pa.list_(pa.int64())),  # 0 right, 1 wrong answer, 2 no usable answer
 ])
 REJECT_SCHEMA = pa.schema([pa.field(n, pa.string()) for n in
                            ("sample_id", "source", "split", "reject_stage", "reject_reason", "reject_detail", "question", "answer")])
@@ -56,7 +57,7 @@ def sft_rows(row: dict, kinds: set[str], ps: dict) -> list[dict]:
         shas = [row["c1_prompt_sha"]] + ([row["c2_prompt_sha"]] if s["kind"] == "self_eval" else [])
         s.update(answer_type=row["answer_type"], verdict=row.get("verdict"), teacher_model=row["teacher_model"],
                  teacher_sampling=row["teacher_sampling"], prompt_shas=shas,
-                 responses=row["c1_texts"], responses_correct=row["c1_correct"])
+                 responses=row["c1_texts"], responses_correct=row["c1_correct"], responses_rank=row["c1_rank"])
     return out
 
 
@@ -214,7 +215,7 @@ def dataset_card(cfg: Config, stats: dict, ps: dict) -> str:
         "## Files",
         "",
         "- `sft/*.parquet`: id, sample_id, kind (cot | self_eval | seat), messages (`<image>` marks the image), images (bytes), "
-        "loss_on (all | last), provenance (teacher, sampling, prompt hashes), responses and responses_correct (every C1 sample, for AFT).",
+        "loss_on (all | last), provenance (teacher, sampling, prompt hashes), responses, responses_correct and responses_rank (every C1 sample with its feedback, for AFT).",
         "- `rejects.parquet`: every dropped row with stage, reason and detail.",
         "- `stats.json`, `funnel.png`, `config.yaml` (the resolved config).",
         "- `export/llamafactory`, `export/swift`: the same samples for LLaMA-Factory and ms-swift.",

@@ -45,6 +45,7 @@ LABEL_FIELDS = [
     pa.field("student_direct", pa.string()),
     pa.field("verdict", pa.string()),
     pa.field("c1_correct", pa.list_(pa.bool_())),
+    pa.field("c1_rank", pa.list_(pa.int64())),
     pa.field("final_correct", pa.bool_()),
     pa.field("kinds", pa.list_(pa.string())),
     pa.field("student_tokens", pa.int64()),
@@ -111,6 +112,17 @@ def teacher_turns(cfg: Config, rows: list[dict], engine, ps: dict) -> list[dict]
     return out
 
 
+def response_rank(scored, finish_reason: str | None) -> int:
+    """Ranked feedback on one teacher response (0 best), for AFT's ranking variant: right
+    final answer, then a wrong but complete answer, then no usable answer (engine error,
+    cut off at the token limit, or nothing extractable)."""
+    if scored is not None and scored.correct:
+        return 0
+    if scored is None or finish_reason == "length" or scored.extraction is None:
+        return 2
+    return 1
+
+
 def label_row(cfg: Config, row: dict, ps: dict, count_tokens) -> tuple[tuple[str, str] | None, dict]:
     """DDF level 2 for one teacher-processed row: ``(reject or None, LABEL_FIELDS values)``.
 
@@ -119,8 +131,10 @@ def label_row(cfg: Config, row: dict, ps: dict, count_tokens) -> tuple[tuple[str
     """
     mode, f = cfg.synthesis.mode, cfg.ddf_labeled
     c1 = [{"text": t, "finish_reason": fr, "error": e} for t, fr, e in zip(row["c1_texts"], row["c1_finish"], row["c1_errors"])]
-    c1_correct = [bool(score(c["text"], row).correct) if not c["error"] else False for c in c1]
-    labels = dict(verdict=None, c1_correct=c1_correct, final_correct=None, kinds=[], student_tokens=None)
+    scored = [None if c["error"] else score(c["text"], row) for c in c1]
+    c1_correct = [bool(s and s.correct) for s in scored]
+    c1_rank = [response_rank(s, c["finish_reason"]) for s, c in zip(scored, c1)]
+    labels = dict(verdict=None, c1_correct=c1_correct, c1_rank=c1_rank, final_correct=None, kinds=[], student_tokens=None)
     if mode == "cascade":
         if row["c2_text"] is None and row["c2_error"] is None:  # C2 never ran: C1 failed in the engine
             c2 = {"text": "", "finish_reason": "error", "error": c1[0]["error"]}

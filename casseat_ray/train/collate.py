@@ -132,6 +132,18 @@ def encode(row: dict, processor, label_mode: str = "last_assistant") -> Encoded:
     return Encoded(ids, labels, pixel_values, grid, types if has_types else None)
 
 
+def encode_responses(row: dict, processor) -> list[Encoded]:
+    """AFT candidates of a CoT (or SEAT) row: every teacher response to the row's first user
+    turn, labelled on the response. Self-evaluation rows give none, so each question's
+    candidates are scored once, with its CoT sample."""
+    if row.get("kind") == "self_eval" or not row.get("responses"):
+        return []
+    messages = list(row["messages"])
+    prompt = messages[: next(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+    return [encode({**row, "messages": prompt + [{"role": "assistant", "content": text}], "loss_on": "all"}, processor, "all_assistant")
+            for text in row["responses"]]
+
+
 def _cat(a, b):
     import torch
 

@@ -113,7 +113,8 @@ def train_loop_per_worker(config: dict) -> None:
     from peft import set_peft_model_state_dict
     from transformers import AutoProcessor, get_scheduler
 
-    from casseat_ray.train.collate import collate, encode
+    from casseat_ray.train.collate import collate, encode, encode_responses
+    from casseat_ray.train.losses import alignment_loss, response_ranks, sequence_scores, token_nll
 
     cfg = Config.model_validate(config["cfg"])
     out_dir = Path(config["out_dir"])
@@ -132,14 +133,21 @@ def train_loop_per_worker(config: dict) -> None:
     # Every worker reads the whole (unsplit) set so all agree on the (seed, epoch) order.
     shard = ray.train.get_dataset_shard("train")
     rows = sorted((r for b in shard.iter_batches(batch_format="pyarrow") for r in b.to_pylist()), key=lambda r: r["id"])
-    encoded, dropped = [], 0
+    aft = t.loss == "aft"
+    encoded, dropped, aft_groups = [], 0, 0
     for r in rows:
         e = encode(r, processor, t.label_mode)
         if len(e) > t.cutoff_len or e.n_label_tokens == 0:
             dropped += 1
             continue
-        encoded.append((r["id"], e))
-    ids = [i for i, _ in encoded]
+        group = None
+        if aft:  # the row's teacher responses with their ranks; over-long ones left out
+            cands = encode_responses(r, processor)
+            group = [(c, k) for c, k in zip(cands, response_ranks(r, t.aft.ranking) if cands else []) if len(c) <= t.cutoff_len]
+            group = group if len({k for _, k in group}) > 1 else None  # no better/worse pair: nothing to align
+            aft_groups += group is not None
+        encoded.append((r["id"], e, group))
+    ids = [i for i, _, _ in encoded]
     per_epoch = steps_per_epoch(len(encoded), t.batch_size, t.grad_accum, world)
     total = max(1, math.ceil(t.epochs * per_epoch))
 
@@ -163,6 +171,8 @@ def train_loop_per_worker(config: dict) -> None:
         if start == 0:
             metrics_file.unlink(missing_ok=True)
         _log(f"training: {len(encoded)} samples ({dropped} over {t.cutoff_len} tokens dropped), {world} worker(s), "
+             + (f"AFT on {aft_groups} questions with right and wrong responses, " if aft else "")
+             + 
              f"{per_epoch} steps/epoch, {total} steps" + (f", resuming at step {start}" if start else ""))
     pad = processor.tokenizer.pad_token_id
     order_cache: dict[int, list[int]] = {}
@@ -173,20 +183,34 @@ def train_loop_per_worker(config: dict) -> None:
         order = order_cache.setdefault(epoch, epoch_order(ids, t.seed, epoch))
         torch.manual_seed(hash((t.seed, rank, step)) % 2**31)  # dropout: same draws after a resume
         micro = step_rows(order, pos, rank, t.batch_size, t.grad_accum, world)
-        losses, tokens, samples = [], 0, 0
+        losses, aligns, tokens, samples = [], [], 0, 0
         for k, idx in enumerate(micro):
-            batch = {n: v.to(device) for n, v in collate([encoded[i][1] for i in idx], pad).items()}
+            refs = [encoded[i][1] for i in idx]
+            groups = [encoded[i][2] for i in idx if encoded[i][2]]
+            # AFT: the reference samples and every candidate response go through one forward
+            # pass (one backward per forward, as DDP requires).
+            batch = {n: v.to(device) for n, v in collate(refs + [c for g in groups for c, _ in g], pad).items()}
             sync = k == len(micro) - 1 or not distributed
             ctxm = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
             with ctxm:
-                loss = model(**batch).loss
+                if groups:
+                    labels = batch.pop("labels")
+                    logits = model(**batch).logits
+                    scores = sequence_scores(logits[len(refs):], labels[len(refs):]).split([len(g) for g in groups])
+                    align = torch.stack([alignment_loss(sc, [r for _, r in g], t.aft.variant, t.aft.tau)
+                                         for sc, g in zip(scores, groups)]).mean()
+                    loss = token_nll(logits[:len(refs)], labels[:len(refs)]) + t.aft.weight * align
+                    aligns.append(align.detach().float())
+                else:
+                    loss = model(**batch).loss
                 (loss / len(micro)).backward()
             losses.append(loss.detach().float())
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"][:len(refs)].sum())
             samples += len(idx)
         step_loss = torch.stack(losses).mean()
         bad = torch.tensor([0.0 if torch.isfinite(step_loss) else 1.0], device=device)
-        stats = torch.tensor([step_loss.item() if not bad.item() else 0.0, float(tokens), float(samples)], device=device)
+        stats = torch.tensor([step_loss.item() if not bad.item() else 0.0, float(tokens), float(samples),
+                              float(torch.stack(aligns).sum()) if aligns else 0.0, float(len(aligns))], device=device)
         if distributed:
             dist.all_reduce(bad)
             dist.all_reduce(stats)
@@ -208,6 +232,8 @@ def train_loop_per_worker(config: dict) -> None:
             "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(stats[1].item() / seconds, 1),
             "samples_per_s": round(stats[2].item() / seconds, 3), "skipped_nonfinite": skipped,
         }
+        if aft:
+            record["align_loss"] = stats[3].item() / stats[4].item() if stats[4].item() else None
         last = step + 1 == total
         checkpoint = None
         with tempfile.TemporaryDirectory() as tmp:
@@ -232,6 +258,7 @@ def train_loop_per_worker(config: dict) -> None:
         (out_dir / "summary.json").write_text(json.dumps({
             "steps": total, "samples": len(encoded), "dropped_too_long": dropped, "workers": world,
             "skipped_nonfinite": skipped, "adapter": str(adapter),
+            **({"aft_questions": aft_groups} if aft else {}),
         }, indent=2) + "\n")
 
 

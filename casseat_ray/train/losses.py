@@ -19,6 +19,13 @@ import torch
 IGNORE = -100
 
 
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens (what a causal LM's own
+    ``loss`` is when given ``labels``)."""
+    target = labels[:, 1:]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+
+
 def sequence_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean log-probability of the labelled tokens of each row: ``[batch]``.
 
@@ -62,3 +69,12 @@ def alignment_loss(scores: torch.Tensor, ranks: list[int], variant: str = "bound
 def ranks_from_correct(correct: list[bool]) -> list[int]:
     """Positives (right final answer) rank 0, negatives rank 1."""
     return [0 if c else 1 for c in correct]
+
+
+def response_ranks(row: dict, ranking: bool) -> list[int]:
+    """Ranks of an SFT row's teacher responses: right vs wrong final answer, or the synthesis
+    job's three-level feedback (right, wrong answer, no usable answer) when ``ranking``."""
+    ranks = list(row["responses_rank"] or []) if ranking else ranks_from_correct(row["responses_correct"] or [])
+    if len(ranks) != len(row["responses"] or []):
+        raise ValueError(f"row {row.get('id')}: {len(row['responses'] or [])} responses but {len(ranks)} ranks")
+    return ranks

@@ -92,3 +92,35 @@ def test_collate_pads_right_and_concatenates_images(processor, demo_rows):
     assert batch["pixel_values"].shape[0] == a.pixel_values.shape[0] + b.pixel_values.shape[0]
     assert batch["image_grid_thw"].shape == (2, 3)
     assert batch["mm_token_type_ids"].shape == (2, width)
+
+
+def test_aft_candidates_share_the_prompt_and_label_only_the_response(processor, demo_rows):
+    from casseat_ray.train.collate import encode_responses
+
+    c1, c2 = prompts.load("c1"), prompts.load("c2")
+    texts = ["Step 1.\nThe answer is 3.", "The answer is 5."]
+    cot = {**cot_sample(demo_rows[0], c1, texts[0]), "responses": texts, "responses_correct": [True, False], "responses_rank": [0, 1]}
+    cands = encode_responses(cot, processor)
+    assert [_labelled_text(e, processor) for e in cands] == [t + "<|im_end|>\n" for t in texts]
+    ref = encode(cot, processor)
+    prompt_len = ref.labels.index(next(t for t in ref.labels if t != IGNORE))
+    assert all(e.input_ids[:prompt_len] == ref.input_ids[:prompt_len] for e in cands)  # same image + question
+    assert cands[0].input_ids == ref.input_ids
+    se = {**self_eval_sample(demo_rows[0], c1, texts[0], c2, "Evaluation: Accept\nThe answer is 3."),
+          "responses": texts, "responses_correct": [True, False]}
+    assert encode_responses(se, processor) == []  # each question is scored once, with its CoT row
+
+
+def test_token_nll_is_the_models_own_loss(processor, demo_rows, tiny_models):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from casseat_ray.train.losses import token_nll
+
+    c1 = prompts.load("c1")
+    batch = collate([encode(cot_sample(r, c1, f"The answer is {r['answer']}."), processor) for r in demo_rows[:3]],
+                    processor.tokenizer.pad_token_id)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["student"]).eval()
+    with torch.no_grad():
+        out = model(**batch)
+    assert torch.allclose(token_nll(out.logits, batch["labels"]), out.loss, atol=1e-5)

@@ -56,3 +56,13 @@ def test_ranking_uses_every_better_worse_pair_and_no_pair_means_zero():
         alignment_loss(s, [0, 1], "detached")
     with pytest.raises(ValueError):
         alignment_loss(s, [0, 1, 1], "margin")
+
+
+def test_response_ranks_pick_the_feedback_the_config_asks_for():
+    from casseat_ray.train.losses import response_ranks
+
+    row = {"id": "q", "responses": ["a", "b", "c"], "responses_correct": [True, False, False], "responses_rank": [0, 1, 2]}
+    assert response_ranks(row, ranking=False) == [0, 1, 1]
+    assert response_ranks(row, ranking=True) == [0, 1, 2]
+    with pytest.raises(ValueError, match="3 responses but 2 ranks"):
+        response_ranks({**row, "responses_rank": [0, 1]}, ranking=True)

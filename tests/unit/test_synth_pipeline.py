@@ -68,6 +68,7 @@ def test_label_row_reasons_on_crafted_outputs(tmp_path):
     assert hit is None and lab["kinds"] == ["self_eval"]  # C1 was wrong: no CoT sample
     hit, _ = label_row(cfg, _row(), ps, lambda s: 5000)
     assert hit[0] == "too_long" and "5000 student tokens" in hit[1]
+
     hit, _ = label_row(cfg, _row(c1_finish=["error"], c1_errors=["boom"], c1_texts=[""], c2_text=None), ps, short)
     assert hit == ("engine_error", "C1: boom")
     seat = _cfg(tmp_path, synthesis=dict(mode="seat"))
@@ -97,7 +98,7 @@ def test_sft_rows_never_carry_the_hint(tmp_path, demo_rows):
     cfg = _cfg(tmp_path, synthesis=dict(hint_ground_truth=True))
     ps = stage_prompts(cfg)
     assert "answer" in ps["teacher_c2"].fields and "answer" not in ps["c2"].fields
-    row = _row(image=demo_rows[0]["image"], c1_correct=[True], verdict="Accept")
+    row = _row(image=demo_rows[0]["image"], c1_correct=[True], c1_rank=[0], verdict="Accept")
     samples = outputs.sft_rows(row, {"cot", "self_eval"}, ps)
     assert {s["kind"] for s in samples} == {"cot", "self_eval"}
     se = next(s for s in samples if s["kind"] == "self_eval")
@@ -110,7 +111,7 @@ def test_sft_rows_never_carry_the_hint(tmp_path, demo_rows):
 def test_exporters_write_loadable_llamafactory_and_swift_files(tmp_path, demo_rows):
     cfg = _cfg(tmp_path)
     ps = stage_prompts(cfg)
-    row = _row(image=demo_rows[0]["image"], c1_correct=[True], verdict="Accept")
+    row = _row(image=demo_rows[0]["image"], c1_correct=[True], c1_rank=[0], verdict="Accept")
     samples = outputs.sft_rows(row, {"cot", "self_eval"}, ps)
     sft = tmp_path / "sft"
     sft.mkdir()
@@ -126,3 +127,15 @@ def test_exporters_write_loadable_llamafactory_and_swift_files(tmp_path, demo_ro
     se = next(x for x in lines if len(x["messages"]) == 4)
     assert se["messages"][1]["loss"] is False and "loss" not in se["messages"][3]
     assert all(open(p, "rb").read() == demo_rows[0]["image"] for x in lines for p in x["images"])
+
+
+def test_label_row_ranks_every_response_for_aft(tmp_path):
+    cfg = _cfg(tmp_path)
+    texts = ["The answer is 3.", "The answer is 4.", "I am not sure", "The answer is 3.", "The answer is"]
+    row = _row(c1_texts=texts, c1_finish=["stop", "stop", "stop", "length", "length"], c1_errors=[None] * 5)
+    _, lab = label_row(cfg, row, stage_prompts(cfg), lambda s: 100)
+    # a right answer ranks first even when cut off; a cut-off wrong one ranks with no answer
+    assert lab["c1_correct"] == [True, False, False, True, False]
+    assert lab["c1_rank"] == [0, 1, 2, 0, 2]
+    _, lab = label_row(cfg, _row(c1_errors=["engine died"]), stage_prompts(cfg), lambda s: 100)
+    assert lab["c1_rank"] == [2] and lab["c1_correct"] == [False]
