@@ -203,7 +203,7 @@ class TrainConfig(Section):
     max_grad_norm: float = F(1.0, "Gradient clipping norm (0 disables).", ge=0)
     cutoff_len: int = F(2048, "Samples longer than this many tokens are dropped and counted, never truncated.", ge=16)
     label_mode: Literal["all_assistant", "last_assistant"] = F("last_assistant", "Which assistant turns carry loss; self-evaluation samples always train on the last turn only.")
-    packing: bool = F(False, "Pack several samples per row instead of padding.")
+    packing: bool = F(False, "Pack several samples into each row of up to cutoff_len tokens (each attends only to itself) instead of padding; batch_size then counts packed rows.")
     precision: Literal["auto", "bf16", "fp32"] = F("auto", "auto: bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = F(False, "Trade compute for memory.")
     strategy: Literal["ddp", "fsdp"] = F("ddp", "Data parallel strategy across workers.")
@@ -261,6 +261,8 @@ class Config(Section):
         unknown = sorted(set(self.ddf_source.per_source_cap) - set(names))
         if unknown and self.sources:
             raise ValueError(f"ddf_source.per_source_cap names unknown sources {unknown}; sources are {names}")
+        if self.train.packing and self.train.loss == "aft":
+            raise ValueError("train.packing cannot be combined with train.loss=aft: AFT scores each response as its own row")
         if self.synthesis.cot_samples > 1 and self.teacher and self.teacher.sampling.temperature == 0:
             raise ValueError("synthesis.cot_samples > 1 needs teacher.sampling.temperature > 0 (greedy samples are identical)")
         return self

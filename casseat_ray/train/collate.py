@@ -24,6 +24,7 @@ class Encoded:
     pixel_values: object | None  # torch.Tensor [patches, dim], or None without images
     image_grid_thw: object | None  # torch.Tensor [n_images, 3]
     token_types: list[int] | None = None  # mm_token_type_ids where the processor makes them (M-RoPE)
+    positions: object | None = None  # torch.Tensor [3, len] of M-RoPE positions, set for packing
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -174,4 +175,61 @@ def collate(batch: list[Encoded], pad_id: int) -> dict:
     if pixels:
         out["pixel_values"] = torch.cat(pixels)
         out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in batch if e.image_grid_thw is not None])
+    return out
+
+
+def rope_positions(e: Encoded, rope_index) -> object | None:
+    """A sample's own M-RoPE positions ``[3, len]`` from the model's ``get_rope_index`` (None
+    for a model without M-RoPE, whose positions are plain 0..len-1)."""
+    import torch
+
+    if rope_index is None:
+        return None
+    types = torch.tensor([e.token_types if e.token_types is not None else [0] * len(e)])
+    pos, _ = rope_index(torch.tensor([e.input_ids]), types, e.image_grid_thw)
+    return pos[:, 0]
+
+
+def collate_packed(rows: list[list[Encoded]], pad_id: int) -> dict:
+    """Several samples per row, each attending only to itself.
+
+    Positions restart at 0 for every sample (and for the padding that closes a row); with no
+    attention mask, transformers reads those restarts as sample boundaries and builds a
+    block-diagonal causal mask (only when the forward pass runs without a KV cache:
+    ``use_cache=False``). M-RoPE models get ``[4, batch, len]`` positions: the text
+    positions that mark boundaries, then each sample's own three M-RoPE rows. A boundary is
+    never a trained prediction, because every sample starts with untrained prompt tokens.
+    """
+    import torch
+
+    width = max(sum(len(e) for e in row) for row in rows)
+    mrope = any(e.positions is not None for row in rows for e in row)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    text = torch.zeros((len(rows), width), dtype=torch.long)
+    pos3 = torch.zeros((3, len(rows), width), dtype=torch.long)
+    types = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e)
+            if e.labels[0] != IGNORE:
+                raise ValueError("a packed sample must start with an untrained token")
+            ids[r, at:at + n] = torch.tensor(e.input_ids)
+            labels[r, at:at + n] = torch.tensor(e.labels)
+            text[r, at:at + n] = torch.arange(n)
+            pos3[:, r, at:at + n] = e.positions if e.positions is not None else torch.arange(n)
+            if e.token_types is not None:
+                types[r, at:at + n] = torch.tensor(e.token_types)
+            at += n
+        text[r, at:] = torch.arange(width - at)
+        pos3[:, r, at:] = torch.arange(width - at)
+    out = {"input_ids": ids, "labels": labels, "position_ids": torch.cat([text[None], pos3]) if mrope else text}
+    if any(e.token_types is not None for row in rows for e in row):
+        out["mm_token_type_ids"] = types
+    flat = [e for row in rows for e in row]
+    pixels = [e.pixel_values for e in flat if e.pixel_values is not None]
+    if pixels:
+        out["pixel_values"] = torch.cat(pixels)
+        out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in flat if e.image_grid_thw is not None])
     return out

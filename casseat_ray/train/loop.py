@@ -47,6 +47,27 @@ def step_rows(order: list[int], step_in_epoch: int, rank: int, batch_size: int, 
     return [mine[i:i + batch_size] for i in range(0, per_worker, batch_size)]
 
 
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sample indices grouped into rows of at most ``capacity`` tokens: best-fit decreasing,
+    ties by index, so the same lengths always give the same rows."""
+    import bisect
+
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row), kept sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > capacity:
+            raise ValueError(f"sample {i} has {lengths[i]} tokens, over the row capacity {capacity}")
+        at = bisect.bisect_left(room, (lengths[i], -1))
+        if at < len(room):
+            free, r = room.pop(at)
+        else:
+            free, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        bisect.insort(room, (free - lengths[i], r))
+    return [sorted(r) for r in rows]
+
+
 def lora_targets(model, lora: LoraConfig) -> str | list[str]:
     """A pattern matching the language model's linear layers (never the vision tower or the
     output head) when ``all-linear``, else the configured module names."""
@@ -113,7 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
     from peft import set_peft_model_state_dict
     from transformers import AutoProcessor, get_scheduler
 
-    from casseat_ray.train.collate import collate, encode, encode_responses
+    from casseat_ray.train.collate import collate, collate_packed, encode, encode_responses, rope_positions
     from casseat_ray.train.losses import alignment_loss, response_ranks, sequence_scores, token_nll
 
     cfg = Config.model_validate(config["cfg"])
@@ -148,7 +169,17 @@ def train_loop_per_worker(config: dict) -> None:
             aft_groups += group is not None
         encoded.append((r["id"], e, group))
     ids = [i for i, _, _ in encoded]
-    per_epoch = steps_per_epoch(len(encoded), t.batch_size, t.grad_accum, world)
+    # The units a step draws: single samples, or packed rows of several (fixed once, so every
+    # epoch has the same number of steps; their order still changes with the epoch).
+    if t.packing:
+        rope = getattr(_unwrap(model).get_base_model().model, "get_rope_index", None)
+        for _, e, _ in encoded:
+            e.positions = rope_positions(e, rope)
+        units = pack([len(e) for _, e, _ in encoded], t.cutoff_len)
+    else:
+        units = [[i] for i in range(len(encoded))]
+    unit_ids = ["+".join(ids[i] for i in u) for u in units]
+    per_epoch = steps_per_epoch(len(units), t.batch_size, t.grad_accum, world)
     total = max(1, math.ceil(t.epochs * per_epoch))
 
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -171,6 +202,7 @@ def train_loop_per_worker(config: dict) -> None:
         if start == 0:
             metrics_file.unlink(missing_ok=True)
         _log(f"training: {len(encoded)} samples ({dropped} over {t.cutoff_len} tokens dropped), {world} worker(s), "
+             + (f"packed into {len(units)} rows of at most {t.cutoff_len} tokens, " if t.packing else "")
              + (f"AFT on {aft_groups} questions with right and wrong responses, " if aft else "")
              + 
              f"{per_epoch} steps/epoch, {total} steps" + (f", resuming at step {start}" if start else ""))
@@ -180,33 +212,37 @@ def train_loop_per_worker(config: dict) -> None:
     for step in range(start, total):
         t0 = time.perf_counter()
         epoch, pos = divmod(step, per_epoch)
-        order = order_cache.setdefault(epoch, epoch_order(ids, t.seed, epoch))
+        order = order_cache.setdefault(epoch, epoch_order(unit_ids, t.seed, epoch))
         torch.manual_seed(hash((t.seed, rank, step)) % 2**31)  # dropout: same draws after a resume
         micro = step_rows(order, pos, rank, t.batch_size, t.grad_accum, world)
         losses, aligns, tokens, samples = [], [], 0, 0
         for k, idx in enumerate(micro):
-            refs = [encoded[i][1] for i in idx]
-            groups = [encoded[i][2] for i in idx if encoded[i][2]]
-            # AFT: the reference samples and every candidate response go through one forward
-            # pass (one backward per forward, as DDP requires).
-            batch = {n: v.to(device) for n, v in collate(refs + [c for g in groups for c, _ in g], pad).items()}
+            members = [[encoded[i] for i in units[u]] for u in idx]
+            refs = [e for m in members for _, e, _ in m]
+            groups = [g for m in members for _, _, g in m if g]
+            if t.packing:
+                batch = collate_packed([[e for _, e, _ in m] for m in members], pad)
+            else:  # AFT: the reference samples and every candidate response go through one
+                # forward pass (one backward per forward, as DDP requires)
+                batch = collate(refs + [c for g in groups for c, _ in g], pad)
+            batch = {n: v.to(device) for n, v in batch.items()}
             sync = k == len(micro) - 1 or not distributed
             ctxm = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
             with ctxm:
                 if groups:
                     labels = batch.pop("labels")
-                    logits = model(**batch).logits
+                    logits = model(**batch, use_cache=False).logits
                     scores = sequence_scores(logits[len(refs):], labels[len(refs):]).split([len(g) for g in groups])
                     align = torch.stack([alignment_loss(sc, [r for _, r in g], t.aft.variant, t.aft.tau)
                                          for sc, g in zip(scores, groups)]).mean()
                     loss = token_nll(logits[:len(refs)], labels[:len(refs)]) + t.aft.weight * align
                     aligns.append(align.detach().float())
                 else:
-                    loss = model(**batch).loss
+                    loss = model(**batch, use_cache=False).loss
                 (loss / len(micro)).backward()
             losses.append(loss.detach().float())
-            tokens += int(batch["attention_mask"][:len(refs)].sum())
-            samples += len(idx)
+            tokens += sum(len(e) for e in refs)
+            samples += len(refs)
         step_loss = torch.stack(losses).mean()
         bad = torch.tensor([0.0 if torch.isfinite(step_loss) else 1.0], device=device)
         stats = torch.tensor([step_loss.item() if not bad.item() else 0.0, float(tokens), float(samples),
@@ -256,7 +292,7 @@ def train_loop_per_worker(config: dict) -> None:
         _unwrap(model).save_pretrained(adapter)
         processor.save_pretrained(adapter)
         (out_dir / "summary.json").write_text(json.dumps({
-            "steps": total, "samples": len(encoded), "dropped_too_long": dropped, "workers": world,
+            "steps": total, "samples": len(encoded), "rows": len(units), "dropped_too_long": dropped, "workers": world,
             "skipped_nonfinite": skipped, "adapter": str(adapter),
             **({"aft_questions": aft_groups} if aft else {}),
         }, indent=2) + "\n")

@@ -66,6 +66,26 @@ def test_two_workers_lower_the_loss_and_train_only_lora(two_workers, tiny_models
         assert not torch.equal(value, start[name]), f"{name} did not change"
 
 
+def test_packed_rows_with_a_trainable_projector(tmp_path, tiny_models, sft, ray_session):
+    cfg = _cfg(tmp_path, tiny_models, "packed", packing=True, cutoff_len=1024, batch_size=1, epochs=2)
+    cfg.student.lora.train_projector = True
+    summary = train_run.run(cfg, data=sft)
+    assert summary["samples"] == 32 and summary["rows"] < 16  # several samples share each row
+    records = read_metrics(train_run.train_dir(cfg) / "metrics.jsonl")
+    assert len(records) == summary["steps"] == 2 * summary["rows"]
+    assert sum(r["loss"] for r in records[-2:]) < sum(r["loss"] for r in records[:2]) - 0.3
+    assert sum(r["samples_per_s"] for r in records) > 0
+    saved = load_file(str(train_run.train_dir(cfg) / "adapter" / "adapter_model.safetensors"))
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_models["student"]).state_dict()
+    merger = {k: v for k, v in saved.items() if ".merger." in k}
+    assert merger, sorted(saved)[:5]  # the projector is saved whole with the adapter, and it trained
+    for name, value in merger.items():
+        original = next(v for k, v in base.items() if k.endswith(name.split("merger.", 1)[1]) and "merger" in k)
+        assert not torch.equal(value, original), name
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_models, sft, ray_session):
     whole = _cfg(tmp_path, tiny_models, "whole", epochs=0.75)
     train_run.run(whole, data=sft)

@@ -124,3 +124,32 @@ def test_token_nll_is_the_models_own_loss(processor, demo_rows, tiny_models):
     with torch.no_grad():
         out = model(**batch)
     assert torch.allclose(token_nll(out.logits, batch["labels"]), out.loss, atol=1e-5)
+
+
+def test_packed_rows_give_every_sample_exactly_its_own_logits(processor, demo_rows, tiny_models):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from casseat_ray.train.collate import collate_packed, rope_positions
+    from casseat_ray.train.losses import token_nll
+
+    c1, c2 = prompts.load("c1"), prompts.load("c2")
+    samples = [cot_sample(demo_rows[0], c1, "Step 1: count.\nThe answer is 3."),
+               self_eval_sample(demo_rows[1], c1, "The answer is 4.", c2, "Evaluation: Refine\nThe answer is 5."),
+               cot_sample(demo_rows[2], c1, f"The answer is {demo_rows[2]['answer']}.")]
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["student"]).eval()
+    enc = [encode(s, processor) for s in samples]
+    for e in enc:
+        e.positions = rope_positions(e, model.model.get_rope_index)
+    pad = processor.tokenizer.pad_token_id
+    packed = collate_packed([[enc[0], enc[1]], [enc[2]]], pad)  # the second row closes with padding
+    assert "attention_mask" not in packed and packed["position_ids"].shape == (4, 2, len(enc[0]) + len(enc[1]))
+    with torch.no_grad():
+        out = model(**packed, use_cache=False).logits  # a cache would hide the sample boundaries
+        alone = [model(**collate([e], pad)).logits[0] for e in enc]
+        padded = model(**collate(enc, pad))
+    spans = [(0, 0, len(enc[0])), (0, len(enc[0]), len(enc[1])), (1, 0, len(enc[2]))]
+    for (row, start, n), ref in zip(spans, alone):
+        assert torch.allclose(out[row, start:start + n], ref, atol=1e-4), (row, start)
+    # the same samples, packed or padded, give the same loss
+    assert torch.allclose(token_nll(out, packed["labels"]), padded.loss, atol=1e-5)

@@ -42,3 +42,23 @@ def test_lora_targets_the_language_model_only(tiny_models):
     assert hits and all("visual" not in n for n in hits) and not any(n.endswith("lm_head") for n in hits)
     assert any(n.endswith("self_attn.q_proj") for n in hits) and any(n.endswith("mlp.down_proj") for n in hits)
     assert lora_targets(model, LoraConfig(target_modules=["q_proj"])) == ["q_proj"]
+
+
+def test_pack_fills_rows_tightly_and_deterministically():
+    from casseat_ray.train.loop import pack
+
+    lengths = [700, 300, 500, 200, 900, 100, 400, 250]
+    rows = pack(lengths, 1000)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))  # every sample exactly once
+    assert all(sum(lengths[i] for i in r) <= 1000 for r in rows)
+    assert len(rows) == 4 == -(-sum(lengths) // 1000)  # 3,350 tokens need at least 4 rows
+    assert pack(lengths, 1000) == rows
+    with pytest.raises(ValueError, match="over the row capacity"):
+        pack([1200], 1000)
+
+
+def test_packing_and_aft_together_are_refused():
+    from casseat_ray.config import Config
+
+    with pytest.raises(ValueError, match="train.packing cannot be combined with train.loss=aft"):
+        Config.model_validate(dict(train=dict(packing=True, loss="aft")))
