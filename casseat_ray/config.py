@@ -218,6 +218,12 @@ class TrainConfig(Section):
     aft: AFTConfig = F(AFTConfig, "AFT alignment loss settings.")
     seed: int = F(0, "Seed for init, data order and dropout.")
 
+    @model_validator(mode="after")
+    def _fsdp_on_gpu(self) -> "TrainConfig":
+        if self.strategy == "fsdp" and not self.use_gpu:
+            raise ValueError("strategy fsdp needs use_gpu: true (Ray Train shards models with FSDP on GPUs only); use ddp on CPU")
+        return self
+
 
 # ---------------------------------------------------------------- evaluation
 class EvaluateConfig(Section):

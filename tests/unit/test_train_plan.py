@@ -62,3 +62,11 @@ def test_packing_and_aft_together_are_refused():
 
     with pytest.raises(ValueError, match="train.packing cannot be combined with train.loss=aft"):
         Config.model_validate(dict(train=dict(packing=True, loss="aft")))
+
+
+def test_fsdp_without_gpus_is_refused_before_any_work():
+    from casseat_ray.config import Config
+
+    with pytest.raises(ValueError, match="strategy fsdp needs use_gpu: true"):
+        Config.model_validate(dict(train=dict(strategy="fsdp")))
+    assert Config.model_validate(dict(train=dict(strategy="fsdp", use_gpu=True))).train.strategy == "fsdp"
