@@ -210,6 +210,7 @@ class TrainConfig(Section):
     num_workers: int = F(1, "Ray Train workers.", ge=0)
     use_gpu: bool = F(False, "One GPU per worker.")
     cpus_per_worker: float = F(1.0, "CPUs per worker.", gt=0)
+    log_every: int = F(10, "Optimizer steps between console lines (metrics.jsonl gets every step).", ge=1)
     checkpoint_every: int = F(50, "Optimizer steps between checkpoints.", ge=1)
     keep_checkpoints: int = F(2, "Checkpoints kept on storage.", ge=1)
     max_failures: int = F(0, "Worker-group restarts Ray Train attempts after a failure.", ge=-1)

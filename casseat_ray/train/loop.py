@@ -266,18 +266,20 @@ def train_loop_per_worker(config: dict) -> None:
         record = {
             "step": step + 1, "epoch": round((step + 1) / per_epoch, 4), "loss": stats[0].item() / world if not bad.item() else None,
             "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(stats[1].item() / seconds, 1),
-            "samples_per_s": round(stats[2].item() / seconds, 3), "skipped_nonfinite": skipped,
+            "samples_per_s": round(stats[2].item() / seconds, 3), "skipped_nonfinite": skipped, "time": round(time.time(), 3),
         }
         if aft:
             record["align_loss"] = stats[3].item() / stats[4].item() if stats[4].item() else None
         last = step + 1 == total
-        checkpoint = None
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                with metrics_file.open("a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                _log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-                if (step + 1) % t.checkpoint_every == 0 or last:
+        if rank == 0:
+            with metrics_file.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if (step + 1) % t.log_every == 0 or step == start or last:  # the console is sampled, the file is not
+                _log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "time"))
+        if (step + 1) % t.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:
                     from safetensors.torch import save_file
 
                     save_file(_trainable_state(model), os.path.join(tmp, "adapter_state.safetensors"))
@@ -285,7 +287,6 @@ def train_loop_per_worker(config: dict) -> None:
                     torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
                     Path(tmp, "state.json").write_text(json.dumps({"step": step + 1, "epoch": epoch, "skipped_nonfinite": skipped}))
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            if (step + 1) % t.checkpoint_every == 0 or last:
                 ray.train.report(record, checkpoint=checkpoint)  # a barrier: every rank reports
     if rank == 0:
         adapter = out_dir / "adapter"

@@ -1,0 +1,202 @@
+"""Training benchmarks on the tiny student (CPU), measured side by side in one run.
+
+1. Ray Train overhead: steady-state samples/s of a 1-worker TorchTrainer run divided by a
+   plain single-process loop with the same model, data, batch order and optimizer. Steady
+   state = wall time over the second half of the steps (model load, encoding and the first
+   epoch, whose new batch shapes cost extra allocations on both sides, are excluded).
+   Goal >= 0.95.
+2. Packing vs padding: real tokens/s of forward + backward over the same samples, padded in
+   batches of ``--batch`` or packed into rows of ``--pack-len`` tokens. The samples carry a
+   real synthesized length distribution: MATH-V testmini questions with their real images
+   and a real model's chain-of-thought responses (``../shared/data/math-v/outputs``), built
+   into CoT samples by the project's own sample builder and tokenized by the student.
+
+    python bench/bench_train.py [--steps 48] [--batch 4] [--samples 96] [--only ray|packing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "math-v"
+
+
+def real_sft(out: Path, n: int, responses: str = "Qwen-VL-Max-CoT") -> Path:
+    """CoT samples from MATH-V testmini with a real model's responses as the teacher text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from casseat_ray import prompts
+    from casseat_ray.config import ImageConfig, SourceConfig
+    from casseat_ray.sources import item_to_row
+    from casseat_ray.synth.mix import cot_sample
+    from casseat_ray.synth.outputs import SFT_SCHEMA
+
+    said = {r["id"]: r["response"] for r in map(json.loads, (DATA / "outputs" / f"{responses}.jsonl").open())}
+    src = SourceConfig(name="mathv", format="mathv", path=DATA / "testmini.jsonl", license="MIT")
+    c1 = prompts.load("c1")
+    samples = []
+    for line in (DATA / "testmini.jsonl").open():
+        item = json.loads(line)
+        if str(item["id"]) not in said:
+            continue
+        row = item_to_row(item, src, DATA, ImageConfig())
+        if row.get("reject_reason"):
+            continue
+        s = cot_sample(row, c1, said[str(item["id"])])
+        s.update(answer_type=row["answer_type"], responses=[], responses_correct=[], responses_rank=[])
+        samples.append(s)
+        if len(samples) == n:
+            break
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(samples, schema=SFT_SCHEMA), out / "sft-00000.parquet")
+    return out
+
+
+def _config(root: Path, student: Path, name: str, steps: int, batch: int, n: int, cpus: int = 2, **train):
+    from casseat_ray.config import Config
+
+    return Config.model_validate(dict(
+        name=name, output_dir=str(root / "out"), student=dict(model=str(student)),
+        train=dict(dict(epochs=steps * batch / n, lr=1e-4, batch_size=batch, grad_accum=1, num_workers=1, cutoff_len=4096,
+                        checkpoint_every=10_000, warmup_ratio=0.0, cpus_per_worker=cpus), **train),
+        ray=dict(num_cpus=2, storage_path=str(root / "ray")),
+    ))
+
+
+def _encoded(cfg, sft: Path):
+    import pyarrow.parquet as pq
+    from transformers import AutoProcessor
+
+    from casseat_ray.train.collate import encode
+
+    processor = AutoProcessor.from_pretrained(cfg.student.model)
+    rows = sorted(pq.read_table(sft).to_pylist(), key=lambda r: r["id"])
+    return processor, [(r["id"], encode(r, processor, cfg.train.label_mode)) for r in rows]
+
+
+def _timed_steps(model, optimizer, batches, make_batch=lambda b: b) -> list[float]:
+    """Collate (``make_batch``) + forward + backward + optimizer step per batch; the clock after each."""
+    import torch
+
+    model.train()
+    ends = []
+    for item in batches:
+        batch = make_batch(item)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ends.append(time.perf_counter())
+    return ends
+
+
+def plain_loop(cfg, sft: Path, steps: int) -> float:
+    """Samples/s of the same steps without Ray: same model build, order, batches, optimizer."""
+    import torch
+
+    from casseat_ray.train.collate import collate
+    from casseat_ray.train.loop import build_model, epoch_order, step_rows
+
+    t = cfg.train
+    torch.set_num_threads(int(t.cpus_per_worker))  # what Ray gives its worker (OMP_NUM_THREADS)
+    processor, encoded = _encoded(cfg, sft)
+    torch.manual_seed(t.seed)
+    model = build_model(cfg, torch.float32)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr)
+    ids = [i for i, _ in encoded]
+    per_epoch = len(ids) // t.batch_size
+    batches = []
+    for step in range(steps):
+        epoch, pos = divmod(step, per_epoch)
+        (idx,) = step_rows(epoch_order(ids, t.seed, epoch), pos, 0, t.batch_size, 1, 1)
+        batches.append([encoded[i][1] for i in idx])
+    # collated inside the timed loop, as the Ray Train worker does
+    ends = _timed_steps(model, optimizer, batches, lambda b: collate(b, processor.tokenizer.pad_token_id))
+    half = steps // 2
+    return (steps - half) * t.batch_size / (ends[-1] - ends[half - 1])
+
+
+def ray_train(cfg, sft: Path) -> tuple[float, int]:
+    from casseat_ray.train import run as train_run
+
+    summary = train_run.run(cfg, data=sft)
+    records = train_run.read_metrics(train_run.train_dir(cfg) / "metrics.jsonl")
+    half = len(records) // 2
+    return (len(records) - half) * cfg.train.batch_size / (records[-1]["time"] - records[half - 1]["time"]), summary["steps"]
+
+
+def packing_vs_padding(cfg, sft: Path, batch: int, pack_len: int) -> dict:
+    """Real tokens/s over the same samples, padded vs packed (one pass each, first batch warm-up)."""
+    import torch
+
+    from casseat_ray.train.collate import collate, collate_packed, rope_positions
+    from casseat_ray.train.loop import build_model, pack
+
+    processor, encoded = _encoded(cfg, sft)
+    samples = [e for _, e in encoded if len(e) <= pack_len]
+    pad = processor.tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.float32)
+    for e in samples:
+        e.positions = rope_positions(e, model.get_base_model().model.get_rope_index)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    lengths = [len(e) for e in samples]
+    padded = [collate(samples[i:i + batch], pad) for i in range(0, len(samples), batch)]
+    rows = pack(lengths, pack_len)
+    packed = [collate_packed([[samples[i] for i in r]], pad) for r in rows]
+    out = {"samples": len(samples), "tokens": sum(lengths), "mean_len": sum(lengths) / len(samples),
+           "min_len": min(lengths), "max_len": max(lengths)}
+    for name, batches in (("padding", padded), ("packing", packed)):
+        _timed_steps(model, optimizer, batches[:1])  # warm-up
+        t0 = time.perf_counter()
+        _timed_steps(model, optimizer, batches)
+        seconds = time.perf_counter() - t0
+        slots = sum(b["input_ids"].numel() for b in batches)
+        out[name] = {"batches": len(batches), "seconds": round(seconds, 2), "tokens_per_s": round(out["tokens"] / seconds, 1),
+                     "pad_share": round(1 - out["tokens"] / slots, 3)}
+    out["packing_over_padding"] = round(out["packing"]["tokens_per_s"] / out["padding"]["tokens_per_s"], 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=Path("/tmp/casseat-bench-train"))
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=96)
+    ap.add_argument("--pack-len", type=int, default=2048)
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs (torch threads) of the worker and of the plain loop")
+    ap.add_argument("--only", choices=["ray", "packing"], help="run one of the two benchmarks")
+    args = ap.parse_args()
+    from casseat_ray.tiny import make_tiny
+
+    shutil.rmtree(args.root / "ray", ignore_errors=True)
+    shutil.rmtree(args.root / "out", ignore_errors=True)
+    student = args.root / "student"
+    if not (student / "config.json").exists():
+        make_tiny(student, role="student", seed=0)
+    sft = real_sft(args.root / "sft", args.samples)
+    cfg = _config(args.root, student, "bench", args.steps, args.batch, args.samples, args.cpus)
+
+    result = {}
+    if args.only in (None, "ray"):
+        plain = plain_loop(cfg, sft, args.steps)
+        on_ray, steps = ray_train(cfg, sft)
+        assert steps == args.steps, (steps, args.steps)
+        result["ray_train"] = {"steps": steps, "batch": args.batch, "cpus": args.cpus, "ray_samples_per_s": round(on_ray, 3),
+                               "plain_samples_per_s": round(plain, 3), "ratio": round(on_ray / plain, 3)}
+        print(json.dumps(result), flush=True)
+    if args.only in (None, "packing"):
+        result["packing"] = packing_vs_padding(cfg, sft, args.batch, args.pack_len)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
