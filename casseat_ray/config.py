@@ -268,6 +268,8 @@ class Config(Section):
         unknown = sorted(set(self.ddf_source.per_source_cap) - set(names))
         if unknown and self.sources:
             raise ValueError(f"ddf_source.per_source_cap names unknown sources {unknown}; sources are {names}")
+        if self.ddf_labeled.judge.enabled:  # refused rather than silently ignored
+            raise ValueError("ddf_labeled.judge.enabled: the model judge is not available in this version; set it to false")
         if self.train.packing and self.train.loss == "aft":
             raise ValueError("train.packing cannot be combined with train.loss=aft: AFT scores each response as its own row")
         if self.synthesis.cot_samples > 1 and self.teacher and self.teacher.sampling.temperature == 0:

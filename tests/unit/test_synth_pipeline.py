@@ -139,3 +139,8 @@ def test_label_row_ranks_every_response_for_aft(tmp_path):
     assert lab["c1_rank"] == [0, 1, 2, 0, 2]
     _, lab = label_row(cfg, _row(c1_errors=["engine died"]), stage_prompts(cfg), lambda s: 100)
     assert lab["c1_rank"] == [2] and lab["c1_correct"] == [False]
+
+
+def test_an_unavailable_model_judge_is_refused_not_ignored(tmp_path):
+    with pytest.raises(ValueError, match="model judge is not available"):
+        _cfg(tmp_path, ddf_labeled=dict(judge=dict(enabled=True)))
