@@ -1,0 +1,151 @@
+"""The student's LoRA training step at a real shape, without Ray (for a machine with a GPU,
+torch, transformers and peft): tokens/s, peak memory and MFU.
+
+The model is Qwen2-VL-2B's architecture (published config values below) with random bf16
+weights; each sample is one 448x448 image (256 merged image tokens) followed by text up to
+``--seq`` tokens. The step is the project's own: ``build_model``'s LoRA placement (language
+model linear layers, vision frozen), AdamW, clipping. MFU divides the model FLOPs of a LoRA
+step by the bf16 matmul rate measured on the same device in the same run:
+4 x N_lm (linear-layer weights, lm_head included) per text/image token (forward + activation gradients; frozen weights need no weight
+gradients), plus 4 x layers x seq x hidden for causal attention, plus 2 x N_vision per
+patch (the frozen vision tower runs forward only). LoRA's own matmuls are ignored (< 2%).
+
+    python bench/bench_train_gpu.py [--batch 4] [--seq 2048] [--steps 10] [--shape qwen2-vl-2b|tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+SHAPES = {
+    # Qwen/Qwen2-VL-2B-Instruct config.json
+    "qwen2-vl-2b": dict(
+        text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                  tie_word_embeddings=True),
+        vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, in_channels=3)),
+    # a CPU smoke-test of the script itself
+    "tiny": dict(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=152000, max_position_embeddings=4096,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
+        vision=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, in_channels=3)),
+}
+
+
+def matmul_rate(device, dtype, n: int = 8192, reps: int = 20) -> float:
+    """Measured dense matmul FLOP/s at ``dtype`` on ``device``."""
+    import torch
+
+    if device.type == "cpu":
+        n, reps = 1024, 5
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-vl-2b")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048, help="tokens per sample, image tokens included")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from casseat_ray.config import Config
+    from casseat_ray.train.loop import build_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16
+    shape = SHAPES[args.shape]
+    config = Qwen2VLConfig(text_config=shape["text"], vision_config=shape["vision"])
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:  # build_model loads from a path, as in training
+        Qwen2VLForConditionalGeneration(config).to(dtype).save_pretrained(tmp)
+        cfg = Config.model_validate(dict(student=dict(model=tmp, lora=dict(r=args.rank, alpha=2 * args.rank, dropout=0.0)),
+                                         train=dict(gradient_checkpointing=args.gradient_checkpointing)))
+        model = build_model(cfg, dtype).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    # one 448x448 image per sample: a 32x32 patch grid, 256 tokens after the 2x2 merge
+    v = shape["vision"]
+    grid = torch.tensor([[1, 32, 32]] * args.batch)
+    n_patch = 32 * 32
+    n_img = n_patch // v["spatial_merge_size"] ** 2
+    ids = torch.randint(0, 150000, (args.batch, args.seq))
+    ids[:, 1:1 + n_img] = config.image_token_id
+    types = torch.zeros_like(ids)
+    types[:, 1:1 + n_img] = 1
+    patch_dim = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "mm_token_type_ids": types,
+             "pixel_values": torch.randn(args.batch * n_patch, patch_dim, dtype=dtype), "image_grid_thw": grid}
+    batch["labels"][:, :1 + n_img] = -100
+    batch = {k: t.to(device) for k, t in batch.items()}
+
+    def step():
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    for _ in range(2):
+        step()  # warm-up
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    seconds = (time.perf_counter() - t0) / args.steps
+
+    base = model.get_base_model()
+    # matmul weights only: embedding lookups cost no FLOPs, a tied lm_head still does
+    linear = [(n, m.weight.numel()) for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+    n_vision = sum(k for n, k in linear if ".visual." in f".{n}.")
+    n_lm = sum(k for n, k in linear if ".visual." not in f".{n}.")
+    t = shape["text"]
+    tokens = args.batch * args.seq
+    flops = (4 * n_lm * tokens + 4 * t["num_hidden_layers"] * args.seq * t["hidden_size"] * tokens
+             + 2 * n_vision * args.batch * n_patch)
+    peak = matmul_rate(device, dtype)
+    print(json.dumps({
+        "shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "batch": args.batch, "seq": args.seq, "lora_rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing,
+        "params_lm": n_lm, "params_vision": n_vision, "trainable": sum(p.numel() for p in params),
+        "step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "model_tflops_per_s": round(flops / seconds / 1e12, 3), "matmul_bf16_tflops_per_s": round(peak / 1e12, 3),
+        "mfu": round(flops / seconds / peak, 4),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
