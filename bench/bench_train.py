@@ -137,7 +137,7 @@ def packing_vs_padding(cfg, sft: Path, batch: int, pack_len: int) -> dict:
     import torch
 
     from casseat_ray.train.collate import collate, collate_packed, rope_positions
-    from casseat_ray.train.loop import build_model, pack
+    from casseat_ray.train.loop import build_model, pack, rope_index
 
     processor, encoded = _encoded(cfg, sft)
     samples = [e for _, e in encoded if len(e) <= pack_len]
@@ -145,7 +145,7 @@ def packing_vs_padding(cfg, sft: Path, batch: int, pack_len: int) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg, torch.float32)
     for e in samples:
-        e.positions = rope_positions(e, model.get_base_model().model.get_rope_index)
+        e.positions = rope_positions(e, rope_index(model))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     lengths = [len(e) for e in samples]
     padded = [collate(samples[i:i + batch], pad) for i in range(0, len(samples), batch)]

@@ -45,8 +45,12 @@ it vLLM start-up.
 """
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", type=Path, help="YAML config file")
+def _config_args(p: argparse.ArgumentParser, option: bool = False) -> None:
+    """The config file (positional, or a required ``--config`` when ``option``) and its dotted overrides."""
+    if option:
+        p.add_argument("--config", type=Path, required=True, help="YAML config file")
+    else:
+        p.add_argument("config", nargs="?", type=Path, help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides applied after the file, values parsed as YAML (e.g. train.lr=2e-4 sources.0.max_samples=100)")
 
 
@@ -224,7 +228,7 @@ counted. The data order is fixed by (train.seed, epoch), so a resumed run replay
 what an uninterrupted one does. Writes under OUTPUT_DIR/NAME/train:
 
   adapter/          the LoRA adapter in peft format (+ processor); vLLM loads it with enable_lora
-  metrics.jsonl     loss, lr, grad norm, tokens/s, samples/s per step (also printed)
+  metrics.jsonl     loss, lr, grad norm, tokens/s, samples/s per step (printed every train.log_every)
   loss.png          the loss curve;  summary.json  steps, samples, dropped, workers
 
 Checkpoints (adapter, optimizer, scheduler, step) go to RAY.STORAGE_PATH/NAME every
@@ -315,8 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "and print what would reach the teacher: counts per stage, source, answer type and\n"
                                         "reject reason. Nothing is written.",
                             epilog="example:\n  casseat data inspect --config jobs/configs/tiny-cpu.yaml ddf_source.budget=100 --json")
-    q.add_argument("--config", type=Path, required=True, help="YAML config file")
-    q.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides applied after the file")
+    _config_args(q, option=True)
     q.add_argument("--json", action="store_true", help='print one JSON object: {"in", "accepted", "rejected", "by_source", "by_answer_type", "stages"}')
     q.add_argument("--rejects", type=Path, metavar="DIR", help="also write every rejected row (sample_id, source, stage, reason, detail, question) as Parquet to DIR")
     q.set_defaults(func=cmd_data_inspect)
@@ -325,8 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  casseat synthesize --config jobs/configs/tiny-cpu.yaml\n"
                               "  casseat synthesize --config jobs/configs/tiny-cpu.yaml synthesis.mode=seat name=tiny-seat\n"
                               "  ray job submit --working-dir . -- python jobs/synthesize.py --config my.yaml ray.address=auto")
-    p.add_argument("--config", type=Path, required=True, help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides applied after the file")
+    _config_args(p, option=True)
     p.add_argument("--fresh", action="store_true", help="discard earlier teacher outputs of this run name and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     p.set_defaults(func=cmd_synthesize)
@@ -335,15 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  casseat train --config jobs/configs/tiny-cpu.yaml train.num_workers=2\n"
                               "  casseat train --config jobs/configs/tiny-cpu.yaml --resume\n"
                               "  ray job submit --working-dir . -- python jobs/train.py --config my.yaml ray.address=auto")
-    p.add_argument("--config", type=Path, required=True, help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides applied after the file")
+    _config_args(p, option=True)
     p.add_argument("--resume", action="store_true", help="continue the run of this name from its last checkpoint")
     p.add_argument("--data", type=Path, help="SFT Parquet file or folder (default OUTPUT_DIR/NAME/sft)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="check the adapter; optionally merge it into a full model", formatter_class=fmt, description=EXPORT_HELP)
-    p.add_argument("--config", type=Path, required=True, help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides applied after the file")
+    _config_args(p, option=True)
     p.add_argument("--adapter", type=Path, help="adapter folder (default OUTPUT_DIR/NAME/train/adapter)")
     p.add_argument("--merged", type=Path, metavar="OUT", help="also write the merged model to OUT")
     p.set_defaults(func=cmd_export)

@@ -171,11 +171,7 @@ def collate(batch: list[Encoded], pad_id: int) -> dict:
             if e.token_types is not None:
                 types[i, : len(e)] = torch.tensor(e.token_types)
         out["mm_token_type_ids"] = types
-    pixels = [e.pixel_values for e in batch if e.pixel_values is not None]
-    if pixels:
-        out["pixel_values"] = torch.cat(pixels)
-        out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in batch if e.image_grid_thw is not None])
-    return out
+    return out | _image_inputs(batch)
 
 
 def rope_positions(e: Encoded, rope_index) -> object | None:
@@ -227,9 +223,15 @@ def collate_packed(rows: list[list[Encoded]], pad_id: int) -> dict:
     out = {"input_ids": ids, "labels": labels, "position_ids": torch.cat([text[None], pos3]) if mrope else text}
     if any(e.token_types is not None for row in rows for e in row):
         out["mm_token_type_ids"] = types
-    flat = [e for row in rows for e in row]
-    pixels = [e.pixel_values for e in flat if e.pixel_values is not None]
-    if pixels:
-        out["pixel_values"] = torch.cat(pixels)
-        out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in flat if e.image_grid_thw is not None])
-    return out
+    return out | _image_inputs([e for row in rows for e in row])
+
+
+def _image_inputs(samples: list[Encoded]) -> dict:
+    """Image patches and grids of ``samples``, concatenated in the order their image tokens appear."""
+    import torch
+
+    pixels = [e.pixel_values for e in samples if e.pixel_values is not None]
+    if not pixels:
+        return {}
+    return {"pixel_values": torch.cat(pixels),
+            "image_grid_thw": torch.cat([e.image_grid_thw for e in samples if e.image_grid_thw is not None])}

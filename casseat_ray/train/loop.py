@@ -108,6 +108,12 @@ def build_model(cfg: Config, dtype):
     return model
 
 
+def rope_index(model):
+    """The peft-wrapped student's M-RoPE position function (``get_rope_index``), or None
+    for a model whose positions are plain 0..len-1."""
+    return getattr(model.get_base_model().model, "get_rope_index", None)
+
+
 def _dtype(cfg: Config, use_cuda: bool):
     import torch
 
@@ -155,7 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     rows = sorted((r for b in shard.iter_batches(batch_format="pyarrow") for r in b.to_pylist()), key=lambda r: r["id"])
     aft = t.loss == "aft"
-    encoded, dropped, aft_groups = [], 0, 0
+    encoded, dropped = [], 0
     for r in rows:
         e = encode(r, processor, t.label_mode)
         if len(e) > t.cutoff_len or e.n_label_tokens == 0:
@@ -166,13 +172,13 @@ def train_loop_per_worker(config: dict) -> None:
             cands = encode_responses(r, processor)
             group = [(c, k) for c, k in zip(cands, response_ranks(r, t.aft.ranking) if cands else []) if len(c) <= t.cutoff_len]
             group = group if len({k for _, k in group}) > 1 else None  # no better/worse pair: nothing to align
-            aft_groups += group is not None
         encoded.append((r["id"], e, group))
     ids = [i for i, _, _ in encoded]
+    aft_groups = sum(g is not None for _, _, g in encoded)
     # The units a step draws: single samples, or packed rows of several (fixed once, so every
     # epoch has the same number of steps; their order still changes with the epoch).
     if t.packing:
-        rope = getattr(_unwrap(model).get_base_model().model, "get_rope_index", None)
+        rope = rope_index(_unwrap(model))
         for _, e, _ in encoded:
             e.positions = rope_positions(e, rope)
         units = pack([len(e) for _, e, _ in encoded], t.cutoff_len)
@@ -204,8 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
         _log(f"training: {len(encoded)} samples ({dropped} over {t.cutoff_len} tokens dropped), {world} worker(s), "
              + (f"packed into {len(units)} rows of at most {t.cutoff_len} tokens, " if t.packing else "")
              + (f"AFT on {aft_groups} questions with right and wrong responses, " if aft else "")
-             + 
-             f"{per_epoch} steps/epoch, {total} steps" + (f", resuming at step {start}" if start else ""))
+             + f"{per_epoch} steps/epoch, {total} steps" + (f", resuming at step {start}" if start else ""))
     pad = processor.tokenizer.pad_token_id
     order_cache: dict[int, list[int]] = {}
     model.train()
