@@ -206,7 +206,7 @@ class TrainConfig(Section):
     packing: bool = F(False, "Pack several samples into each row of up to cutoff_len tokens (each attends only to itself) instead of padding; batch_size then counts packed rows.")
     precision: Literal["auto", "bf16", "fp32"] = F("auto", "auto: bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = F(False, "Trade compute for memory.")
-    strategy: Literal["ddp", "fsdp"] = F("ddp", "Data parallel strategy across workers.")
+    strategy: Literal["ddp", "fsdp"] = F("ddp", "ddp: every worker holds the whole student; fsdp: parameters, gradients and optimizer state are sharded across the workers per transformer block (FSDP2; gloo on CPU, NCCL on GPU), for students that do not fit one device.")
     num_workers: int = F(1, "Ray Train workers.", ge=0)
     use_gpu: bool = F(False, "One GPU per worker.")
     cpus_per_worker: float = F(1.0, "CPUs per worker.", gt=0)
@@ -218,12 +218,6 @@ class TrainConfig(Section):
     loss: Literal["nll", "aft"] = F("nll", "nll: token cross-entropy; aft: NLL plus the constrained alignment loss.")
     aft: AFTConfig = F(AFTConfig, "AFT alignment loss settings.")
     seed: int = F(0, "Seed for init, data order and dropout.")
-
-    @model_validator(mode="after")
-    def _fsdp_on_gpu(self) -> "TrainConfig":
-        if self.strategy == "fsdp" and not self.use_gpu:
-            raise ValueError("strategy fsdp needs use_gpu: true (Ray Train shards models with FSDP on GPUs only); use ddp on CPU")
-        return self
 
 
 # ---------------------------------------------------------------- evaluation

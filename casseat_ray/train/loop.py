@@ -125,10 +125,70 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _trainable_state(model) -> dict:
-    from peft import get_peft_model_state_dict
+def shard_model(model, device):
+    """FSDP2: every transformer block (the model's own no-split modules), then the whole
+    model, becomes a ``fully_shard`` unit, so parameters, gradients and optimizer state are
+    split across the workers. Works over gloo on CPU as over NCCL on GPU."""
+    from torch.distributed.fsdp import fully_shard
 
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(_unwrap(model)).items()}
+    model = model.to(device)
+    blocks = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
+    for module in [m for m in model.modules() if type(m).__name__ in blocks]:
+        fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def _full(value):
+    """A whole CPU copy of a tensor that may be an FSDP shard (collective for a shard)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    if not torch.is_tensor(value):
+        return value
+    return (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu().clone()
+
+
+def _like(value, param):
+    """``value`` (a whole tensor) laid out as ``param``: sharded the same way under FSDP."""
+    import torch
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor) and torch.is_tensor(value) and value.shape == param.shape:
+        return distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh, param.placements)
+    return value
+
+
+def trainable_state(model) -> dict:
+    """Whole CPU copies of the trainable parameters by name. Every rank calls it: under FSDP
+    gathering the shards is collective."""
+    return {n: _full(p) for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict) -> None:
+    import torch
+
+    params = dict(_unwrap(model).named_parameters())
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
+    if missing:
+        raise ValueError(f"checkpoint lacks trainable parameters {missing[:3]}... (was it made with another LoRA config?)")
+    with torch.no_grad():
+        for name in sorted(state):
+            params[name].copy_(_like(state[name].to(params[name].dtype), params[name]))
+
+
+def optimizer_state(optimizer) -> dict:
+    """The optimizer's state with whole tensors (collective under FSDP), so a checkpoint
+    does not depend on how many workers shared it."""
+    sd = optimizer.state_dict()
+    return {"state": {i: {k: _full(v) for k, v in s.items()} for i, s in sorted(sd["state"].items())},
+            "param_groups": sd["param_groups"]}
+
+
+def load_optimizer_state(optimizer, saved: dict) -> None:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {i: {k: _like(v, params[i]) for k, v in s.items()} for i, s in sorted(saved["state"].items())}
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
 # ---------------------------------------------------------------- the worker loop
@@ -137,7 +197,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from peft import set_peft_model_state_dict
     from transformers import AutoProcessor, get_scheduler
 
     from casseat_ray.train.collate import collate, collate_packed, encode, encode_responses, rope_positions
@@ -154,8 +213,14 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(t.seed)  # identical LoRA init on every rank
     processor = AutoProcessor.from_pretrained(cfg.student.model)
     model = build_model(cfg, _dtype(cfg, device.type == "cuda"))
-    model = ray.train.torch.prepare_model(model, parallel_strategy=t.strategy) if world > 1 else model.to(device)
+    fsdp = t.strategy == "fsdp" and distributed
+    if fsdp:  # FSDP2 directly (Ray Train's prepare_model offers FSDP on GPUs only)
+        model = shard_model(model, device)
+    else:
+        model = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
+    # what this worker holds of the trainable weights (about 1/world of them under FSDP)
+    held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
 
     # Every worker reads the whole (unsplit) set so all agree on the (seed, epoch) order.
     shard = ray.train.get_dataset_shard("train")
@@ -196,8 +261,8 @@ def train_loop_per_worker(config: dict) -> None:
         with ckpt.as_directory() as d:
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(_unwrap(model), load_file(os.path.join(d, "adapter_state.safetensors")))
-            optimizer.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), weights_only=False))
+            load_trainable_state(model, load_file(os.path.join(d, "trainable.safetensors")))
+            load_optimizer_state(optimizer, torch.load(os.path.join(d, "optimizer.pt"), weights_only=False))
             scheduler.load_state_dict(torch.load(os.path.join(d, "scheduler.pt"), weights_only=False))
             state = json.loads(Path(d, "state.json").read_text())
             start, skipped = state["step"], state["skipped_nonfinite"]
@@ -232,6 +297,8 @@ def train_loop_per_worker(config: dict) -> None:
                 batch = collate(refs + [c for g in groups for c, _ in g], pad)
             batch = {n: v.to(device) for n, v in batch.items()}
             sync = k == len(micro) - 1 or not distributed
+            if fsdp:
+                model.set_requires_gradient_sync(sync)
             ctxm = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
             with ctxm:
                 if groups:
@@ -282,24 +349,27 @@ def train_loop_per_worker(config: dict) -> None:
             if (step + 1) % t.log_every == 0 or step == start or last:  # the console is sampled, the file is not
                 _log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "time"))
         if (step + 1) % t.checkpoint_every == 0 or last:
+            weights, opt_state = trainable_state(model), optimizer_state(optimizer)  # every rank: collective under FSDP
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
                 if rank == 0:
                     from safetensors.torch import save_file
 
-                    save_file(_trainable_state(model), os.path.join(tmp, "adapter_state.safetensors"))
-                    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+                    save_file(weights, os.path.join(tmp, "trainable.safetensors"))
+                    torch.save(opt_state, os.path.join(tmp, "optimizer.pt"))
                     torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
                     Path(tmp, "state.json").write_text(json.dumps({"step": step + 1, "epoch": epoch, "skipped_nonfinite": skipped}))
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(record, checkpoint=checkpoint)  # a barrier: every rank reports
+    weights = trainable_state(model)
     if rank == 0:
         adapter = out_dir / "adapter"
-        _unwrap(model).save_pretrained(adapter)
+        _unwrap(model).save_pretrained(adapter, state_dict=weights)
         processor.save_pretrained(adapter)
         (out_dir / "summary.json").write_text(json.dumps({
             "steps": total, "samples": len(encoded), "rows": len(units), "dropped_too_long": dropped, "workers": world,
-            "skipped_nonfinite": skipped, "adapter": str(adapter),
+            "skipped_nonfinite": skipped, "strategy": "fsdp" if fsdp else ("ddp" if distributed else "single"),
+            "trainable_params": sum(p.numel() for p in params), "trainable_params_on_rank0": held, "adapter": str(adapter),
             **({"aft_questions": aft_groups} if aft else {}),
         }, indent=2) + "\n")
 

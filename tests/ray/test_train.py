@@ -66,6 +66,26 @@ def test_two_workers_lower_the_loss_and_train_only_lora(two_workers, tiny_models
         assert not torch.equal(value, start[name]), f"{name} did not change"
 
 
+def test_fsdp_shards_the_student_and_matches_ddp(tmp_path, tiny_models, sft, two_workers, ray_session):
+    cfg = _cfg(tmp_path, tiny_models, "fsdp", num_workers=2, strategy="fsdp")
+    summary = train_run.run(cfg, data=sft)
+    assert summary["strategy"] == "fsdp" and two_workers[1]["strategy"] == "ddp"
+    assert summary["steps"] == two_workers[1]["steps"] == 16
+    assert summary["trainable_params"] == two_workers[1]["trainable_params_on_rank0"] == two_workers[1]["trainable_params"]
+    assert summary["trainable_params_on_rank0"] <= summary["trainable_params"] * 0.6  # each worker holds about half
+    adapter = train_run.train_dir(cfg) / "adapter" / "adapter_model.safetensors"
+    fsdp = load_file(str(adapter))
+    ddp = load_file(str(train_run.train_dir(two_workers[0]) / "adapter" / "adapter_model.safetensors"))
+    assert sorted(fsdp) == sorted(ddp)
+    worst = max((fsdp[k] - ddp[k]).abs().max().item() for k in ddp)
+    assert worst < 1e-4, worst  # same data, order, seeds and dropout: only the reduction order differs
+    # the finished run resumed: its last checkpoint (gathered from both shards) is scattered
+    # back into shards with the optimizer state, no step is left, and the same adapter results
+    train_run.run(cfg, resume=True, data=sft)
+    again = load_file(str(adapter))
+    assert all(torch.equal(again[k], fsdp[k]) for k in fsdp)
+
+
 def test_packed_rows_with_a_trainable_projector(tmp_path, tiny_models, sft, ray_session):
     cfg = _cfg(tmp_path, tiny_models, "packed", packing=True, cutoff_len=1024, batch_size=1, epochs=2)
     cfg.student.lora.train_projector = True

@@ -64,9 +64,36 @@ def test_packing_and_aft_together_are_refused():
         Config.model_validate(dict(train=dict(packing=True, loss="aft")))
 
 
-def test_fsdp_without_gpus_is_refused_before_any_work():
-    from casseat_ray.config import Config
+def test_checkpoint_state_round_trips_weights_and_optimizer():
+    import torch
 
-    with pytest.raises(ValueError, match="strategy fsdp needs use_gpu: true"):
-        Config.model_validate(dict(train=dict(strategy="fsdp")))
-    assert Config.model_validate(dict(train=dict(strategy="fsdp", use_gpu=True))).train.strategy == "fsdp"
+    from casseat_ray.train.loop import load_optimizer_state, load_trainable_state, optimizer_state, trainable_state
+
+    def make():
+        m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        m[0].weight.requires_grad_(False)  # frozen: not part of the checkpoint
+        return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+
+    torch.manual_seed(0)
+    a, opt_a = make()
+    for _ in range(2):
+        a(torch.randn(3, 4)).sum().backward()
+        opt_a.step()
+        opt_a.zero_grad()
+    weights, state = trainable_state(a), optimizer_state(opt_a)
+    assert sorted(weights) == ["0.bias", "1.bias", "1.weight"]
+    torch.manual_seed(0)  # the same frozen weights; the trainable ones still differ until loaded
+    b, opt_b = make()
+    assert not torch.equal(b[1].weight, a[1].weight)
+    load_trainable_state(b, weights)
+    load_optimizer_state(opt_b, state)
+    for n, p in b.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, dict(a.named_parameters())[n])
+    x = torch.randn(3, 4)
+    for m, o in ((a, opt_a), (b, opt_b)):  # the same next step from the restored state
+        m[1](m[0](x).detach()).sum().backward()
+        o.step()
+    assert torch.equal(a[1].weight, b[1].weight)
+    with pytest.raises(ValueError, match="checkpoint lacks trainable parameters"):
+        load_trainable_state(b, {"1.weight": weights["1.weight"]})
