@@ -93,6 +93,8 @@ class EngineConfig(Section):
     dtype: str = F("auto", "Weights dtype for vLLM (auto, bfloat16, float16, float32).")
     max_model_len: int = F(4096, "Context length the engine reserves per sequence.", ge=64)
     tensor_parallel_size: int = F(1, "GPUs one engine spans (tensor parallel).", ge=1)
+    pipeline_parallel_size: int = F(1, "Pipeline stages one engine spans; the engine uses tensor x pipeline devices.", ge=1)
+    distributed_executor_backend: Literal["uni", "mp", "ray"] | None = F(None, "How vLLM runs an engine spanning several devices (None: ray inside the Ray pipeline, so its workers live in the actor's placement group).")
     gpu_memory_utilization: float = F(0.9, "Share of GPU memory vLLM may take.", gt=0, le=1)
     kv_cache_memory_bytes: int | None = F(None, "Fixed KV-cache size in bytes (None: derived from gpu_memory_utilization). On CPU a fixed size also skips the start-up warm-up.", ge=1)
     enable_prefix_caching: bool = F(True, "Reuse the KV cache of a shared conversation prefix; makes the C2 turn cheap.")
@@ -115,14 +117,35 @@ class SamplingConfig(Section):
     stop: list[str] = F([], "Extra stop strings.")
 
 
+class PlacementConfig(Section):
+    """How an engine spanning several devices is placed (one placement group per actor)."""
+
+    bundle: dict[str, float] = F({"GPU": 1, "CPU": 1}, "Resources of each of the engine's tensor x pipeline bundles; the actor itself takes its CPUs from the first.")
+    strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = F("STRICT_PACK", "Ray placement strategy for the bundles (STRICT_PACK keeps a tensor-parallel engine on one node; PACK lets pipeline stages span nodes).")
+    accelerator_type: str | None = F(None, "Ray accelerator type every bundle must have (e.g. H100), None for any.")
+
+
+def check_engine_placement(where: str, engine: EngineConfig, num_cpus: float, placement: PlacementConfig) -> None:
+    """Refuse, before any work, an engine actor that could never be placed."""
+    if engine.tensor_parallel_size * engine.pipeline_parallel_size == 1:
+        return
+    if num_cpus > placement.bundle.get("CPU", 0):
+        raise ValueError(f"{where}: the engine actor asks for {num_cpus} CPUs but a placement bundle holds "
+                         f"{placement.bundle.get('CPU', 0)}; raise teacher.placement.bundle.CPU or lower num_cpus")
+    if engine.distributed_executor_backend not in (None, "ray"):
+        raise ValueError(f"{where}: distributed_executor_backend {engine.distributed_executor_backend!r} cannot use the actor's "
+                         "placement group; use ray (or leave it unset) for an engine spanning several devices")
+
+
 class TeacherConfig(Section):
     model: str = F(description="Teacher model: a local Hugging Face directory or a hub id.")
     engine: EngineConfig = F(EngineConfig, "vLLM engine arguments.")
     sampling: SamplingConfig = F(SamplingConfig, "Sampling for the C1 and C2 turns.")
     concurrency: int = F(1, "Number of teacher actors (each owns one engine).", ge=1)
-    num_gpus: float = F(0.0, "GPUs per teacher actor; set to engine.tensor_parallel_size on GPU clusters, 0 on CPU.", ge=0)
+    num_gpus: float = F(0.0, "GPUs per teacher actor for a one-device engine (1 on GPU clusters, 0 on CPU); an engine spanning several devices gets a placement group instead (see placement).", ge=0)
     num_cpus: float = F(1.0, "CPUs reserved per teacher actor.", ge=0)
     batch_size: int = F(16, "Rows per batch handed to one teacher actor.", ge=1)
+    placement: PlacementConfig = F(PlacementConfig, "Placement group of an engine spanning several devices (engine.tensor_parallel_size x pipeline_parallel_size > 1).")
 
 
 # ---------------------------------------------------------------- synthesis
@@ -264,6 +287,10 @@ class Config(Section):
             raise ValueError(f"ddf_source.per_source_cap names unknown sources {unknown}; sources are {names}")
         if self.ddf_labeled.judge.enabled:  # refused rather than silently ignored
             raise ValueError("ddf_labeled.judge.enabled: the model judge is not available in this version; set it to false")
+        if self.teacher:
+            check_engine_placement("teacher", self.teacher.engine, self.teacher.num_cpus, self.teacher.placement)
+            if self.student and self.ddf_source.model_filter.enabled:
+                check_engine_placement("student (model filter)", self.student.engine, self.teacher.num_cpus, self.teacher.placement)
         if self.train.packing and self.train.loss == "aft":
             raise ValueError("train.packing cannot be combined with train.loss=aft: AFT scores each response as its own row")
         if self.synthesis.cot_samples > 1 and self.teacher and self.teacher.sampling.temperature == 0:

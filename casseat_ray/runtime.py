@@ -1,12 +1,13 @@
 """Connecting to Ray the way the config says (local for tests and laptops, a cluster address
-for `ray job submit`)."""
+for `ray job submit`), and placing the actors that own an engine."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
-from casseat_ray.config import RayConfig
+from casseat_ray.config import EngineConfig, PlacementConfig, RayConfig
 
 
 def init_ray(cfg: RayConfig, quiet: bool = True) -> None:
@@ -28,3 +29,32 @@ def init_ray(cfg: RayConfig, quiet: bool = True) -> None:
         ctx = DataContext.get_current()
         ctx.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def engine_actor_args(engine: EngineConfig, num_cpus: float, num_gpus: float, placement: PlacementConfig) -> tuple[dict, EngineConfig]:
+    """``map_batches`` resources for an actor owning one engine, and the engine config it runs.
+
+    A one-device engine asks for ``num_gpus`` on the actor. An engine spanning tensor x
+    pipeline devices gets its own placement group of that many bundles; the actor takes no
+    GPU itself and vLLM's Ray executor starts one worker per bundle inside the group (the
+    group captures the actor's child tasks).
+    """
+    devices = engine.tensor_parallel_size * engine.pipeline_parallel_size
+    if devices == 1:
+        return {"num_cpus": num_cpus, "num_gpus": num_gpus}, engine
+    bundle = dict(placement.bundle)
+    if placement.accelerator_type:
+        bundle[f"accelerator_type:{placement.accelerator_type}"] = 0.001
+    fn = functools.partial(placement_group_args, [bundle] * devices, placement.strategy)
+    return {"num_cpus": num_cpus, "num_gpus": 0, "ray_remote_args_fn": fn}, engine.model_copy(update={"distributed_executor_backend": "ray"})
+
+
+def placement_group_args(bundles: list[dict], strategy: str) -> dict:
+    """Remote args placing one new actor in a placement group of its own (Ray Data calls this
+    once per actor it starts, through ``ray_remote_args_fn``, as ``ray.data.llm`` does; the
+    group lives as long as the job)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = ray.util.placement_group(bundles, strategy=strategy)
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}

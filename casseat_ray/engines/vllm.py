@@ -54,6 +54,7 @@ class VLLMEngine:
             dtype=engine.dtype,
             max_model_len=engine.max_model_len,
             tensor_parallel_size=engine.tensor_parallel_size,
+            pipeline_parallel_size=engine.pipeline_parallel_size,
             gpu_memory_utilization=engine.gpu_memory_utilization,
             enable_prefix_caching=engine.enable_prefix_caching,
             limit_mm_per_prompt=engine.limit_mm_per_prompt,
@@ -64,6 +65,8 @@ class VLLMEngine:
             kwargs["mm_processor_kwargs"] = engine.mm_processor_kwargs
         if engine.kv_cache_memory_bytes:
             kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
+        if engine.distributed_executor_backend:
+            kwargs["distributed_executor_backend"] = engine.distributed_executor_backend
         if engine.max_num_seqs:
             kwargs["max_num_seqs"] = engine.max_num_seqs
         if engine.enable_lora:

@@ -36,7 +36,7 @@ PART_GLOB = "part-*.parquet"
 # Config sections whose change makes earlier teacher outputs invalid for this run; how many
 # actors run and how batches are cut are not among them (a resumed run may scale out).
 FINGERPRINT_KEYS = ("sources", "images", "ddf_source", "teacher", "synthesis", "ddf_labeled", "seed")
-SCHEDULING = {"teacher": ("concurrency", "num_cpus", "num_gpus", "batch_size"), "ddf_labeled": ("concurrency", "num_cpus")}
+SCHEDULING = {"teacher": ("concurrency", "num_cpus", "num_gpus", "batch_size", "placement"), "ddf_labeled": ("concurrency", "num_cpus")}
 
 
 # ---------------------------------------------------------------- resume bookkeeping
@@ -125,15 +125,17 @@ def build(cfg: Config, source, done: set[str]):
 
     from casseat_ray.synth.stages import LabelStage, StudentFilter, TeacherStage
 
+    from casseat_ray.runtime import engine_actor_args
+
     t = cfg.teacher
     ds = source.map_batches(pending_batch, batch_format="pyarrow", fn_kwargs={"done": done}, num_cpus=0.1)
     if cfg.ddf_source.model_filter.enabled:
-        s = cfg.student
-        ds = ds.map_batches(StudentFilter, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", compute=ActorPoolStrategy(size=1),
-                            batch_size=cfg.ddf_source.model_filter.batch_size, num_cpus=t.num_cpus,
-                            num_gpus=min(t.num_gpus, s.engine.tensor_parallel_size) if t.num_gpus else 0)
-    ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", compute=ActorPoolStrategy(size=t.concurrency),
-                        batch_size=t.batch_size, num_cpus=t.num_cpus, num_gpus=t.num_gpus)
+        resources, engine = engine_actor_args(cfg.student.engine, t.num_cpus, min(t.num_gpus, 1.0), t.placement)
+        ds = ds.map_batches(StudentFilter, fn_constructor_kwargs={"cfg": cfg, "engine_config": engine}, batch_format="pyarrow",
+                            compute=ActorPoolStrategy(size=1), batch_size=cfg.ddf_source.model_filter.batch_size, **resources)
+    resources, engine = engine_actor_args(t.engine, t.num_cpus, t.num_gpus, t.placement)
+    ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={"cfg": cfg, "engine_config": engine}, batch_format="pyarrow",
+                        compute=ActorPoolStrategy(size=t.concurrency), batch_size=t.batch_size, **resources)
     lab = cfg.ddf_labeled
     ds = ds.map_batches(LabelStage, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", compute=ActorPoolStrategy(size=lab.concurrency),
                         batch_size=t.batch_size, num_cpus=lab.num_cpus)

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from casseat_ray import prompts
 from casseat_ray.answers import score
-from casseat_ray.config import Config
+from casseat_ray.config import Config, EngineConfig
 from casseat_ray.engines import image_part, text_part, user
 from casseat_ray.synth.conversations import c1_conversation, c2_conversation, question_with_choices
 from casseat_ray.synth.filters import judge_cascade, judge_single, too_long
@@ -180,12 +180,12 @@ def _with_columns(batch: pa.Table, rows: list[dict], fields: list[pa.Field]) -> 
 class StudentFilter:
     """DDF level 1, model part: the student answers directly; what it gets right is too easy."""
 
-    def __init__(self, cfg: Config, engine=None):
+    def __init__(self, cfg: Config, engine=None, engine_config: EngineConfig | None = None):
         from casseat_ray.engines.vllm import VLLMEngine
 
         self.cfg = cfg
         self.prompt = stage_prompts(cfg)["direct"]
-        self.engine = engine or VLLMEngine(cfg.student.model, cfg.student.engine)
+        self.engine = engine or VLLMEngine(cfg.student.model, engine_config or cfg.student.engine)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -204,12 +204,12 @@ class StudentFilter:
 class TeacherStage:
     """Owns one teacher engine and runs the whole cascade for its batch on it."""
 
-    def __init__(self, cfg: Config, engine=None):
+    def __init__(self, cfg: Config, engine=None, engine_config: EngineConfig | None = None):
         from casseat_ray.engines.vllm import VLLMEngine
 
         self.cfg = cfg
         self.ps = stage_prompts(cfg)
-        self.engine = engine or VLLMEngine(cfg.teacher.model, cfg.teacher.engine, cfg.teacher.sampling)
+        self.engine = engine or VLLMEngine(cfg.teacher.model, engine_config or cfg.teacher.engine, cfg.teacher.sampling)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

@@ -20,3 +20,51 @@ def test_demo_parquet_streams_through_ray_data(ray_session, demo_parquet, demo_r
     assert all(r["decoded"] for r in rows)
     assert sorted(r["sample_id"] for r in rows) == sorted(r["sample_id"] for r in demo_rows)
     assert ray.cluster_resources()["CPU"] == 2
+
+
+class _WherePlaced:
+    """Stands in for an engine-owning stage: reports the placement group it runs in, and
+    the one a child task it starts lands in (as vLLM's Ray workers would)."""
+
+    def __init__(self):
+        import ray
+
+        @ray.remote(num_cpus=0.25)
+        def child():
+            pg = ray.util.get_current_placement_group()
+            return pg.id.hex() if pg else None
+
+        self.pg = ray.util.get_current_placement_group()
+        self.child_pg = ray.get(child.remote())
+
+    def __call__(self, batch):
+        batch["pg"] = [self.pg.id.hex() if self.pg else None] * len(batch["id"])
+        batch["bundles"] = [len(self.pg.bundle_specs) if self.pg else 0] * len(batch["id"])
+        batch["child_pg"] = [self.child_pg] * len(batch["id"])
+        return batch
+
+
+def test_multi_device_engine_actors_get_a_placement_group_each(ray_session):
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from casseat_ray.config import EngineConfig, PlacementConfig
+    from casseat_ray.runtime import engine_actor_args
+
+    # tensor x pipeline = 2 x 1 devices; CPU bundles so the placement is real on this machine
+    resources, engine = engine_actor_args(EngineConfig(tensor_parallel_size=2), 0.25, 1.0,
+                                          PlacementConfig(bundle={"CPU": 0.25}, strategy="PACK"))
+    assert engine.distributed_executor_backend == "ray" and resources["num_gpus"] == 0
+    # materialized first, as synthesis does: the groups hold CPUs Ray Data's budget does not see
+    source = ray.data.range(8, override_num_blocks=2).materialize()
+    ds = source.map_batches(_WherePlaced, batch_size=4, compute=ActorPoolStrategy(size=2), **resources)
+    rows = ds.take_all()
+    assert len(rows) == 8 and all(r["bundles"] == 2 for r in rows)
+    groups = {r["pg"] for r in rows}
+    assert None not in groups and 1 <= len(groups) <= 2  # one group per actor
+    assert all(r["child_pg"] == r["pg"] for r in rows)  # the engine's workers stay in the actor's group
+    from ray.util.placement_group import PlacementGroup
+
+    for pg in ray.util.placement_group_table().values():  # leave the session as it was
+        if pg["state"] == "CREATED":
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg["placement_group_id"]))))

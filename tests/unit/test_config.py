@@ -116,6 +116,24 @@ def test_cross_checks(good_file):
         C.load_config(good_file, ["ddf_source.per_source_cap={other: 3}"])
 
 
+def test_multi_device_engines_are_placed_in_groups_and_impossible_placements_refused(good_file):
+    from casseat_ray.runtime import engine_actor_args
+
+    cfg = C.load_config(good_file, ["teacher.num_gpus=1"])
+    resources, engine = engine_actor_args(cfg.teacher.engine, cfg.teacher.num_cpus, cfg.teacher.num_gpus, cfg.teacher.placement)
+    assert resources == {"num_cpus": 1.0, "num_gpus": 1} and engine.distributed_executor_backend is None  # one device: no group
+    cfg = C.load_config(good_file, ["teacher.engine.tensor_parallel_size=2", "teacher.engine.pipeline_parallel_size=2",
+                                    "teacher.placement.accelerator_type=H100"])
+    resources, engine = engine_actor_args(cfg.teacher.engine, cfg.teacher.num_cpus, cfg.teacher.num_gpus, cfg.teacher.placement)
+    assert resources["num_gpus"] == 0 and engine.distributed_executor_backend == "ray"
+    bundles, strategy = resources["ray_remote_args_fn"].args
+    assert strategy == "STRICT_PACK" and bundles == [{"GPU": 1, "CPU": 1, "accelerator_type:H100": 0.001}] * 4
+    with pytest.raises(C.ConfigError, match="teacher: the engine actor asks for 2.0 CPUs but a placement bundle holds 1"):
+        C.load_config(good_file, ["teacher.engine.tensor_parallel_size=2", "teacher.num_cpus=2"])
+    with pytest.raises(C.ConfigError, match="distributed_executor_backend 'mp' cannot use the actor's placement group"):
+        C.load_config(good_file, ["teacher.engine.tensor_parallel_size=2", "teacher.engine.distributed_executor_backend=mp"])
+
+
 def _sections(model: type[BaseModel], seen: set) -> None:
     if model in seen:
         return
