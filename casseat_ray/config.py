@@ -115,6 +115,7 @@ class SamplingConfig(Section):
     n: int = F(1, "Completions per prompt.", ge=1)
     seed: int | None = F(0, "Per-request seed, for reproducible sampling (None: random).")
     stop: list[str] = F([], "Extra stop strings.")
+    choice: list[str] | None = F(None, "Constrain every completion to exactly one of these strings (vLLM structured outputs).")
 
 
 class PlacementConfig(Section):
@@ -156,6 +157,7 @@ class PromptsConfig(Section):
     seat: Path | None = F(None, "File overriding the single long SEAT prompt ({{question}}).")
     direct: Path | None = F(None, "File overriding the direct-answer prompt ({{question}}).")
     extract: Path | None = F(None, "File overriding the few-shot answer-extraction prompt ({{query}}, {{response}}).")
+    judge: Path | None = F(None, "File overriding the model judge's prompt ({{question}}, {{answer}}, {{reasoning}}, {{evaluation}}).")
 
 
 class SynthesisConfig(Section):
@@ -166,8 +168,16 @@ class SynthesisConfig(Section):
 
 
 class JudgeConfig(Section):
-    enabled: bool = F(False, "Ask a judge model whether each reflection is faithful to the image and the reasoning.")
-    model: str | None = F(None, "Judge model (defaults to the teacher).")
+    enabled: bool = F(False, "Ask a judge model whether each kept sample's reflection is faithful to the image and the reasoning; unfaithful ones are rejected (stage ddf_judge).")
+    model: str | None = F(None, "Judge model: a local Hugging Face directory or a hub id (None: the teacher's model, in an engine of its own).")
+    engine: EngineConfig | None = F(None, "vLLM engine arguments of the judge (None: the teacher's).")
+    constrained: bool = F(True, "Constrain the reply to the word faithful or unfaithful (vLLM structured outputs); false lets the judge reason first and reads its last 'Verdict:' line.")
+    max_tokens: int = F(512, "Token budget of one judge reply (a constrained reply ends at its verdict word).", ge=1)
+    on_no_verdict: Literal["reject", "keep"] = F("reject", "A reply without a verdict, or an engine error: reject the sample (judge_no_verdict, judge_error) or keep it.")
+    concurrency: int = F(1, "Judge actors (each owns one engine).", ge=1)
+    num_gpus: float = F(0.0, "GPUs per judge actor for a one-device engine (placement groups as for the teacher otherwise).", ge=0)
+    num_cpus: float = F(1.0, "CPUs reserved per judge actor.", ge=0)
+    batch_size: int = F(16, "Rows per batch handed to one judge actor.", ge=1)
 
 
 class DDFLabeledConfig(Section):
@@ -285,8 +295,9 @@ class Config(Section):
         unknown = sorted(set(self.ddf_source.per_source_cap) - set(names))
         if unknown and self.sources:
             raise ValueError(f"ddf_source.per_source_cap names unknown sources {unknown}; sources are {names}")
-        if self.ddf_labeled.judge.enabled:  # refused rather than silently ignored
-            raise ValueError("ddf_labeled.judge.enabled: the model judge is not available in this version; set it to false")
+        judge = self.ddf_labeled.judge
+        if judge.enabled and self.teacher:
+            check_engine_placement("ddf_labeled.judge", judge.engine or self.teacher.engine, judge.num_cpus, self.teacher.placement)
         if self.teacher:
             check_engine_placement("teacher", self.teacher.engine, self.teacher.num_cpus, self.teacher.placement)
             if self.student and self.ddf_source.model_filter.enabled:
@@ -441,6 +452,9 @@ def check_inputs(cfg: Config, parts: tuple[str, ...] = INPUT_PARTS) -> list[str]
         section = getattr(cfg, role)
         if role in parts and section is not None and _looks_local(section.model):
             need(f"{role}.model", section.model, "model directory", is_dir=True)
+    judge = cfg.ddf_labeled.judge
+    if "teacher" in parts and judge.enabled and judge.model and _looks_local(judge.model):
+        need("ddf_labeled.judge.model", judge.model, "model directory", is_dir=True)
     for key, p in (("synthesis.prompts." + k, v) for k, v in cfg.synthesis.prompts):
         need(key, p, "prompt file")
     return problems

@@ -36,8 +36,11 @@ def to_vllm_messages(conversation: list[dict]) -> list[dict]:
 
 def sampling_params(s: SamplingConfig):
     from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
 
-    return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, n=s.n, seed=s.seed, stop=s.stop or None)
+    structured = StructuredOutputsParams(choice=list(s.choice)) if s.choice else None
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, n=s.n, seed=s.seed, stop=s.stop or None,
+                          structured_outputs=structured)
 
 
 class VLLMEngine:

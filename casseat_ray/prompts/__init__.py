@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).parent
-NAMES = ("c1", "c2", "c2_hint", "seat", "direct", "extract")
+NAMES = ("c1", "c2", "c2_hint", "seat", "direct", "extract", "judge")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 

@@ -15,11 +15,16 @@ the reject reason (so each reason is counted once and means one thing):
 8. ``too_long``            over the student's token budget (checked by the caller, who has the
                            student's tokenizer; see ``too_long``)
 
+The optional model judge then reads what is left (stage ``ddf_judge``, see ``judge_reject``):
+``judge_unfaithful``, and with ``on_no_verdict: reject`` also ``judge_no_verdict`` and
+``judge_error``.
+
 What survives yields a self-evaluation sample; a CoT sample additionally needs C1 correct.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from casseat_ray.answers import ScoredAnswer, find_verdicts, score
@@ -119,4 +124,30 @@ def too_long(n_tokens: int, cfg: DDFLabeledConfig) -> tuple[str, str] | None:
     """The student-budget check; ``n_tokens`` counts text and image tokens of the full sample."""
     if n_tokens > cfg.max_student_tokens:
         return "too_long", f"{n_tokens} student tokens > {cfg.max_student_tokens}"
+    return None
+
+
+JUDGE_VERDICTS = ("faithful", "unfaithful")
+_JUDGE_LINE = re.compile(r"verdict\s*[:：]\s*\**\s*(unfaithful|faithful)\b", re.IGNORECASE)
+
+
+def judge_verdict(text: str) -> str | None:
+    """The judge's verdict: a reply that is exactly one verdict word (a constrained reply), else
+    the last ``Verdict: ...`` line of a free-form one; None when there is neither."""
+    bare = text.strip().strip(".*\"' ").lower()
+    if bare in JUDGE_VERDICTS:
+        return bare
+    found = _JUDGE_LINE.findall(text)
+    return found[-1].lower() if found else None
+
+
+def judge_reject(text: str, error: str | None, on_no_verdict: str) -> tuple[str, str] | None:
+    """The reject (reason, detail) the judge's reply implies, or None to keep the sample."""
+    if error:
+        return ("judge_error", error) if on_no_verdict == "reject" else None
+    verdict = judge_verdict(text)
+    if verdict == "unfaithful":
+        return "judge_unfaithful", text.strip()[-200:]
+    if verdict is None and on_no_verdict == "reject":
+        return "judge_no_verdict", text.strip()[-200:] or "empty reply"
     return None

@@ -140,7 +140,7 @@ def compute_stats(cfg: Config, source_funnel: dict, light: list[dict], candidate
     """The funnel: per stage ``{"in", "out", "rejected": {reason: n}}``, plus teacher figures."""
     stages = dict(source_funnel["stages"])
     n = source_funnel["accepted"]
-    for stage in ("ddf_model", "ddf_labeled"):
+    for stage in ("ddf_model", "ddf_labeled") + (("ddf_judge",) if cfg.ddf_labeled.judge.enabled else ()):
         rejected = Counter(r["reject_reason"] for r in light if r["reject_stage"] == stage)
         stages[stage] = {"in": n, "out": n - sum(rejected.values()), "rejected": dict(sorted(rejected.items()))}
         n = stages[stage]["out"]
@@ -197,6 +197,8 @@ def dataset_card(cfg: Config, stats: dict, ps: dict) -> str:
         f"- Teacher outputs: drop truncated={f.drop_truncated}, require answer={f.require_answer}, verdict={f.require_verdict}, "
         f"correct={f.require_correct}, consistent={f.require_consistent}; leakage phrases {f.leakage_phrases}; "
         f"at most {f.max_student_tokens} student tokens (image tokens included, never truncated).",
+        f"- Model judge: " + (f"`{f.judge.model or cfg.teacher.model}` ({'constrained verdict' if f.judge.constrained else 'free-form, last Verdict: line'}; "
+                              f"no verdict: {f.judge.on_no_verdict})." if f.judge.enabled else "off."),
         f"- Mix: {cfg.mix.self_eval_per_cot} self-evaluation samples per CoT sample, cap {cfg.mix.max_samples}, seed {cfg.mix.seed}.",
         "",
         "## Prompts (template sha256, first 12 hex)",

@@ -36,7 +36,8 @@ PART_GLOB = "part-*.parquet"
 # Config sections whose change makes earlier teacher outputs invalid for this run; how many
 # actors run and how batches are cut are not among them (a resumed run may scale out).
 FINGERPRINT_KEYS = ("sources", "images", "ddf_source", "teacher", "synthesis", "ddf_labeled", "seed")
-SCHEDULING = {"teacher": ("concurrency", "num_cpus", "num_gpus", "batch_size", "placement"), "ddf_labeled": ("concurrency", "num_cpus")}
+SCHEDULING = {"teacher": ("concurrency", "num_cpus", "num_gpus", "batch_size", "placement"), "ddf_labeled": ("concurrency", "num_cpus"),
+              "ddf_labeled.judge": ("concurrency", "num_cpus", "num_gpus", "batch_size")}
 
 
 # ---------------------------------------------------------------- resume bookkeeping
@@ -44,8 +45,11 @@ def fingerprint(cfg: Config) -> dict:
     dumped = cfg.model_dump(mode="json")
     out = {k: dumped[k] for k in FINGERPRINT_KEYS}
     for section, keys in SCHEDULING.items():
+        node = out
+        for part in section.split("."):
+            node = (node or {}).get(part)
         for k in keys:
-            (out[section] or {}).pop(k, None)
+            (node or {}).pop(k, None)
     out["student.model"] = cfg.student.model if cfg.student else None
     return out
 
@@ -123,7 +127,7 @@ def build(cfg: Config, source, done: set[str]):
     """The Ray Data chain from source rows to labeled rows (one line per stage)."""
     from ray.data import ActorPoolStrategy
 
-    from casseat_ray.synth.stages import LabelStage, StudentFilter, TeacherStage
+    from casseat_ray.synth.stages import JudgeStage, LabelStage, StudentFilter, TeacherStage
 
     from casseat_ray.runtime import engine_actor_args
 
@@ -139,6 +143,11 @@ def build(cfg: Config, source, done: set[str]):
     lab = cfg.ddf_labeled
     ds = ds.map_batches(LabelStage, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", compute=ActorPoolStrategy(size=lab.concurrency),
                         batch_size=t.batch_size, num_cpus=lab.num_cpus)
+    j = lab.judge
+    if j.enabled:
+        resources, engine = engine_actor_args(j.engine or t.engine, j.num_cpus, j.num_gpus, t.placement)
+        ds = ds.map_batches(JudgeStage, fn_constructor_kwargs={"cfg": cfg, "engine_config": engine}, batch_format="pyarrow",
+                            compute=ActorPoolStrategy(size=j.concurrency), batch_size=j.batch_size, **resources)
     return ds
 
 

@@ -16,10 +16,10 @@ import pyarrow as pa
 
 from casseat_ray import prompts
 from casseat_ray.answers import score
-from casseat_ray.config import Config, EngineConfig
+from casseat_ray.config import Config, EngineConfig, SamplingConfig
 from casseat_ray.engines import image_part, text_part, user
-from casseat_ray.synth.conversations import c1_conversation, c2_conversation, question_with_choices
-from casseat_ray.synth.filters import judge_cascade, judge_single, too_long
+from casseat_ray.synth.conversations import c1_conversation, c2_conversation, judge_conversation, judged_texts, question_with_choices
+from casseat_ray.synth.filters import JUDGE_VERDICTS, judge_cascade, judge_reject, judge_single, judge_verdict, too_long
 from casseat_ray.synth.mix import cot_sample, seat_sample, self_eval_sample
 
 # Columns the teacher stage adds (one row per question; C1 may hold k samples).
@@ -52,6 +52,15 @@ LABEL_FIELDS = [
 ]
 
 
+# Columns the model judge adds.
+JUDGE_FIELDS = [
+    pa.field("judge_text", pa.string()),
+    pa.field("judge_verdict", pa.string()),
+    pa.field("judge_model", pa.string()),
+    pa.field("judge_prompt_sha", pa.string()),
+]
+
+
 def _pending(rows: list[dict]) -> list[int]:
     return [i for i, r in enumerate(rows) if r.get("reject_reason") is None]
 
@@ -64,13 +73,16 @@ def stage_prompts(cfg: Config) -> dict[str, prompts.Prompt]:
     """The templates a run uses, with the config's overrides applied."""
     p = cfg.synthesis.prompts
     c2_name = "c2_hint" if cfg.synthesis.hint_ground_truth else "c2"
-    return {
+    ps = {
         "c1": prompts.load("c1", p.c1),
         "c2": prompts.load("c2", p.c2),  # the student's C2: never a hint
         "teacher_c2": prompts.load(c2_name, p.c2_hint if cfg.synthesis.hint_ground_truth else p.c2),
         "seat": prompts.load("seat", p.seat),
         "direct": prompts.load("direct", p.direct),
     }
+    if cfg.ddf_labeled.judge.enabled:
+        ps["judge"] = prompts.load("judge", p.judge)
+    return ps
 
 
 def teacher_turns(cfg: Config, rows: list[dict], engine, ps: dict) -> list[dict]:
@@ -242,3 +254,31 @@ class LabelStage:
             if hit:
                 _reject(rows[i], "ddf_labeled", *hit)
         return _with_columns(batch, rows, LABEL_FIELDS)
+
+
+class JudgeStage:
+    """The optional model judge (DDF level 2, last check): reads each kept row's reasoning and
+    self-evaluation with the image and rejects the unfaithful ones."""
+
+    def __init__(self, cfg: Config, engine=None, engine_config: EngineConfig | None = None):
+        from casseat_ray.engines.vllm import VLLMEngine
+
+        j = cfg.ddf_labeled.judge
+        self.cfg = cfg
+        self.model = j.model or cfg.teacher.model
+        self.prompt = stage_prompts(cfg)["judge"]
+        self.sampling = SamplingConfig(temperature=0.0, max_tokens=j.max_tokens, n=1, choice=list(JUDGE_VERDICTS) if j.constrained else None)
+        self.engine = engine or VLLMEngine(self.model, engine_config or j.engine or cfg.teacher.engine)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = _pending(rows)
+        convs = [judge_conversation(rows[i], self.prompt, *judged_texts(self.cfg.synthesis.mode, rows[i])) for i in todo]
+        for i, outs in zip(todo, self.engine.chat(convs, self.sampling) if convs else []):
+            o = outs[0]
+            rows[i].update(judge_text=o.text, judge_verdict=None if o.error else judge_verdict(o.text),
+                           judge_model=self.model, judge_prompt_sha=self.prompt.sha)
+            hit = judge_reject(o.text, o.error, self.cfg.ddf_labeled.judge.on_no_verdict)
+            if hit:
+                _reject(rows[i], "ddf_judge", *hit)
+        return _with_columns(batch, rows, JUDGE_FIELDS)

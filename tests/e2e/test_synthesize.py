@@ -105,3 +105,27 @@ def test_killed_run_resumes_to_the_same_sft_set(full_run, tiny_models, demo_parq
     ids = pq.read_table(parts, columns=["sample_id"])["sample_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 40  # no duplicates
     assert _sft(tmp / "resumed") == _sft(tmp / "full")
+
+
+def test_model_judge_runs_as_its_own_stage(tmp_path, tiny_models, demo_parquet):
+    # SEAT mode on demo data: the teacher and the judge (the teacher's model, its own engine)
+    # run as two actor pools on the 2-CPU local Ray
+    args = [f"sources=[{{name: demo, format: canonical, path: {demo_parquet}}}]", "name=judged", f"output_dir={tmp_path}",
+            f"teacher.model={tiny_models['teacher']}", f"student.model={tiny_models['student']}", f"ray.storage_path={tmp_path / 'ray'}",
+            "teacher.batch_size=8", "teacher.num_cpus=0.5", "ddf_labeled.num_cpus=0.25", "synthesis.mode=seat",
+            "ddf_labeled.judge.enabled=true", "ddf_labeled.judge.num_cpus=0.5", "ddf_labeled.judge.batch_size=4"]
+    r = casseat("synthesize", "--config", str(CONFIG), *args, "--no-progress", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "judged"
+    stages = json.loads((run / "stats.json").read_text())["stages"]
+    assert list(stages)[-2:] == ["ddf_judge", "mix"]
+    judge = stages["ddf_judge"]
+    assert judge["in"] == stages["ddf_labeled"]["out"] > 0 and judge["in"] == judge["out"] + sum(judge["rejected"].values())
+    assert set(judge["rejected"]) <= {"judge_unfaithful", "judge_no_verdict", "judge_error"}
+    parts = pq.read_table(run / "work" / "parts").to_pylist()
+    sent = [p for p in parts if p["judge_text"] is not None]
+    assert len(sent) == judge["in"] and all(p["judge_verdict"] in ("faithful", "unfaithful") for p in sent)
+    kept = {p["sample_id"] for p in sent if p["judge_verdict"] == "faithful"}
+    assert len(kept) == judge["out"]
+    assert {s["sample_id"] for s in pq.read_table(run / "sft").to_pylist()} <= kept
+    assert "Model judge:" in (run / "README.md").read_text()

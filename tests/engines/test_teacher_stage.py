@@ -7,7 +7,7 @@ from casseat_ray.answers import score
 from casseat_ray.config import Config
 from casseat_ray.data import ROW_SCHEMA
 from casseat_ray.demo import TINY_ENGINE
-from casseat_ray.synth.stages import LabelStage, StudentFilter, TeacherStage
+from casseat_ray.synth.stages import JudgeStage, LabelStage, StudentFilter, TeacherStage
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +99,34 @@ def test_student_filter_rejects_what_the_student_already_answers(tiny_models, te
             assert r["reject_stage"] == "ddf_model" and score(r["student_direct"], r).correct
         elif r["student_direct"] is not None:
             assert not score(r["student_direct"], r).correct
+
+
+def test_model_judge_rejects_unfaithful_reflections_and_passes_earlier_rejects(tiny_models, teacher_engine, demo_rows, label_stage):
+    from casseat_ray.synth.filters import judge_verdict
+
+    batch = _batch(demo_rows)
+    labelled = label_stage(TeacherStage(_cfg(tiny_models), engine=teacher_engine)(batch))
+    before = labelled.to_pylist()
+    kept = [i for i, r in enumerate(before) if r["reject_reason"] is None]
+    assert kept
+    # constrained (the default): every kept row gets exactly one verdict word from the engine
+    cfg = _cfg(tiny_models, ddf_labeled=dict(max_student_tokens=1024, judge=dict(enabled=True)))
+    judged = JudgeStage(cfg, engine=teacher_engine)(labelled)
+    _check_conserved(batch, judged)
+    rows = judged.to_pylist()
+    for i, (a, b) in enumerate(zip(before, rows)):
+        if i not in kept:  # rejected earlier: untouched, never sent to the judge
+            assert (b["reject_stage"], b["reject_reason"], b["judge_text"]) == (a["reject_stage"], a["reject_reason"], None)
+            continue
+        assert b["judge_text"] in ("faithful", "unfaithful") and b["judge_verdict"] == b["judge_text"]
+        assert b["judge_model"] == cfg.teacher.model and b["judge_prompt_sha"]
+        assert (b["reject_reason"] == "judge_unfaithful") == (b["judge_verdict"] == "unfaithful")
+        assert b["reject_stage"] == ("ddf_judge" if b["reject_reason"] else None)
+    # free-form: the reply is read for a last "Verdict:" line; without one the row is rejected
+    cfg = _cfg(tiny_models, ddf_labeled=dict(max_student_tokens=1024, judge=dict(enabled=True, constrained=False, max_tokens=24)))
+    rows = JudgeStage(cfg, engine=teacher_engine)(labelled).to_pylist()
+    for i in kept:
+        r = rows[i]
+        assert r["judge_verdict"] == judge_verdict(r["judge_text"])
+        expected = {None: "judge_no_verdict", "unfaithful": "judge_unfaithful", "faithful": None}[r["judge_verdict"]]
+        assert r["reject_reason"] == expected

@@ -141,6 +141,34 @@ def test_label_row_ranks_every_response_for_aft(tmp_path):
     assert lab["c1_rank"] == [2] and lab["c1_correct"] == [False]
 
 
-def test_an_unavailable_model_judge_is_refused_not_ignored(tmp_path):
-    with pytest.raises(ValueError, match="model judge is not available"):
-        _cfg(tmp_path, ddf_labeled=dict(judge=dict(enabled=True)))
+def test_judge_verdicts_and_rejects_on_crafted_replies():
+    from casseat_ray.synth.filters import judge_reject, judge_verdict
+
+    assert judge_verdict("faithful") == "faithful" and judge_verdict(" Unfaithful.\n") == "unfaithful"
+    free = "The reflection misreads the bar heights.\nVerdict: faithful? no.\nVerdict: **unfaithful**"
+    assert judge_verdict(free) == "unfaithful"  # the last verdict line counts
+    assert judge_verdict("The steps check out, so it is faithful to the image") is None  # no verdict line
+    assert judge_reject("faithful", None, "reject") is None
+    assert judge_reject(free, None, "keep")[0] == "judge_unfaithful"  # unfaithful is rejected either way
+    assert judge_reject("hmm", None, "reject") == ("judge_no_verdict", "hmm")
+    assert judge_reject("hmm", None, "keep") is None
+    assert judge_reject("", "engine died", "reject") == ("judge_error", "engine died")
+    assert judge_reject("", "engine died", "keep") is None
+
+
+def test_judge_reads_the_right_texts_and_its_prompt_is_recorded(tmp_path):
+    from casseat_ray.synth.conversations import judge_conversation, judged_texts
+
+    cfg = _cfg(tmp_path, ddf_labeled=dict(judge=dict(enabled=True)))
+    ps = stage_prompts(cfg)
+    assert "judge" in ps and "judge" not in stage_prompts(_cfg(tmp_path))
+    row = _row(answer="3", choices=["3", "4"])
+    conv = judge_conversation(row, ps["judge"], *judged_texts("cascade", row))
+    text = conv[0]["content"][1]["text"]
+    assert conv[0]["content"][0]["image"] == b"png" and len(conv) == 1
+    assert "Reference answer: 3" in text and "Step 1." in text and "Evaluation: Accept" in text and "(A) 3" in text
+    assert "(inline" in judge_conversation(row, ps["judge"], *judged_texts("seat", row))[0]["content"][1]["text"]
+    # judge scheduling may change on resume; its model may not
+    base = pipeline.fingerprint(cfg)
+    assert pipeline.fingerprint(_cfg(tmp_path, ddf_labeled=dict(judge=dict(enabled=True, concurrency=3, num_cpus=0.5)))) == base
+    assert pipeline.fingerprint(_cfg(tmp_path, ddf_labeled=dict(judge=dict(enabled=True, model="bigger")))) != base
