@@ -423,6 +423,16 @@ def _looks_local(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or os.path.exists(ref)
 
 
+def with_absolute_models(cfg: Config) -> Config:
+    """``cfg`` with local model directories made absolute (hub ids untouched): Ray Train runs
+    each worker in a directory of its own, where a relative path would point nowhere."""
+    cfg = cfg.model_copy(deep=True)
+    for section in (cfg.teacher, cfg.student):
+        if section is not None and os.path.isdir(os.path.expanduser(section.model)):
+            section.model = str(Path(section.model).expanduser().resolve())
+    return cfg
+
+
 INPUT_PARTS = ("sources", "teacher", "student", "evaluate")
 
 

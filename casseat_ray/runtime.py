@@ -10,14 +10,15 @@ import os
 from casseat_ray.config import EngineConfig, PlacementConfig, RayConfig
 
 
-def init_ray(cfg: RayConfig, quiet: bool = True) -> None:
+def init_ray(cfg: RayConfig, quiet: bool = True, worker_output: bool = False) -> None:
+    """``worker_output`` forwards what workers print (the training loop's progress lines)."""
     import ray
 
     if ray.is_initialized():
         return
     kwargs = dict(include_dashboard=False, ignore_reinit_error=True)
     if quiet:
-        kwargs.update(logging_level=logging.WARNING, log_to_driver=False)
+        kwargs.update(logging_level=logging.WARNING, log_to_driver=worker_output)
     address = cfg.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
     if address:
         ray.init(address=address, **kwargs)

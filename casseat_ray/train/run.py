@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from casseat_ray.config import Config, ConfigError
+from casseat_ray.config import Config, ConfigError, with_absolute_models
 
 
 def sft_path(cfg: Config, override: str | Path | None = None) -> Path:
@@ -40,11 +40,12 @@ def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> di
 
     if cfg.student is None:
         raise ConfigError("train needs student.model")
+    cfg = with_absolute_models(cfg)
     path = sft_path(cfg, data)
     storage = check_run_name(cfg, resume)
     out = train_dir(cfg).resolve()
     t = cfg.train
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, worker_output=True)  # the workers print the progress lines
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": str(out)},

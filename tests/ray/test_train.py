@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -50,6 +51,7 @@ def test_two_workers_lower_the_loss_and_train_only_lora(two_workers, tiny_models
     last = sum(r["loss"] for r in records[-4:]) / 4
     assert last < first - 0.3, (first, last)
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in records)
+    assert [r["time"] for r in records] == sorted(r["time"] for r in records)  # wall-clock stamp per step
     assert (train_run.train_dir(cfg) / "loss.png").read_bytes()[:4] == b"\x89PNG"
     # every LoRA matrix moved away from its initialization; nothing else is in the adapter
     from casseat_ray.train.loop import build_model
@@ -135,6 +137,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_models, sft, ray_
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst < 1e-5, worst  # the stated tolerance: resumed weights match to 1e-5
     assert [r["step"] for r in read_metrics(train_run.train_dir(cfg) / "metrics.jsonl")] == list(range(1, 13))
+    # the workers' progress lines reach the user's console: the first step, every log_every-th, the last
+    start = int(re.search(r"\[casseat train\] training: .*resuming at step (\d+)", resumed.stdout).group(1))
+    printed = [int(m) for m in re.findall(r"\[casseat train\] step=(\d+) ", resumed.stdout)]
+    assert printed == sorted({start + 1, 12} | {s for s in range(start + 1, 13) if s % cfg.train.log_every == 0}), printed
 
 
 def test_adapter_loads_in_transformers_merges_and_changes_vllm_output(two_workers, tiny_models, demo_rows, tmp_path):

@@ -134,6 +134,15 @@ def test_multi_device_engines_are_placed_in_groups_and_impossible_placements_ref
         C.load_config(good_file, ["teacher.engine.tensor_parallel_size=2", "teacher.engine.distributed_executor_backend=mp"])
 
 
+def test_local_model_directories_become_absolute_for_workers(good_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = C.load_config(good_file, ["student.model=model", "teacher.model=Qwen/Qwen2-VL-7B-Instruct"])
+    fixed = C.with_absolute_models(cfg)
+    assert fixed.student.model == str(tmp_path / "model")  # a directory here: made absolute
+    assert fixed.teacher.model == "Qwen/Qwen2-VL-7B-Instruct"  # a hub id: untouched
+    assert cfg.student.model == "model"  # the original is not changed
+
+
 def _sections(model: type[BaseModel], seen: set) -> None:
     if model in seen:
         return
