@@ -295,13 +295,12 @@ class Config(Section):
         unknown = sorted(set(self.ddf_source.per_source_cap) - set(names))
         if unknown and self.sources:
             raise ValueError(f"ddf_source.per_source_cap names unknown sources {unknown}; sources are {names}")
-        judge = self.ddf_labeled.judge
-        if judge.enabled and self.teacher:
-            check_engine_placement("ddf_labeled.judge", judge.engine or self.teacher.engine, judge.num_cpus, self.teacher.placement)
         if self.teacher:
             check_engine_placement("teacher", self.teacher.engine, self.teacher.num_cpus, self.teacher.placement)
             if self.student and self.ddf_source.model_filter.enabled:
                 check_engine_placement("student (model filter)", self.student.engine, self.teacher.num_cpus, self.teacher.placement)
+            if self.ddf_labeled.judge.enabled:
+                check_engine_placement("ddf_labeled.judge", self.judge_engine, self.ddf_labeled.judge.num_cpus, self.teacher.placement)
         if self.train.packing and self.train.loss == "aft":
             raise ValueError("train.packing cannot be combined with train.loss=aft: AFT scores each response as its own row")
         if self.synthesis.cot_samples > 1 and self.teacher and self.teacher.sampling.temperature == 0:
@@ -311,6 +310,15 @@ class Config(Section):
     @property
     def run_dir(self) -> Path:
         return self.output_dir / self.name
+
+    # The judge falls back to the teacher's model and engine arguments.
+    @property
+    def judge_model(self) -> str:
+        return self.ddf_labeled.judge.model or self.teacher.model
+
+    @property
+    def judge_engine(self) -> EngineConfig:
+        return self.ddf_labeled.judge.engine or self.teacher.engine
 
 
 # ---------------------------------------------------------------- loading

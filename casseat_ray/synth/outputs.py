@@ -197,7 +197,7 @@ def dataset_card(cfg: Config, stats: dict, ps: dict) -> str:
         f"- Teacher outputs: drop truncated={f.drop_truncated}, require answer={f.require_answer}, verdict={f.require_verdict}, "
         f"correct={f.require_correct}, consistent={f.require_consistent}; leakage phrases {f.leakage_phrases}; "
         f"at most {f.max_student_tokens} student tokens (image tokens included, never truncated).",
-        f"- Model judge: " + (f"`{f.judge.model or cfg.teacher.model}` ({'constrained verdict' if f.judge.constrained else 'free-form, last Verdict: line'}; "
+        f"- Model judge: " + (f"`{cfg.judge_model}` ({'constrained verdict' if f.judge.constrained else 'free-form, last Verdict: line'}; "
                               f"no verdict: {f.judge.on_no_verdict})." if f.judge.enabled else "off."),
         f"- Mix: {cfg.mix.self_eval_per_cot} self-evaluation samples per CoT sample, cap {cfg.mix.max_samples}, seed {cfg.mix.seed}.",
         "",

@@ -127,9 +127,8 @@ def build(cfg: Config, source, done: set[str]):
     """The Ray Data chain from source rows to labeled rows (one line per stage)."""
     from ray.data import ActorPoolStrategy
 
-    from casseat_ray.synth.stages import JudgeStage, LabelStage, StudentFilter, TeacherStage
-
     from casseat_ray.runtime import engine_actor_args
+    from casseat_ray.synth.stages import JudgeStage, LabelStage, StudentFilter, TeacherStage
 
     t = cfg.teacher
     ds = source.map_batches(pending_batch, batch_format="pyarrow", fn_kwargs={"done": done}, num_cpus=0.1)
@@ -145,7 +144,7 @@ def build(cfg: Config, source, done: set[str]):
                         batch_size=t.batch_size, num_cpus=lab.num_cpus)
     j = lab.judge
     if j.enabled:
-        resources, engine = engine_actor_args(j.engine or t.engine, j.num_cpus, j.num_gpus, t.placement)
+        resources, engine = engine_actor_args(cfg.judge_engine, j.num_cpus, j.num_gpus, t.placement)
         ds = ds.map_batches(JudgeStage, fn_constructor_kwargs={"cfg": cfg, "engine_config": engine}, batch_format="pyarrow",
                             compute=ActorPoolStrategy(size=j.concurrency), batch_size=j.batch_size, **resources)
     return ds

@@ -265,10 +265,10 @@ class JudgeStage:
 
         j = cfg.ddf_labeled.judge
         self.cfg = cfg
-        self.model = j.model or cfg.teacher.model
+        self.model = cfg.judge_model
         self.prompt = stage_prompts(cfg)["judge"]
         self.sampling = SamplingConfig(temperature=0.0, max_tokens=j.max_tokens, n=1, choice=list(JUDGE_VERDICTS) if j.constrained else None)
-        self.engine = engine or VLLMEngine(self.model, engine_config or j.engine or cfg.teacher.engine)
+        self.engine = engine or VLLMEngine(self.model, engine_config or cfg.judge_engine)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
