@@ -89,6 +89,8 @@ def test_missing_input_paths_are_named(good_file, tmp_path):
     assert f"student.model: model directory not found: {tmp_path}/no-model" in problems
     # A hub id is not a local path and is not checked here.
     assert C.check_inputs(C.load_config(good_file, ["teacher.model=Qwen/Qwen2-VL-7B-Instruct"])) == []
+    judged = C.load_config(good_file, ["ddf_labeled.judge.enabled=true", f"ddf_labeled.judge.model={tmp_path}/no-judge"])
+    assert C.check_inputs(judged) == [f"ddf_labeled.judge.model: model directory not found: {tmp_path}/no-judge"]
 
 
 def test_not_yaml_and_not_mapping(tmp_path):
