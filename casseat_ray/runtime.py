@@ -6,12 +6,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 
 from casseat_ray.config import EngineConfig, PlacementConfig, RayConfig
 
 
 def init_ray(cfg: RayConfig, quiet: bool = True, worker_output: bool = False) -> None:
     """``worker_output`` forwards what workers print (the training loop's progress lines)."""
+    address = cfg.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
+    if not address:
+        _share_this_interpreter()
     import ray
 
     if ray.is_initialized():
@@ -19,7 +23,6 @@ def init_ray(cfg: RayConfig, quiet: bool = True, worker_output: bool = False) ->
     kwargs = dict(include_dashboard=False, ignore_reinit_error=True)
     if quiet:
         kwargs.update(logging_level=logging.WARNING, log_to_driver=worker_output)
-    address = cfg.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -30,6 +33,21 @@ def init_ray(cfg: RayConfig, quiet: bool = True, worker_output: bool = False) ->
         ctx = DataContext.get_current()
         ctx.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _share_this_interpreter() -> None:
+    """Workers of a local Ray run this process's interpreter and packages.
+
+    Under ``uv run`` Ray would otherwise give every worker a copy of the working directory and
+    start it with ``uv run`` there, which builds a second environment inside the copy; workers
+    starting together race on it and die with half-installed packages. That is meant for
+    clusters, where workers are other machines; here they share this one.
+    """
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"  # read when ray is first imported
+    if "ray" in sys.modules:  # already imported: the same switch, applied late
+        from ray._private import ray_constants
+
+        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
 
 
 def engine_actor_args(engine: EngineConfig, num_cpus: float, num_gpus: float, placement: PlacementConfig) -> tuple[dict, EngineConfig]:

@@ -68,3 +68,40 @@ def test_multi_device_engine_actors_get_a_placement_group_each(ray_session):
     for pg in ray.util.placement_group_table().values():  # leave the session as it was
         if pg["state"] == "CREATED":
             ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg["placement_group_id"]))))
+
+
+_UNDER_UV = """
+import ray, sys
+from casseat_ray.config import RayConfig
+from casseat_ray.runtime import init_ray
+
+init_ray(RayConfig(num_cpus=1))
+env = dict(ray.get_runtime_context().runtime_env)
+where = ray.get(ray.remote(lambda: sys.executable).remote())
+print("RESULT", sorted(env), where == sys.executable)
+"""
+
+
+def test_local_ray_workers_share_the_interpreter_under_uv_run():
+    # Under `uv run` Ray would start every worker with `uv run` in a copy of the working
+    # directory (a second environment, built by racing workers); a local run must not.
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv not on PATH")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_UV_RUN_RUNTIME_ENV"}
+    root = Path(__file__).resolve().parents[2]
+    try:
+        r = subprocess.run([uv, "run", "--no-sync", "--python", sys.executable, "python", "-c", _UNDER_UV], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a task on local Ray started under `uv run` did not finish in 120 s")
+    result = [line for line in r.stdout.splitlines() if line.startswith("RESULT")]
+    assert r.returncode == 0 and result, r.stderr[-2000:]
+    assert result[0] == "RESULT [] True"
