@@ -145,6 +145,35 @@ def encode_responses(row: dict, processor) -> list[Encoded]:
             for text in row["responses"]]
 
 
+def aft_group(ref: Encoded, cands: list[Encoded], ranks: list[int], cutoff_len: int) -> list[tuple[Encoded | None, int]] | None:
+    """A question's AFT candidates with their ranks, or None when no better/worse pair is left.
+
+    Over-long candidates are left out. A candidate identical to the reference sample (the
+    teacher's kept response is one of its responses) becomes None: its score is read from the
+    reference's own row instead of a second, identical forward row.
+    """
+    group = [(None if (c.input_ids == ref.input_ids and c.labels == ref.labels) else c, k)
+             for c, k in zip(cands, ranks) if len(c) <= cutoff_len]
+    return group if len({k for _, k in group}) > 1 else None
+
+
+def aft_rows(samples: list[tuple[Encoded, list | None]]) -> tuple[list[Encoded], list[tuple[list[int], list[int]]]]:
+    """Rows of one AFT forward pass from (reference sample, its ``aft_group``) pairs: the
+    references first, then each candidate that is not a reference; and per question, the rows
+    holding its candidates with their ranks."""
+    rows = [e for e, _ in samples]
+    groups = []
+    for i, (_, group) in enumerate(samples):
+        if group:
+            at = []
+            for c, _ in group:
+                at.append(i if c is None else len(rows))
+                if c is not None:
+                    rows.append(c)
+            groups.append((at, [k for _, k in group]))
+    return rows, groups
+
+
 def _cat(a, b):
     import torch
 

@@ -199,8 +199,8 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from transformers import AutoProcessor, get_scheduler
 
-    from casseat_ray.train.collate import collate, collate_packed, encode, encode_responses, rope_positions
-    from casseat_ray.train.losses import alignment_loss, response_ranks, sequence_scores, token_nll
+    from casseat_ray.train.collate import aft_group, aft_rows, collate, collate_packed, encode, encode_responses, rope_positions
+    from casseat_ray.train.losses import aft_loss, response_ranks
 
     cfg = Config.model_validate(config["cfg"])
     out_dir = Path(config["out_dir"])
@@ -233,10 +233,9 @@ def train_loop_per_worker(config: dict) -> None:
             dropped += 1
             continue
         group = None
-        if aft:  # the row's teacher responses with their ranks; over-long ones left out
+        if aft:  # the row's teacher responses with their ranks
             cands = encode_responses(r, processor)
-            group = [(c, k) for c, k in zip(cands, response_ranks(r, t.aft.ranking) if cands else []) if len(c) <= t.cutoff_len]
-            group = group if len({k for _, k in group}) > 1 else None  # no better/worse pair: nothing to align
+            group = aft_group(e, cands, response_ranks(r, t.aft.ranking) if cands else [], t.cutoff_len)
         encoded.append((r["id"], e, group))
     ids = [i for i, _, _ in encoded]
     aft_groups = sum(g is not None for _, _, g in encoded)
@@ -289,12 +288,13 @@ def train_loop_per_worker(config: dict) -> None:
         for k, idx in enumerate(micro):
             members = [[encoded[i] for i in units[u]] for u in idx]
             refs = [e for m in members for _, e, _ in m]
-            groups = [g for m in members for _, _, g in m if g]
+            groups = []
             if t.packing:
                 batch = collate_packed([[e for _, e, _ in m] for m in members], pad)
-            else:  # AFT: the reference samples and every candidate response go through one
-                # forward pass (one backward per forward, as DDP requires)
-                batch = collate(refs + [c for g in groups for c, _ in g], pad)
+            else:  # the reference samples, then (AFT) the candidate responses not already among
+                # them: one forward pass (one backward per forward, as DDP requires)
+                rows, groups = aft_rows([(e, g) for m in members for _, e, g in m])
+                batch = collate(rows, pad)
             batch = {n: v.to(device) for n, v in batch.items()}
             sync = k == len(micro) - 1 or not distributed
             if fsdp:
@@ -304,10 +304,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if groups:
                     labels = batch.pop("labels")
                     logits = model(**batch, use_cache=False).logits
-                    scores = sequence_scores(logits[len(refs):], labels[len(refs):]).split([len(g) for g in groups])
-                    align = torch.stack([alignment_loss(sc, [r for _, r in g], t.aft.variant, t.aft.tau)
-                                         for sc, g in zip(scores, groups)]).mean()
-                    loss = token_nll(logits[:len(refs)], labels[:len(refs)]) + t.aft.weight * align
+                    loss, align = aft_loss(logits, labels, len(refs), groups, t.aft.variant, t.aft.tau, t.aft.weight)
                     aligns.append(align.detach().float())
                 else:
                     loss = model(**batch, use_cache=False).loss

@@ -66,6 +66,17 @@ def alignment_loss(scores: torch.Tensor, ranks: list[int], variant: str = "bound
     return loss
 
 
+def aft_loss(logits: torch.Tensor, labels: torch.Tensor, n_refs: int, groups: list[tuple[list[int], list[int]]],
+             variant: str, tau: float, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL on the first ``n_refs`` rows (the reference samples) plus ``weight`` times the mean
+    alignment term over the questions; ``groups`` give each question's candidate rows and
+    ranks (as ``collate.aft_rows`` lays them out). Returns (loss, alignment term)."""
+    needed = sorted({r for rows, _ in groups for r in rows})
+    scores = dict(zip(needed, sequence_scores(logits[needed], labels[needed])))
+    align = torch.stack([alignment_loss(torch.stack([scores[r] for r in rows]), ranks, variant, tau) for rows, ranks in groups]).mean()
+    return token_nll(logits[:n_refs], labels[:n_refs]) + weight * align, align
+
+
 def ranks_from_correct(correct: list[bool]) -> list[int]:
     """Positives (right final answer) rank 0, negatives rank 1."""
     return [0 if c else 1 for c in correct]

@@ -111,6 +111,41 @@ def test_aft_candidates_share_the_prompt_and_label_only_the_response(processor, 
     assert encode_responses(se, processor) == []  # each question is scored once, with its CoT row
 
 
+def test_aft_reads_a_response_identical_to_the_reference_from_the_reference_row(processor, demo_rows, tiny_models):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from casseat_ray.train.collate import aft_group, aft_rows, encode_responses
+    from casseat_ray.train.losses import aft_loss
+
+    c1 = prompts.load("c1")
+    deduped, naive = [], []
+    for r in demo_rows[:2]:
+        kept = f"Step 1: read the figure.\nThe answer is {r['answer']}."
+        row = {**cot_sample(r, c1, kept), "responses": [kept, "I guess.\nThe answer is 0.", "Not sure"]}
+        ref, cands = encode(row, processor), encode_responses(row, processor)
+        group = aft_group(ref, cands, [0, 1, 2], cutoff_len=4096)
+        assert group[0][0] is None and all(c is not None for c, _ in group[1:])
+        deduped.append((ref, group))
+        naive.append((ref, list(zip(cands, [0, 1, 2]))))
+    rows, groups = aft_rows(deduped)
+    naive_rows, naive_groups = aft_rows(naive)
+    assert (len(rows), len(naive_rows)) == (6, 8)
+    assert groups == [([0, 2, 3], [0, 1, 2]), ([1, 4, 5], [0, 1, 2])]
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["student"]).eval()
+
+    def loss(batch_rows, batch_groups):
+        batch = collate(batch_rows, processor.tokenizer.pad_token_id)
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            return aft_loss(model(**batch).logits, labels, 2, batch_groups, "boundary", 1.0, 2.0)
+
+    (total, align), (naive_total, naive_align) = loss(rows, groups), loss(naive_rows, naive_groups)
+    assert align > 0 and torch.allclose(total, naive_total, atol=1e-4) and torch.allclose(align, naive_align, atol=1e-4)
+    # only the shortest candidate fits: no better/worse pair is left, nothing to align
+    assert aft_group(ref, cands, [0, 1, 2], cutoff_len=min(len(c) for c in cands)) is None
+
+
 def test_token_nll_is_the_models_own_loss(processor, demo_rows, tiny_models):
     import torch
     from transformers import AutoModelForImageTextToText
