@@ -71,8 +71,12 @@ def aft_loss(logits: torch.Tensor, labels: torch.Tensor, n_refs: int, groups: li
     """NLL on the first ``n_refs`` rows (the reference samples) plus ``weight`` times the mean
     alignment term over the questions; ``groups`` give each question's candidate rows and
     ranks (as ``collate.aft_rows`` lays them out). Returns (loss, alignment term)."""
-    needed = sorted({r for rows, _ in groups for r in rows})
-    scores = dict(zip(needed, sequence_scores(logits[needed], labels[needed])))
+    # The candidate rows after the references are scored as a slice (no copy of their logits);
+    # only the references some question reuses are gathered.
+    reused = sorted({r for rows, _ in groups for r in rows if r < n_refs})
+    scores = dict(zip(reused, sequence_scores(logits[reused], labels[reused]))) if reused else {}
+    if logits.shape[0] > n_refs:
+        scores.update(zip(range(n_refs, logits.shape[0]), sequence_scores(logits[n_refs:], labels[n_refs:])))
     align = torch.stack([alignment_loss(torch.stack([scores[r] for r in rows]), ranks, variant, tau) for rows, ranks in groups]).mean()
     return token_nll(logits[:n_refs], labels[:n_refs]) + weight * align, align
 
