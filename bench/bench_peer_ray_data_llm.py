@@ -33,7 +33,7 @@ def main() -> None:
     from casseat_ray import prompts
     from casseat_ray.demo import TINY_ENGINE, ensure_tiny
     from casseat_ray.demo_data import make_demo_data
-    from casseat_ray.synth.conversations import c1_conversation, c2_conversation
+    from casseat_ray.inference.turns import c1_conversation, c2_conversation
 
     teacher = ensure_tiny(args.root / "models" / "teacher", "teacher", 0)
     make_demo_data(args.root / "data", n=args.n, seed=7)

@@ -60,7 +60,7 @@ def plain_loop(cfg) -> dict:
 
 def c2_seconds(cfg, teacher, batches) -> float:
     """C1 then C2 per batch, timing only C2 (its prefix was just computed by C1)."""
-    from casseat_ray.synth.conversations import c1_conversation, c2_conversation
+    from casseat_ray.inference.turns import c1_conversation, c2_conversation
 
     ps, total = teacher.ps, 0.0
     for b in batches:

@@ -103,6 +103,7 @@ class EngineConfig(Section):
     enable_lora: bool = F(False, "Allow LoRA adapters at generation time (needed to evaluate a trained student).")
     max_lora_rank: int = F(16, "Largest LoRA rank the engine accepts when enable_lora is on.", ge=1)
     max_num_seqs: int | None = F(None, "Concurrent sequences per engine step (None: vLLM's default).", ge=1)
+    max_in_flight: int | None = F(None, "Rows one actor keeps in flight on its engine across Ray Data batches, each running its own cascade (None: the engine's max_num_seqs).", ge=1)
     enforce_eager: bool = F(False, "Disable CUDA graphs (faster start, slower steps).")
     seed: int = F(0, "Engine seed.")
     extra: dict[str, Any] = F({}, "Any other vllm.LLM keyword arguments, passed through unchanged.")
@@ -116,6 +117,7 @@ class SamplingConfig(Section):
     seed: int | None = F(0, "Per-request seed, for reproducible sampling (None: random).")
     stop: list[str] = F([], "Extra stop strings.")
     choice: list[str] | None = F(None, "Constrain every completion to exactly one of these strings (vLLM structured outputs).")
+    logprobs: int | None = F(None, "Return the log-probabilities of this many top candidates per generated token (None: none).", ge=0)
 
 
 class PlacementConfig(Section):
@@ -165,6 +167,7 @@ class SynthesisConfig(Section):
     prompts: PromptsConfig = F(PromptsConfig, "Prompt template overrides.")
     hint_ground_truth: bool = F(False, "Show the ground truth to the teacher in C2 as a hidden hint (mentions are filtered out).")
     cot_samples: int = F(1, "CoT samples per question from C1 (k > 1 feeds the AFT loss; needs temperature > 0).", ge=1)
+    c2_after_unusable_c1: bool = F(False, "Run C2 even after a C1 that DDF level 2 rejects anyway (truncated, or without a final answer); off saves those teacher tokens (stats: teacher.c2_skipped).")
 
 
 class JudgeConfig(Section):

@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 
 from casseat_ray.config import Config, DDFSourceConfig, ImageConfig, SourceConfig
 from casseat_ray.samples import SCHEMA, normalize_question
-from casseat_ray.sources import REJECT_FIELDS, item_to_row
+from casseat_ray.rows import REJECT_FIELDS, REJECT_SCHEMA, reject
+from casseat_ray.sources import item_to_row
 
 STAGES = ("read", "validate", "ddf_rules", "dedup", "sample")
 ROW_SCHEMA = pa.schema(list(SCHEMA) + [pa.field(name, pa.string()) for name in REJECT_FIELDS])
@@ -124,9 +125,10 @@ def _image_root(source: SourceConfig) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def validate_batch(batch: pa.Table, source: SourceConfig, images: ImageConfig, rules: DDFSourceConfig) -> pa.Table:
+def validate_batch(batch: pa.Table, source: SourceConfig, images: ImageConfig, rules: DDFSourceConfig | None) -> pa.Table:
     """read, validate and ddf_rules for one batch: items in, canonical or reject rows out,
-    each with its dedup ``_key`` and a ``_uid`` (one Python pass while the bytes are at hand)."""
+    each with its dedup ``_key`` and a ``_uid`` (one Python pass while the bytes are at hand).
+    ``rules=None`` skips the DDF level-1 rules (a benchmark is scored as it is)."""
     root = _image_root(source)
     rows = []
     for rec in batch.to_pylist():
@@ -143,7 +145,7 @@ def validate_batch(batch: pa.Table, source: SourceConfig, images: ImageConfig, r
         else:
             item = rec
         row = item_to_row(item, source, root, images)
-        if row["reject_reason"] is None:
+        if row["reject_reason"] is None and rules is not None:
             hit = rule_reject(row, rules)
             if hit:
                 _reject(row, "ddf_rules", *hit)
@@ -193,7 +195,8 @@ def rule_reject(row: dict, cfg: DDFSourceConfig) -> tuple[str, str] | None:
 
 
 def _reject(row: dict, stage: str, reason: str, detail: str) -> None:
-    row.update(reject_stage=stage, reject_reason=reason, reject_detail=detail, image=b"")
+    reject(row, stage, reason, detail)
+    row["image"] = b""  # a rejected row carries no image bytes further
 
 
 def dedup_key(row: dict) -> str:
@@ -296,23 +299,26 @@ def plan_selection(light: list[dict], rules: DDFSourceConfig, seed: int) -> tupl
 
 
 # ---------------------------------------------------------------- the pipeline
-def load(cfg: Config):
+def load(cfg: Config, sources: list[SourceConfig] | None = None, filtered: bool = True):
     """Source rows (accepted and rejected) as one Ray Dataset in ``ROW_SCHEMA``.
 
     read -> validate -> rules stream; dedup, caps and budget need to see every row's key, so
     the validated rows are materialized once, the keys are read back (light columns only, no
-    image bytes move) and one more map marks the rows to drop.
+    image bytes move) and one more map marks the rows to drop. ``sources`` defaults to the
+    config's; ``filtered=False`` (benchmarks) reads and validates only: no DDF level-1 rules,
+    dedup, caps or budget.
     """
-    if not cfg.sources:
+    sources = cfg.sources if sources is None else sources
+    if not sources:
         raise ValueError("no sources configured (sources: [...])")
-    rules = cfg.ddf_source
+    rules = cfg.ddf_source if filtered else None
     parts = [
         read_items(s).map_batches(validate_batch, batch_format="pyarrow", batch_size=ROWS_PER_BLOCK,
                                   fn_kwargs={"source": s, "images": cfg.images, "rules": rules})
-        for s in cfg.sources
+        for s in sources
     ]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    if not (rules.dedup or rules.per_source_cap or rules.budget):
+    if rules is None or not (rules.dedup or rules.per_source_cap or rules.budget):
         return ds.drop_columns(["_key", "_uid"])
     ds = ds.materialize()
     light = [
@@ -325,12 +331,9 @@ def load(cfg: Config):
     return ds.map_batches(select_batch, batch_format="pyarrow", fn_kwargs={"duplicates": duplicates, "thresholds": thresholds, "caps_hit": caps_hit, "seed": cfg.seed})
 
 
-REJECT_COLUMNS = ["sample_id", "source", "split", "reject_stage", "reject_reason", "reject_detail", "question", "answer", "meta"]
-
-
 def write_rejects(ds, path: str | Path) -> int:
     """Write every rejected row (no image bytes) as Parquet under ``path``; returns the count."""
-    rejects = ds.select_columns(REJECT_COLUMNS).filter(lambda r: r["reject_reason"] is not None).materialize()
+    rejects = ds.select_columns(REJECT_SCHEMA.names).filter(lambda r: r["reject_reason"] is not None).materialize()
     rejects.write_parquet(str(path))
     return rejects.count()
 

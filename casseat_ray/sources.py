@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 from casseat_ray.config import FieldMap, ImageConfig, SourceConfig
 from casseat_ray.images import CheckedImage, check_image
+from casseat_ray.rows import REJECT_FIELDS  # noqa: F401  (re-exported: the row schema names them)
 from casseat_ray.samples import ANSWER_TYPES, LETTERS, image_hash, infer_answer_type, sample_id
-REJECT_FIELDS = ("reject_stage", "reject_reason", "reject_detail")
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/=]{16,}")
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")

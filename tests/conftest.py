@@ -59,7 +59,7 @@ def teacher_engine(tiny_models):
 
     engine = VLLMEngine(str(tiny_models["teacher"]), EngineConfig(**TINY_ENGINE), SamplingConfig(max_tokens=24))
     yield engine
-    engine.llm.llm_engine.engine_core.shutdown()
+    engine.close()
 
 
 @pytest.fixture(scope="session")

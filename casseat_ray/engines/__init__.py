@@ -1,14 +1,16 @@
-"""The engine interface every teacher/student generation goes through.
+"""The engine interface every teacher/student/judge generation goes through.
 
 A conversation is a list of messages ``{"role": ..., "content": [parts]}`` whose parts are
 ``{"type": "text", "text": str}`` or ``{"type": "image", "image": PIL.Image | bytes}``. An
-engine answers a batch of conversations with ``n`` completions each. Only the engine classes
-import their backend (lazily), so everything else stays testable without it.
+engine answers one conversation at a time, asynchronously (``generate``), so a caller keeps
+many conversations in flight and sends each follow-up turn the moment its own previous turn is
+done; ``chat`` is the blocking convenience for a whole list. Only the engine classes import
+their backend (lazily), so everything else stays testable without it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
 
@@ -23,6 +25,10 @@ class Completion:
     prompt_tokens: int
     output_tokens: int
     error: str | None = None
+    # With ``SamplingConfig.logprobs``: per generated token, its text and the top candidates'
+    # (text -> logprob), the chosen token included.
+    tokens: list[str] = field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def truncated(self) -> bool:
@@ -40,12 +46,20 @@ def failed(error: str) -> Completion:
 class Engine(Protocol):
     model: str
 
-    def chat(self, conversations: list[list[dict]], sampling=None, adapter: str | None = None) -> list[list[Completion]]:
-        """One list of ``sampling.n`` completions per conversation, in order.
+    async def generate(self, conversation: list[dict], sampling=None, adapter: str | None = None) -> list[Completion]:
+        """``sampling.n`` completions of one conversation, awaitable from any event loop.
 
-        A conversation the backend rejects yields ``[failed(reason)]`` instead of failing
-        the batch; a dead backend raises :class:`EngineDead`.
+        A conversation the backend rejects yields ``[failed(reason)]``; a dead backend raises
+        :class:`EngineDead`.
         """
+        ...
+
+    def chat(self, conversations: list[list[dict]], sampling=None, adapter: str | None = None) -> list[list[Completion]]:
+        """``generate`` for every conversation at once, blocking; results in order."""
+        ...
+
+    def close(self) -> None:
+        """Stop the backend and free what it holds."""
         ...
 
 

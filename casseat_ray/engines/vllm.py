@@ -1,9 +1,19 @@
-"""vLLM's offline ``LLM`` behind the engine interface (CPU build on CPU, CUDA build on GPU)."""
+"""vLLM's async engine (``AsyncLLM``) behind the engine interface; CPU build on CPU, CUDA build on GPU.
+
+The engine owns an event loop on a thread of its own and runs every vLLM call there, so it
+can be awaited from any other loop (a Ray Data actor's, a test's) and used blocking from
+plain code, without vLLM's background tasks being tied to whichever loop touched it first.
+Each request is rendered (chat template, image processor) and submitted on its own: the
+engine's scheduler batches whatever is in flight, with no barrier between callers.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import itertools
 import logging
+import threading
 import time
 
 from casseat_ray.config import EngineConfig, SamplingConfig
@@ -36,49 +46,95 @@ def to_vllm_messages(conversation: list[dict]) -> list[dict]:
 
 def sampling_params(s: SamplingConfig):
     from vllm import SamplingParams
-    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     structured = StructuredOutputsParams(choice=list(s.choice)) if s.choice else None
     return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, n=s.n, seed=s.seed, stop=s.stop or None,
-                          structured_outputs=structured)
+                          structured_outputs=structured, logprobs=s.logprobs, output_kind=RequestOutputKind.FINAL_ONLY)
+
+
+def engine_kwargs(model: str, engine: EngineConfig) -> dict:
+    """vLLM engine arguments for ``model`` from the config (``extra`` passed through last)."""
+    kwargs = dict(
+        model=model,
+        dtype=engine.dtype,
+        max_model_len=engine.max_model_len,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        pipeline_parallel_size=engine.pipeline_parallel_size,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        enable_prefix_caching=engine.enable_prefix_caching,
+        limit_mm_per_prompt=engine.limit_mm_per_prompt,
+        enforce_eager=engine.enforce_eager,
+        seed=engine.seed,
+    )
+    if engine.mm_processor_kwargs:
+        kwargs["mm_processor_kwargs"] = engine.mm_processor_kwargs
+    if engine.kv_cache_memory_bytes:
+        kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
+    if engine.distributed_executor_backend:
+        kwargs["distributed_executor_backend"] = engine.distributed_executor_backend
+    if engine.max_num_seqs:
+        kwargs["max_num_seqs"] = engine.max_num_seqs
+    if engine.enable_lora:
+        kwargs.update(enable_lora=True, max_lora_rank=engine.max_lora_rank)
+    kwargs.update(engine.extra)
+    return kwargs
+
+
+def _completion(c, n_prompt: int) -> Completion:
+    tokens, tops = [], []
+    for tid, cands in zip(c.token_ids, c.logprobs or []):
+        chosen = cands.get(tid)
+        tokens.append(chosen.decoded_token if chosen is not None else "")
+        top: dict[str, float] = {}
+        for lp in cands.values():
+            key = lp.decoded_token or ""
+            top[key] = max(top.get(key, float("-inf")), lp.logprob)
+        tops.append(top)
+    return Completion(c.text, c.finish_reason, n_prompt, len(c.token_ids), tokens=tokens, top_logprobs=tops)
 
 
 class VLLMEngine:
-    """One ``vllm.LLM``; ``chat`` runs a batch of multi-turn image conversations."""
+    """One ``vllm.v1.engine.async_llm.AsyncLLM``; ``generate`` answers one multi-turn image
+    conversation, ``chat`` a list of them."""
 
     def __init__(self, model: str, engine: EngineConfig | None = None, sampling: SamplingConfig | None = None):
-        from vllm import LLM
-
         engine = engine or EngineConfig()
         self.model = str(model)
         self.default_sampling = sampling or SamplingConfig()
-        kwargs = dict(
-            model=self.model,
-            dtype=engine.dtype,
-            max_model_len=engine.max_model_len,
-            tensor_parallel_size=engine.tensor_parallel_size,
-            pipeline_parallel_size=engine.pipeline_parallel_size,
-            gpu_memory_utilization=engine.gpu_memory_utilization,
-            enable_prefix_caching=engine.enable_prefix_caching,
-            limit_mm_per_prompt=engine.limit_mm_per_prompt,
-            enforce_eager=engine.enforce_eager,
-            seed=engine.seed,
-        )
-        if engine.mm_processor_kwargs:
-            kwargs["mm_processor_kwargs"] = engine.mm_processor_kwargs
-        if engine.kv_cache_memory_bytes:
-            kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
-        if engine.distributed_executor_backend:
-            kwargs["distributed_executor_backend"] = engine.distributed_executor_backend
-        if engine.max_num_seqs:
-            kwargs["max_num_seqs"] = engine.max_num_seqs
-        if engine.enable_lora:
-            kwargs.update(enable_lora=True, max_lora_rank=engine.max_lora_rank)
-        kwargs.update(engine.extra)
-        t0 = time.perf_counter()
-        self.llm = LLM(**kwargs)
-        self.start_seconds = time.perf_counter() - t0
+        self.max_num_seqs = engine.max_num_seqs
+        self._ids = itertools.count()
         self._lora_ids: dict[str, int] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
+        self._thread.start()
+        t0 = time.perf_counter()
+        try:
+            self.llm = self._on_loop(self._start(engine))
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.start_seconds = time.perf_counter() - t0
+        if self.max_num_seqs is None:
+            self.max_num_seqs = self.llm.vllm_config.scheduler_config.max_num_seqs
+
+    async def _start(self, engine: EngineConfig):
+        from vllm import AsyncEngineArgs
+        from vllm.renderers import ChatParams
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(**dict(dict(disable_log_stats=True), **engine_kwargs(self.model, engine)))
+        # Offline batch defaults (scheduler token budget, max_num_seqs), as vllm.LLM gets them.
+        llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+        # What LLM.chat renders with: the model's template, a generation prompt, and no extra
+        # special tokens (the template emits them).
+        self._chat_params = ChatParams(chat_template_kwargs=dict(add_generation_prompt=True, continue_final_message=False))
+        self._tok_params = llm.renderer.default_chat_tok_params.with_kwargs(add_special_tokens=False)
+        return llm
+
+    def _on_loop(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _lora(self, adapter: str | None):
         if adapter is None:
@@ -88,41 +144,53 @@ class VLLMEngine:
         idx = self._lora_ids.setdefault(str(adapter), len(self._lora_ids) + 1)
         return LoRARequest(f"adapter{idx}", idx, str(adapter))
 
-    def _run(self, messages, params, lora) -> list[list[Completion]]:
-        outs = self.llm.chat(messages, sampling_params=params, use_tqdm=False, lora_request=lora)
-        result = []
-        for o in outs:
-            n_prompt = len(o.prompt_token_ids or [])
-            result.append([Completion(c.text, c.finish_reason, n_prompt, len(c.token_ids)) for c in o.outputs])
-        return result
-
-    def chat(self, conversations, sampling: SamplingConfig | None = None, adapter: str | None = None):
+    async def _generate_here(self, conversation: list[dict], sampling: SamplingConfig, adapter: str | None) -> list[Completion]:
+        """Runs on the engine's loop. Anything wrong with this one request fails it alone."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        params = sampling_params(sampling or self.default_sampling)
-        lora = self._lora(adapter)
-        result: list[list[Completion] | None] = [None] * len(conversations)
-        todo: dict[int, list[dict]] = {}
-        for i, conv in enumerate(conversations):
-            try:
-                todo[i] = to_vllm_messages(conv)
-            except Exception as e:  # undecodable image and the like: this row only
-                result[i] = [failed(f"{type(e).__name__}: {e}")]
-        if not todo:
-            return result
+        if self.llm.errored:
+            raise EngineDead(str(self.llm.dead_error))
         try:
-            for i, out in zip(todo, self._run(list(todo.values()), params, lora)):
-                result[i] = out
-            return result
+            messages = to_vllm_messages(conversation)
+            _, (prompt,) = await self.llm.renderer.render_chat_async([messages], self._chat_params, self._tok_params)
+            final = None
+            async for out in self.llm.generate(prompt, sampling_params(sampling), f"req-{next(self._ids)}", lora_request=self._lora(adapter)):
+                final = out
         except EngineDeadError as e:
             raise EngineDead(str(e)) from e
-        except Exception as batch_error:  # one bad conversation: isolate it row by row
-            log.warning("batch of %d failed (%s); retrying row by row", len(todo), batch_error)
-        for i, messages in todo.items():
-            try:
-                result[i] = self._run([messages], params, lora)[0]
-            except EngineDeadError as e:
-                raise EngineDead(str(e)) from e
-            except Exception as e:
-                result[i] = [failed(f"{type(e).__name__}: {e}")]
-        return result
+        except Exception as e:  # undecodable image, prompt over max_model_len and the like
+            if self.llm.errored:
+                raise EngineDead(str(self.llm.dead_error)) from e
+            return [failed(f"{type(e).__name__}: {e}")]
+        n_prompt = len(final.prompt_token_ids or [])
+        return [_completion(c, n_prompt) for c in final.outputs]
+
+    async def generate(self, conversation: list[dict], sampling: SamplingConfig | None = None, adapter: str | None = None) -> list[Completion]:
+        future = asyncio.run_coroutine_threadsafe(self._generate_here(conversation, sampling or self.default_sampling, adapter), self._loop)
+        return await asyncio.wrap_future(future)
+
+    def chat(self, conversations: list[list[dict]], sampling: SamplingConfig | None = None, adapter: str | None = None) -> list[list[Completion]]:
+        async def all_of():
+            return await asyncio.gather(*(self._generate_here(c, sampling or self.default_sampling, adapter) for c in conversations))
+
+        return self._on_loop(all_of()) if conversations else []
+
+    def close(self) -> None:
+        """Shut vLLM's engine process down and stop the loop thread (idempotent)."""
+        if self._loop.is_closed():
+            return
+        if getattr(self, "llm", None) is not None:
+            self._on_loop(self._shutdown())
+        self._stop_loop()
+
+    async def _shutdown(self) -> None:
+        self.llm.shutdown()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:  # vLLM's output handlers: end them here, not at interpreter exit
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()

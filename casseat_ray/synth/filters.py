@@ -60,8 +60,10 @@ def _leaks(texts: list[str], phrases: list[str]) -> str | None:
     return None
 
 
-def judge_cascade(sample: dict, c1: dict, c2: dict, cfg: DDFLabeledConfig) -> CascadeJudgement:
-    """Judge one question: ``c1``/``c2`` are completions as dicts (text, finish_reason, error)."""
+def judge_cascade(sample: dict, c1: dict, c2: dict, cfg: DDFLabeledConfig, s1: ScoredAnswer | None = None,
+                  s2: ScoredAnswer | None = None) -> CascadeJudgement:
+    """Judge one question: ``c1``/``c2`` are completions as dicts (text, finish_reason, error);
+    ``s1``/``s2`` their scores when already known (the inference layer scores each answer once)."""
     def out(reason, detail, s1=None, s2=None, verdict=None):
         return CascadeJudgement(reason, detail, s1, s2, verdict)
 
@@ -72,7 +74,8 @@ def judge_cascade(sample: dict, c1: dict, c2: dict, cfg: DDFLabeledConfig) -> Ca
         for name, turn in (("C1", c1), ("C2", c2)):
             if turn.get("finish_reason") == "length":
                 return out("truncated", f"{name} hit the token budget")
-    s1, s2 = score(c1["text"], sample), score(c2["text"], sample)
+    s1 = s1 or score(c1["text"], sample)
+    s2 = s2 or score(c2["text"], sample)
     if cfg.require_answer:
         for name, s in (("C1", s1), ("C2", s2)):
             if s.extraction is None:
@@ -101,13 +104,14 @@ def judge_cascade(sample: dict, c1: dict, c2: dict, cfg: DDFLabeledConfig) -> Ca
     return out(None, "", s1, s2, verdict)
 
 
-def judge_single(sample: dict, completion: dict, cfg: DDFLabeledConfig, need_verdict: bool) -> tuple[str | None, str, ScoredAnswer | None]:
+def judge_single(sample: dict, completion: dict, cfg: DDFLabeledConfig, need_verdict: bool,
+                 s: ScoredAnswer | None = None) -> tuple[str | None, str, ScoredAnswer | None]:
     """DDF level 2 for one-turn outputs: CoT-only mode, or SEAT (inline verdicts allowed)."""
     if completion.get("error") or completion.get("finish_reason") == "error":
         return "engine_error", str(completion.get("error")), None
     if cfg.drop_truncated and completion.get("finish_reason") == "length":
         return "truncated", "hit the token budget", None
-    s = score(completion["text"], sample)
+    s = s or score(completion["text"], sample)
     if cfg.require_answer and s.extraction is None:
         return "no_answer", "no final answer", s
     if need_verdict and cfg.require_verdict and not find_verdicts(completion["text"]):
@@ -118,6 +122,16 @@ def judge_single(sample: dict, completion: dict, cfg: DDFLabeledConfig, need_ver
     if leaked:
         return "leakage", f"mentions {leaked!r}", s
     return None, "", s
+
+
+def unusable_c1(cfg: DDFLabeledConfig, c1, scored: ScoredAnswer | None) -> str | None:
+    """Why the cascade's C2 need not run after this C1 (``engines.Completion``): DDF level 2
+    rejects the row for it whatever C2 says. None when C2 should run."""
+    if cfg.drop_truncated and c1.finish_reason == "length":
+        return "c1_truncated"
+    if cfg.require_answer and (scored is None or scored.extraction is None):
+        return "c1_no_answer"
+    return None
 
 
 def too_long(n_tokens: int, cfg: DDFLabeledConfig) -> tuple[str, str] | None:

@@ -16,13 +16,13 @@ import hashlib
 import math
 
 from casseat_ray.prompts import Prompt
-from casseat_ray.synth.conversations import question_with_choices
+from casseat_ray.inference.turns import c2_turn_text, first_turn_text
 
 IMAGE_TOKEN = "<image>"
 
 
 def _user_first(row: dict, prompt: Prompt) -> dict:
-    return {"role": "user", "content": IMAGE_TOKEN + prompt.render(question=question_with_choices(row))}
+    return {"role": "user", "content": IMAGE_TOKEN + first_turn_text(row, prompt)}
 
 
 def cot_sample(row: dict, c1_prompt: Prompt, cot: str) -> dict:
@@ -35,7 +35,7 @@ def self_eval_sample(row: dict, c1_prompt: Prompt, cot: str, c2_prompt: Prompt, 
     messages = [
         _user_first(row, c1_prompt),
         {"role": "assistant", "content": cot},
-        {"role": "user", "content": c2_prompt.render()},
+        {"role": "user", "content": c2_turn_text(row, c2_prompt)},
         {"role": "assistant", "content": evaluation},
     ]
     return _sft(row, "self_eval", messages, "last")

@@ -17,6 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from casseat_ray.config import Config
+from casseat_ray.inference.turns import run_prompts
+from casseat_ray.parts import PART_GLOB, atomic_write_text
+from casseat_ray.rows import REJECT_SCHEMA
 from casseat_ray.synth.mix import cot_sample, mix, seat_sample, self_eval_sample
 
 SFT_SCHEMA = pa.schema([
@@ -37,10 +40,8 @@ SFT_SCHEMA = pa.schema([
     pa.field("responses_correct", pa.list_(pa.bool_())),
     pa.field("responses_rank", pa.list_(pa.int64())),  # 0 right, 1 wrong answer, 2 no usable answer
 ])
-REJECT_SCHEMA = pa.schema([pa.field(n, pa.string()) for n in
-                           ("sample_id", "source", "split", "reject_stage", "reject_reason", "reject_detail", "question", "answer")])
-LIGHT = ["sample_id", "source", "answer_type", "reject_stage", "reject_reason", "kinds",
-         "c1_prompt_tokens", "c1_output_tokens", "c2_prompt_tokens", "c2_output_tokens", "teacher_seconds"]
+LIGHT = ["sample_id", "source", "answer_type", "reject_stage", "reject_reason", "kinds", "too_long_kinds", "c2_skipped",
+         "c1_prompt_tokens", "c1_output_tokens", "c2_prompt_tokens", "c2_output_tokens", "seconds"]
 
 
 def sft_rows(row: dict, kinds: set[str], ps: dict) -> list[dict]:
@@ -48,15 +49,15 @@ def sft_rows(row: dict, kinds: set[str], ps: dict) -> list[dict]:
     out = []
     cot = row["c1_texts"][0]
     if "self_eval" in kinds:
-        out.append(self_eval_sample(row, ps["c1"], cot, ps["c2"], row["c2_text"]))
+        out.append(self_eval_sample(row, ps["c1"], cot, ps["c2"], row["c2_texts"][0]))
     if "cot" in kinds:
         out.append(cot_sample(row, ps["c1"], cot))
     if "seat" in kinds:
         out.append(seat_sample(row, ps["seat"], cot))
     for s in out:
         shas = [row["c1_prompt_sha"]] + ([row["c2_prompt_sha"]] if s["kind"] == "self_eval" else [])
-        s.update(answer_type=row["answer_type"], verdict=row.get("verdict"), teacher_model=row["teacher_model"],
-                 teacher_sampling=row["teacher_sampling"], prompt_shas=shas,
+        s.update(answer_type=row["answer_type"], verdict=row.get("verdict"), teacher_model=row["model"],
+                 teacher_sampling=row["sampling"], prompt_shas=shas,
                  responses=row["c1_texts"], responses_correct=row["c1_correct"], responses_rank=row["c1_rank"])
     return out
 
@@ -87,14 +88,11 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict) -> dict:
-    from casseat_ray.synth.pipeline import PART_GLOB, _atomic_write_text
-    from casseat_ray.synth.stages import stage_prompts
-
     run_dir = cfg.run_dir
     files = sorted(parts.glob(PART_GLOB))
     light = [r for f in files for r in pq.read_table(f, columns=LIGHT).to_pylist()]
     chosen, candidates = choose(light, cfg)
-    ps = stage_prompts(cfg)
+    ps = run_prompts(cfg)
 
     # One pass over the parts: the chosen rows become SFT shards, the rejected ones reject
     # rows; only the chosen rows (with their image bytes) become Python objects.
@@ -128,8 +126,8 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
 
     stats = compute_stats(cfg, source_funnel, light, candidates, sum(by_kind.values()), timing)
     stats["sft"] = {"samples": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items())), "by_source": dict(sorted(by_source.items())), "shards": shard}
-    _atomic_write_text(run_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
-    _atomic_write_text(run_dir / "README.md", dataset_card(cfg, stats, ps))
+    atomic_write_text(run_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
+    atomic_write_text(run_dir / "README.md", dataset_card(cfg, stats, ps))
     funnel_chart(stats, run_dir / "funnel.png")
     export_llamafactory(run_dir / "sft", run_dir / "export" / "llamafactory", cfg.name)
     export_swift(run_dir / "sft", run_dir / "export" / "swift")
@@ -146,8 +144,10 @@ def compute_stats(cfg: Config, source_funnel: dict, light: list[dict], candidate
         n = stages[stage]["out"]
     stages["mix"] = {"in": candidates, "out": chosen, "rejected": {"over_ratio_or_cap": candidates - chosen}, "unit": "samples"}
     taught = [r for r in light if r["c1_output_tokens"] is not None]
-    tokens_in = sum((r["c1_prompt_tokens"] or 0) + (r["c2_prompt_tokens"] or 0) for r in taught)
-    tokens_out = sum(sum(r["c1_output_tokens"] or []) + (r["c2_output_tokens"] or 0) for r in taught)
+    tokens_in = sum((r["c1_prompt_tokens"] or 0) + sum(r["c2_prompt_tokens"] or []) for r in taught)
+    tokens_out = sum(sum(r["c1_output_tokens"] or []) + sum(r["c2_output_tokens"] or []) for r in taught)
+    skipped = Counter(r["c2_skipped"] for r in taught if r["c2_skipped"])
+    too_long = Counter(k for r in light for k in r["too_long_kinds"] or [])
     loop = timing["loop_seconds"]
     return {
         "name": cfg.name,
@@ -158,8 +158,10 @@ def compute_stats(cfg: Config, source_funnel: dict, light: list[dict], candidate
             "rows": len(taught),
             "tokens_in": tokens_in,
             "tokens_out": tokens_out,
-            "engine_seconds": round(sum(r["teacher_seconds"] or 0 for r in taught), 3),
+            "row_seconds": round(sum(r["seconds"] or 0 for r in taught), 3),  # summed per-row latencies (rows overlap)
+            "c2_skipped": dict(sorted(skipped.items())),
         },
+        "too_long_samples": dict(sorted(too_long.items())),  # samples over the student budget, dropped alone
         "rows_processed": timing["processed_rows"],
         "rows_resumed": timing["resumed_rows"],
         "rows_per_s": round(timing["processed_rows"] / loop, 3) if loop > 0 and timing["processed_rows"] else None,

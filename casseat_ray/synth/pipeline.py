@@ -20,133 +20,45 @@ Layout of ``<output_dir>/<name>/``::
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
-from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
+from casseat_ray import parts as partstore
 from casseat_ray.config import Config, ConfigError, to_yaml
 
-PART_GLOB = "part-*.parquet"
 # Config sections whose change makes earlier teacher outputs invalid for this run; how many
-# actors run and how batches are cut are not among them (a resumed run may scale out).
+# actors run, how batches are cut and how many rows are in flight are not among them (a
+# resumed run may scale out).
 FINGERPRINT_KEYS = ("sources", "images", "ddf_source", "teacher", "synthesis", "ddf_labeled", "seed")
-SCHEDULING = {"teacher": ("concurrency", "num_cpus", "num_gpus", "batch_size", "placement"), "ddf_labeled": ("concurrency", "num_cpus"),
-              "ddf_labeled.judge": ("concurrency", "num_cpus", "num_gpus", "batch_size")}
+SCHEDULING = {"teacher": ("concurrency", "num_cpus", "num_gpus", "batch_size", "placement"), "teacher.engine": ("max_in_flight",),
+              "ddf_labeled": ("concurrency", "num_cpus"), "ddf_labeled.judge": ("concurrency", "num_cpus", "num_gpus", "batch_size")}
+# Bumped when the columns of a part change: parts of another layout cannot be resumed.
+PARTS_LAYOUT = 2
 
 
-# ---------------------------------------------------------------- resume bookkeeping
 def fingerprint(cfg: Config) -> dict:
-    dumped = cfg.model_dump(mode="json")
-    out = {k: dumped[k] for k in FINGERPRINT_KEYS}
-    for section, keys in SCHEDULING.items():
-        node = out
-        for part in section.split("."):
-            node = (node or {}).get(part)
-        for k in keys:
-            (node or {}).pop(k, None)
-    out["student.model"] = cfg.student.model if cfg.student else None
-    return out
+    """What synthesis outputs depend on: the config sections above, the student model (its
+    tokenizer measures lengths) and the text of every prompt template the run renders (an
+    edited template file changes its hash even when its path does not)."""
+    from casseat_ray.inference.turns import run_prompts
+
+    extra = {"student.model": cfg.student.model if cfg.student else None, "parts_layout": PARTS_LAYOUT,
+             "prompt_shas": {k: p.sha for k, p in run_prompts(cfg).items()}}
+    return partstore.fingerprint(cfg, FINGERPRINT_KEYS, SCHEDULING, extra)
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(prefix + k)
-    return keys
-
-
-def prepare_work_dir(cfg: Config, fresh: bool) -> Path:
+def prepare_work_dir(cfg: Config, fresh: bool):
     """The parts folder for this run. Refuses to mix outputs of a different config into it."""
-    work = cfg.run_dir / "work"
-    parts = work / "parts"
-    stamp = work / "fingerprint.json"
-    if fresh and work.exists():
-        for f in parts.glob("*"):
-            f.unlink()
-        stamp.unlink(missing_ok=True)
-    parts.mkdir(parents=True, exist_ok=True)
-    now = fingerprint(cfg)
-    if stamp.exists():
-        before = json.loads(stamp.read_text())
-        changed = _diff(before, now)
-        if changed:
-            raise ConfigError(
-                f"{cfg.run_dir}: holds a run made with a different config (changed: {', '.join(changed[:8])}); "
-                "rerun with --fresh to start over, or choose another name="
-            )
-    else:
-        _atomic_write_text(stamp, json.dumps(now, indent=2, sort_keys=True))
-    for leftover in parts.glob("*.tmp"):  # a write the last run did not finish
-        leftover.unlink()
-    return parts
-
-
-def done_ids(parts: Path) -> set[str]:
-    ids: set[str] = set()
-    for f in sorted(parts.glob(PART_GLOB)):
-        ids.update(pq.read_table(f, columns=["sample_id"])["sample_id"].to_pylist())
-    return ids
-
-
-def pending_batch(batch: pa.Table, done: set[str]) -> pa.Table:
-    """Accepted source rows whose sample id has no part yet."""
-    keep = pc.is_null(batch["reject_reason"])
-    if done:
-        keep = pc.and_(keep, pc.invert(pc.is_in(batch["sample_id"], value_set=pa.array(sorted(done), pa.string()))))
-    return batch.filter(keep)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_part(parts: Path, table: pa.Table) -> Path:
-    """One finished block, named by its content; written whole or not at all."""
-    ids = "\n".join(sorted(table["sample_id"].to_pylist()))
-    path = parts / f"part-{hashlib.sha256(ids.encode()).hexdigest()[:16]}.parquet"
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    return partstore.prepare(cfg.run_dir / "work", fingerprint(cfg), fresh, str(cfg.run_dir))
 
 
 # ---------------------------------------------------------------- the pipeline
 def build(cfg: Config, source, done: set[str]):
-    """The Ray Data chain from source rows to labeled rows (one line per stage)."""
-    from ray.data import ActorPoolStrategy
+    """The Ray Data chain from source rows to labeled rows: a loop over the stage specs."""
+    from casseat_ray.synth.stages import stage_specs
 
-    from casseat_ray.runtime import engine_actor_args
-    from casseat_ray.synth.stages import JudgeStage, LabelStage, StudentFilter, TeacherStage
-
-    t = cfg.teacher
-    ds = source.map_batches(pending_batch, batch_format="pyarrow", fn_kwargs={"done": done}, num_cpus=0.1)
-    if cfg.ddf_source.model_filter.enabled:
-        resources, engine = engine_actor_args(cfg.student.engine, t.num_cpus, min(t.num_gpus, 1.0), t.placement)
-        ds = ds.map_batches(StudentFilter, fn_constructor_kwargs={"cfg": cfg, "engine_config": engine}, batch_format="pyarrow",
-                            compute=ActorPoolStrategy(size=1), batch_size=cfg.ddf_source.model_filter.batch_size, **resources)
-    resources, engine = engine_actor_args(t.engine, t.num_cpus, t.num_gpus, t.placement)
-    ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={"cfg": cfg, "engine_config": engine}, batch_format="pyarrow",
-                        compute=ActorPoolStrategy(size=t.concurrency), batch_size=t.batch_size, **resources)
-    lab = cfg.ddf_labeled
-    ds = ds.map_batches(LabelStage, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", compute=ActorPoolStrategy(size=lab.concurrency),
-                        batch_size=t.batch_size, num_cpus=lab.num_cpus)
-    j = lab.judge
-    if j.enabled:
-        resources, engine = engine_actor_args(cfg.judge_engine, j.num_cpus, j.num_gpus, t.placement)
-        ds = ds.map_batches(JudgeStage, fn_constructor_kwargs={"cfg": cfg, "engine_config": engine}, batch_format="pyarrow",
-                            compute=ActorPoolStrategy(size=j.concurrency), batch_size=j.batch_size, **resources)
+    ds = source.map_batches(partstore.not_done, batch_format="pyarrow", fn_kwargs={"done": done}, num_cpus=0.1)
+    for spec in stage_specs(cfg):
+        ds = spec.apply(ds)
     return ds
 
 
@@ -161,14 +73,14 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
         raise ConfigError("synthesize needs teacher.model and student.model (the student's processor counts sample lengths)")
     run_dir = cfg.run_dir
     parts = prepare_work_dir(cfg, fresh)
-    _atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    partstore.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     init_ray(cfg.ray)
     # One teacher batch per block, cut before any actor holds a CPU: each finished block then
     # reaches the driver (and a part file) as soon as it is done, so an interrupted run loses
     # at most the blocks in flight.
     source = data.load(cfg).repartition(target_num_rows_per_block=cfg.teacher.batch_size).materialize()
     source_funnel = data.funnel(source)
-    done = done_ids(parts)
+    done = partstore.done_ids(parts)
     accepted = source_funnel["accepted"]
     todo = accepted - len(done)
     processed, written = 0, 0
@@ -179,7 +91,7 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
             for block in build(cfg, source, done).iter_batches(batch_size=None, batch_format="pyarrow"):
                 if block.num_rows == 0:
                     continue
-                write_part(parts, block)
+                partstore.write_part(parts, block)
                 processed += block.num_rows
                 written += 1
                 bar.update(block.num_rows)
@@ -200,4 +112,4 @@ def _progress(total: int, enabled: bool, resumed: int):
     return tqdm(total=total, desc=desc, unit="q", disable=not enabled, dynamic_ncols=True)
 
 
-__all__ = ["run", "build", "pending_batch", "write_part", "done_ids"]
+__all__ = ["run", "build", "fingerprint", "prepare_work_dir"]

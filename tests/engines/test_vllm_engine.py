@@ -7,7 +7,7 @@ from PIL import Image
 from casseat_ray import prompts
 from casseat_ray.config import SamplingConfig
 from casseat_ray.engines import Engine, failed, image_part, text_part, user
-from casseat_ray.synth.conversations import c1_conversation, c2_conversation
+from casseat_ray.inference.turns import c1_conversation, c2_conversation
 
 
 def test_engine_implements_protocol(teacher_engine):

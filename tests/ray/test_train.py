@@ -150,7 +150,7 @@ def test_adapter_loads_in_transformers_merges_and_changes_vllm_output(two_worker
     from casseat_ray import prompts
     from casseat_ray.config import EngineConfig, SamplingConfig
     from casseat_ray.engines.vllm import VLLMEngine
-    from casseat_ray.synth.conversations import c1_conversation
+    from casseat_ray.inference.turns import c1_conversation
     from casseat_ray.train.collate import _images, to_conversation
 
     cfg, summary = two_workers
@@ -178,7 +178,7 @@ def test_adapter_loads_in_transformers_merges_and_changes_vllm_output(two_worker
         assert all(o[0].error is None for o in engine.chat(convs[:1], adapter=adapter))
         assert with_adapter != without
     finally:
-        engine.llm.llm_engine.engine_core.shutdown()
+        engine.close()
 
 
 def _answer_gap(model, processor, sft: Path, n: int = 8) -> float:

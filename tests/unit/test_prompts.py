@@ -1,7 +1,7 @@
 import pytest
 
 from casseat_ray import prompts
-from casseat_ray.synth.conversations import c1_conversation, c2_conversation, question_with_choices
+from casseat_ray.inference.turns import c1_conversation, c2_conversation, question_with_choices
 
 
 def test_templates_render_latex_safely():

@@ -7,8 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from casseat_ray.config import Config, ConfigError
+from casseat_ray import parts
 from casseat_ray.synth import outputs, pipeline
-from casseat_ray.synth.stages import label_row, stage_prompts
+from casseat_ray.inference.turns import run_prompts as stage_prompts
+from casseat_ray.synth.stages import label_row
 
 
 def _cfg(tmp_path, **kw) -> Config:
@@ -18,41 +20,58 @@ def _cfg(tmp_path, **kw) -> Config:
 
 
 def _row(sample_id="s1", answer="3", c1="Step 1.\nThe answer is 3.", c2="Evaluation: Accept\nThe answer is 3.", **kw):
+    """A teacher-processed row as the inference layer leaves it (every answer scored once)."""
+    from casseat_ray.answers import score
+    from casseat_ray.inference.modes import scored_dict
+
     row = dict(sample_id=sample_id, image=b"png", question="How many?", choices=[], answer=answer, answer_type="integer",
                precision=None, unit=None, source="demo", split="train", reject_stage=None, reject_reason=None, reject_detail=None,
-               c1_texts=[c1], c1_finish=["stop"], c1_errors=[None], c2_text=c2, c2_finish="stop", c2_error=None,
-               c1_prompt_sha="a", c2_prompt_sha="b", teacher_model="teacher", teacher_sampling="{}")
+               c1_texts=[c1], c1_finish=["stop"], c1_errors=[None], c1_prompt_sha="a", c2_prompt_sha="b", model="teacher", sampling="{}",
+               c2_texts=None if c2 is None else [c2], c2_finish=None if c2 is None else ["stop"], c2_errors=None if c2 is None else [None],
+               c2_skipped=None)
     row.update(kw)
+    row["c1_scores"] = [None if e else scored_dict(score(t, row)) for t, e in zip(row["c1_texts"], row["c1_errors"])]
+    row["c2_scores"] = None if row["c2_texts"] is None else [scored_dict(score(t, row)) for t in row["c2_texts"]]
     return row
 
 
 def test_pending_batch_keeps_accepted_rows_without_a_part():
     t = pa.table({"sample_id": ["a", "b", "c", "d"], "reject_reason": [None, None, "duplicate", None]})
-    assert pipeline.pending_batch(t, set())["sample_id"].to_pylist() == ["a", "b", "d"]
-    assert pipeline.pending_batch(t, {"b"})["sample_id"].to_pylist() == ["a", "d"]
+    assert parts.not_done(t, set())["sample_id"].to_pylist() == ["a", "b", "d"]
+    assert parts.not_done(t, {"b"})["sample_id"].to_pylist() == ["a", "d"]
 
 
 def test_parts_are_named_by_content_and_written_whole(tmp_path):
     t = pa.table({"sample_id": ["b", "a"], "x": [1, 2]})
-    p1 = pipeline.write_part(tmp_path, t)
-    p2 = pipeline.write_part(tmp_path, t.take([1, 0]))
+    p1 = parts.write_part(tmp_path, t)
+    p2 = parts.write_part(tmp_path, t.take([1, 0]))
     assert p1 == p2 and p1.name.startswith("part-") and not list(tmp_path.glob("*.tmp"))
-    assert pipeline.done_ids(tmp_path) == {"a", "b"}
+    assert parts.done_ids(tmp_path) == {"a", "b"}
 
 
 def test_work_dir_refuses_a_changed_config_and_fresh_starts_over(tmp_path):
     cfg = _cfg(tmp_path)
-    parts = pipeline.prepare_work_dir(cfg, fresh=False)
-    pipeline.write_part(parts, pa.table({"sample_id": ["a"]}))
-    (parts / "part-x.parquet.tmp").write_bytes(b"half a file")
-    scaled = _cfg(tmp_path, teacher=dict(model="teacher", concurrency=4, batch_size=2))  # scheduling only: fine
-    assert pipeline.prepare_work_dir(scaled, fresh=False) == parts
-    assert not list(parts.glob("*.tmp"))  # an unfinished write is discarded
+    folder = pipeline.prepare_work_dir(cfg, fresh=False)
+    parts.write_part(folder, pa.table({"sample_id": ["a"]}))
+    (folder / "part-x.parquet.tmp").write_bytes(b"half a file")
+    scaled = _cfg(tmp_path, teacher=dict(model="teacher", concurrency=4, batch_size=2, engine=dict(max_in_flight=8)))  # scheduling only: fine
+    assert pipeline.prepare_work_dir(scaled, fresh=False) == folder
+    assert not list(folder.glob("*.tmp"))  # an unfinished write is discarded
     changed = _cfg(tmp_path, teacher=dict(model="teacher", sampling=dict(max_tokens=7)))
     with pytest.raises(ConfigError, match="teacher.sampling.max_tokens"):
         pipeline.prepare_work_dir(changed, fresh=False)
     pipeline.prepare_work_dir(changed, fresh=True)
-    assert pipeline.done_ids(parts) == set()
+    assert parts.done_ids(folder) == set()
+
+
+def test_an_edited_prompt_file_is_a_changed_config(tmp_path):
+    prompt = tmp_path / "my_c1.txt"
+    prompt.write_text("Think hard.\n{{question}}")
+    cfg = _cfg(tmp_path, synthesis=dict(prompts=dict(c1=str(prompt))))
+    pipeline.prepare_work_dir(cfg, fresh=False)
+    prompt.write_text("Think step by step.\n{{question}}")  # same path, new text
+    with pytest.raises(ConfigError, match="prompt_shas.c1"):
+        pipeline.prepare_work_dir(cfg, fresh=False)
 
 
 def test_label_row_reasons_on_crafted_outputs(tmp_path):
@@ -61,23 +80,27 @@ def test_label_row_reasons_on_crafted_outputs(tmp_path):
     short = lambda s: 100  # noqa: E731
     hit, lab = label_row(cfg, _row(), ps, short)
     assert hit is None and sorted(lab["kinds"]) == ["cot", "self_eval"] and lab["verdict"] == "Accept"
-    assert lab["c1_correct"] == [True] and lab["student_tokens"] == 100
+    assert lab["c1_correct"] == [True] and lab["student_tokens"] == [100, 100]
     hit, lab = label_row(cfg, _row(c1="The answer is 4."), ps, short)
     assert hit[0] == "accept_after_wrong" and lab["c1_correct"] == [False]
     hit, lab = label_row(cfg, _row(c1="The answer is 4.", c2="Evaluation: Refine\nIt is 3.\nThe answer is 3."), ps, short)
     assert hit is None and lab["kinds"] == ["self_eval"]  # C1 was wrong: no CoT sample
     hit, _ = label_row(cfg, _row(), ps, lambda s: 5000)
     assert hit[0] == "too_long" and "5000 student tokens" in hit[1]
+    # each sample is measured: a self-evaluation over the budget drops alone, its CoT stays
+    by_kind = lambda s: 3000 if s["kind"] == "self_eval" else 900  # noqa: E731
+    hit, lab = label_row(cfg, _row(), ps, by_kind)
+    assert hit is None and lab["kinds"] == ["cot"] and lab["too_long_kinds"] == ["self_eval"] and lab["student_tokens"] == [900, 3000]
 
-    hit, _ = label_row(cfg, _row(c1_finish=["error"], c1_errors=["boom"], c1_texts=[""], c2_text=None), ps, short)
+    hit, _ = label_row(cfg, _row(c1_finish=["error"], c1_errors=["boom"], c1_texts=[""], c2=None), ps, short)
     assert hit == ("engine_error", "C1: boom")
     seat = _cfg(tmp_path, synthesis=dict(mode="seat"))
-    hit, lab = label_row(seat, _row(c1="Step.\n[Self-evaluation] ok. Evaluation: Accept [/Self-evaluation]\nThe answer is 3.", c2_text=None), stage_prompts(seat), short)
+    hit, lab = label_row(seat, _row(c1="Step.\n[Self-evaluation] ok. Evaluation: Accept [/Self-evaluation]\nThe answer is 3.", c2=None), stage_prompts(seat), short)
     assert hit is None and lab["kinds"] == ["seat"]
-    hit, _ = label_row(seat, _row(c2_text=None), stage_prompts(seat), short)
+    hit, _ = label_row(seat, _row(c2=None), stage_prompts(seat), short)
     assert hit[0] == "no_verdict"
     cot = _cfg(tmp_path, synthesis=dict(mode="cot"))
-    hit, lab = label_row(cot, _row(c2_text=None), stage_prompts(cot), short)
+    hit, lab = label_row(cot, _row(c2=None), stage_prompts(cot), short)
     assert hit is None and lab["kinds"] == ["cot"]
 
 
@@ -157,7 +180,7 @@ def test_judge_verdicts_and_rejects_on_crafted_replies():
 
 
 def test_judge_reads_the_right_texts_and_its_prompt_is_recorded(tmp_path):
-    from casseat_ray.synth.conversations import judge_conversation, judged_texts
+    from casseat_ray.inference.turns import judge_conversation, judged_texts
 
     cfg = _cfg(tmp_path, ddf_labeled=dict(judge=dict(enabled=True)))
     ps = stage_prompts(cfg)

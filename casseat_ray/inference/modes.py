@@ -1,0 +1,158 @@
+"""Inference modes as one coroutine per row: ``run_mode(engine, row, call)``.
+
+- ``direct``: one turn with the direct-answer prompt.
+- ``cot``: C1 (``n`` samples).
+- ``seat``: the single long SEAT prompt (``n`` samples).
+- ``cascade``: C1, then C2 as a second user turn on the first C1 sample's conversation.
+- ``best_of_n``: ``n`` sampled C1 answers, each self-evaluated by the same model (C2), with the
+  probability of ``Accept`` read from the verdict token's log-probabilities.
+
+A row's C2 is submitted the moment its own C1 is done, while other rows are still in their C1:
+there is no batch barrier. The result holds mode-neutral columns (``RESULT_FIELDS``); every
+answer is scored once, here, and the scores travel with the row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import pyarrow as pa
+
+from casseat_ray.answers import ScoredAnswer, score
+from casseat_ray.config import SamplingConfig
+from casseat_ray.engines import Completion, failed
+from casseat_ray.inference.turns import c1_conversation, c2_conversation
+from casseat_ray.prompts import Prompt
+
+MODES = ("direct", "cot", "seat", "cascade", "best_of_n")
+FIRST_PROMPT = {"direct": "direct", "cot": "c1", "seat": "seat", "cascade": "c1", "best_of_n": "c1"}
+
+SCORE_TYPE = pa.struct([pa.field("extraction", pa.string()), pa.field("prediction", pa.string()),
+                        pa.field("correct", pa.bool_()), pa.field("method", pa.string())])
+RESULT_FIELDS = [
+    pa.field("mode", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("adapter", pa.string()),
+    pa.field("sampling", pa.string()),
+    pa.field("c1_prompt_sha", pa.string()),
+    pa.field("c1_texts", pa.list_(pa.string())),
+    pa.field("c1_finish", pa.list_(pa.string())),
+    pa.field("c1_errors", pa.list_(pa.string())),
+    pa.field("c1_prompt_tokens", pa.int64()),
+    pa.field("c1_output_tokens", pa.list_(pa.int64())),
+    pa.field("c1_scores", pa.list_(SCORE_TYPE)),  # one per C1 sample; null for an engine error
+    pa.field("c2_prompt_sha", pa.string()),
+    pa.field("c2_texts", pa.list_(pa.string())),  # one per self-evaluated C1 sample
+    pa.field("c2_finish", pa.list_(pa.string())),
+    pa.field("c2_errors", pa.list_(pa.string())),
+    pa.field("c2_prompt_tokens", pa.list_(pa.int64())),
+    pa.field("c2_output_tokens", pa.list_(pa.int64())),
+    pa.field("c2_scores", pa.list_(SCORE_TYPE)),
+    pa.field("c2_accept_prob", pa.list_(pa.float64())),  # best_of_n: P(Accept) at the verdict token
+    pa.field("c2_skipped", pa.string()),  # why C2 did not run (c1_error, or the skip rule's reason)
+    pa.field("seconds", pa.float64()),  # the row's own time from first request to last answer
+]
+
+# Skip rule for C2: (first C1 completion, its score) -> a reason to skip, or None to run C2.
+SkipRule = Callable[[Completion, ScoredAnswer | None], str | None]
+
+
+@dataclass(frozen=True)
+class ModeCall:
+    """How to run one mode: prompts, sampling per turn, scoring, adapter."""
+
+    mode: str
+    prompts: dict[str, Prompt]  # "c1" / "seat" / "direct" for the first turn, "c2" for C2
+    model: str
+    sampling: SamplingConfig  # the first turn; its ``n`` is the number of samples
+    c2_sampling: SamplingConfig | None = None  # default: the first turn's, one sample
+    protocol: str = "math"  # scoring protocol (answers.PROTOCOLS)
+    adapter: str | None = None  # LoRA adapter for every request of the row
+    c2_skip: SkipRule | None = None  # cascade only: skip C2 after a C1 that cannot be kept
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; known: {', '.join(MODES)}")
+
+    @property
+    def second(self) -> SamplingConfig:
+        base = self.c2_sampling or self.sampling.model_copy(update={"n": 1})
+        if self.mode == "best_of_n" and base.logprobs is None:
+            base = base.model_copy(update={"logprobs": 20})
+        return base
+
+
+def scored_dict(s: ScoredAnswer | None) -> dict | None:
+    return None if s is None else {"extraction": s.extraction, "prediction": s.prediction, "correct": s.correct, "method": s.method}
+
+
+def as_scored(d: dict | None) -> ScoredAnswer | None:
+    return None if d is None else ScoredAnswer(d["extraction"], d["prediction"], bool(d["correct"]), d["method"])
+
+
+_ANCHOR = re.compile(r"evaluation\s*[:：]?\s*[\[\(\{<]?\s*\**\s*$", re.IGNORECASE)
+
+
+def accept_probability(c: Completion) -> float | None:
+    """P(Accept) / (P(Accept) + P(Refine)) at the token where the verdict word starts, from
+    the candidates' log-probabilities; None without a verdict or without log-probabilities."""
+    text = ""
+    for tok, top in zip(c.tokens, c.top_logprobs):
+        if _ANCHOR.search(text) and tok.strip():
+            mass = {"accept": 0.0, "refine": 0.0}
+            for cand, lp in top.items():
+                word = cand.strip().lower()
+                for verdict in mass:
+                    if word and verdict.startswith(word):
+                        mass[verdict] += math.exp(lp)
+            total = mass["accept"] + mass["refine"]
+            return mass["accept"] / total if total > 0 else None
+        text += tok
+    return None
+
+
+def _turn(outs: list[Completion], row: dict, protocol: str) -> tuple[list[Completion], list[dict | None]]:
+    return outs, [None if o.error else scored_dict(score(o.text, row, protocol)) for o in outs]
+
+
+async def run_mode(engine, row: dict, call: ModeCall) -> dict:
+    """Run ``call.mode`` for one row on ``engine``; returns the ``RESULT_FIELDS`` values."""
+    t0 = time.perf_counter()
+    first = call.prompts[FIRST_PROMPT[call.mode]]
+    c1, c1_scores = _turn(await engine.generate(c1_conversation(row, first), call.sampling, call.adapter), row, call.protocol)
+    out = dict(
+        mode=call.mode, model=call.model, adapter=call.adapter,
+        sampling=json.dumps(call.sampling.model_dump(mode="json"), sort_keys=True), c1_prompt_sha=first.sha,
+        c1_texts=[o.text for o in c1], c1_finish=[o.finish_reason for o in c1], c1_errors=[o.error for o in c1],
+        c1_prompt_tokens=c1[0].prompt_tokens, c1_output_tokens=[o.output_tokens for o in c1], c1_scores=c1_scores,
+        c2_prompt_sha=None, c2_texts=None, c2_finish=None, c2_errors=None, c2_prompt_tokens=None, c2_output_tokens=None,
+        c2_scores=None, c2_accept_prob=None, c2_skipped=None,
+    )
+    if call.mode in ("cascade", "best_of_n"):
+        evaluated = c1[: 1 if call.mode == "cascade" else len(c1)]
+        if all(o.error for o in evaluated):
+            out["c2_skipped"] = "c1_error"
+        elif call.mode == "cascade" and call.c2_skip is not None:
+            out["c2_skipped"] = call.c2_skip(c1[0], as_scored(c1_scores[0]))
+        if out["c2_skipped"] is None:
+            c2p = call.prompts["c2"]
+
+            async def check(o: Completion) -> list[Completion]:
+                if o.error:  # this C1 sample failed: nothing to evaluate
+                    return [failed(f"C1 failed: {o.error}")]
+                return await engine.generate(c2_conversation(row, call.prompts["c1"], o.text, c2p), call.second, call.adapter)
+
+            answers = await asyncio.gather(*(check(o) for o in evaluated))
+            c2, c2_scores = _turn([a[0] for a in answers], row, call.protocol)
+            out.update(c2_prompt_sha=c2p.sha, c2_texts=[o.text for o in c2], c2_finish=[o.finish_reason for o in c2],
+                       c2_errors=[o.error for o in c2], c2_prompt_tokens=[o.prompt_tokens for o in c2],
+                       c2_output_tokens=[o.output_tokens for o in c2], c2_scores=c2_scores,
+                       c2_accept_prob=[accept_probability(o) for o in c2] if call.mode == "best_of_n" else None)
+    out["seconds"] = time.perf_counter() - t0
+    return out

@@ -1,0 +1,101 @@
+"""Resumable part files: the bookkeeping behind every job that can be killed and rerun.
+
+A job writes each finished block of rows atomically as a *part* (named by the ids it holds)
+under ``<work>/parts`` and records a *fingerprint* of what makes its outputs valid. A rerun with
+the same fingerprint skips every id already in a part, so nothing is redone or duplicated; a
+rerun with a different one is refused, naming the keys that changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from casseat_ray.config import ConfigError
+
+PART_GLOB = "part-*.parquet"
+
+
+def fingerprint(cfg, keys: tuple[str, ...], ignore: dict[str, tuple[str, ...]] | None = None, extra: dict | None = None) -> dict:
+    """The config sections ``keys`` (less the scheduling keys ``ignore`` names per dotted
+    section, which a resumed run may change) plus ``extra`` facts (prompt hashes, ...)."""
+    dumped = cfg.model_dump(mode="json")
+    out = {k: dumped[k] for k in keys}
+    for section, names in (ignore or {}).items():
+        node = out
+        for part in section.split("."):
+            node = (node or {}).get(part)
+        for k in names:
+            (node or {}).pop(k, None)
+    out.update(extra or {})
+    return out
+
+
+def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += changed_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(prefix + k)
+    return keys
+
+
+def prepare(work: Path, stamp: dict, fresh: bool, where: str) -> Path:
+    """The parts folder under ``work``. ``fresh`` empties it; a different ``stamp`` than the
+    one recorded is refused (``where`` names the run in the message)."""
+    parts = work / "parts"
+    stamp_file = work / "fingerprint.json"
+    if fresh and work.exists():
+        for f in parts.glob("*"):
+            f.unlink()
+        stamp_file.unlink(missing_ok=True)
+    parts.mkdir(parents=True, exist_ok=True)
+    if stamp_file.exists():
+        changed = changed_keys(json.loads(stamp_file.read_text()), json.loads(json.dumps(stamp)))
+        if changed:
+            raise ConfigError(f"{where}: holds a run made with a different config (changed: {', '.join(changed[:8])}); "
+                              "rerun with --fresh to start over, or choose another name=")
+    else:
+        atomic_write_text(stamp_file, json.dumps(stamp, indent=2, sort_keys=True))
+    for leftover in parts.glob("*.tmp"):  # a write the last run did not finish
+        leftover.unlink()
+    return parts
+
+
+def done_ids(parts: Path, id_column: str = "sample_id") -> set[str]:
+    ids: set[str] = set()
+    for f in sorted(parts.glob(PART_GLOB)):
+        ids.update(pq.read_table(f, columns=[id_column])[id_column].to_pylist())
+    return ids
+
+
+def not_done(batch: pa.Table, done: set[str], id_column: str = "sample_id") -> pa.Table:
+    """Accepted rows of ``batch`` whose id has no part yet."""
+    keep = pc.is_null(batch["reject_reason"])
+    if done:
+        keep = pc.and_(keep, pc.invert(pc.is_in(batch[id_column], value_set=pa.array(sorted(done), pa.string()))))
+    return batch.filter(keep)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_part(parts: Path, table: pa.Table, id_column: str = "sample_id") -> Path:
+    """One finished block, named by its ids; written whole or not at all."""
+    ids = "\n".join(sorted(table[id_column].to_pylist()))
+    path = parts / f"part-{hashlib.sha256(ids.encode()).hexdigest()[:16]}.parquet"
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
