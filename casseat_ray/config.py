@@ -200,7 +200,8 @@ class DDFLabeledConfig(Section):
 
 
 class MixConfig(Section):
-    self_eval_per_cot: float = F(1.0, "Self-evaluation samples per CoT sample (Cas-SEAT default 1:1).", ge=0)
+    self_eval_per_cot: float = F(1.0, "Self-evaluation samples per CoT sample, per kept question (Cas-SEAT default 1:1: every kept question gives its CoT and its self-evaluation sample); below 1 a seeded share of questions gives only its CoT sample, above 1 only its self-evaluation sample.", ge=0)
+    keep_all_refine: bool = F(True, "Never leave out a Refine self-evaluation sample (the only kind that teaches correction) to meet the ratio.")
     max_samples: int | None = F(None, "Cap on the total SFT set size.", ge=1)
     seed: int = F(0, "Seed for choosing which samples fill the ratio.")
 
@@ -257,13 +258,29 @@ class TrainConfig(Section):
 
 
 # ---------------------------------------------------------------- evaluation
+class BenchmarkConfig(SourceConfig):
+    """A benchmark: a source read without DDF filtering, plus how its answers are scored."""
+
+    split: str = F("test", "Split name recorded on every item.")
+    protocol: Literal["math", "mathv", "mathvista"] = F("math", "Scoring protocol: math (letters or values, free-form answers compared mathematically), mathv (MATH-V's own rule), mathvista (MathVista's: nearest choice by edit distance, exact strings).")
+
+
 class EvaluateConfig(Section):
-    benchmarks: list[SourceConfig] = F([], "Benchmarks to score the student on (same adapters as sources).")
-    modes: list[Literal["direct", "cot", "seat", "cascade", "best_of_n"]] = F(["cot", "cascade"], "Inference modes to compare.")
+    benchmarks: list[BenchmarkConfig] = F([], "Benchmarks to score the student on (same adapters as sources, read without DDF filtering).")
+    models: list[Literal["base", "tuned", "teacher"]] = F(["base", "tuned"], "Models to evaluate on the same items: base (the student), tuned (the student with the LoRA adapter), teacher (its own engine).")
+    modes: list[Literal["direct", "cot", "seat", "cascade", "best_of_n"]] = F(["direct", "cot", "cascade"], "Inference modes to compare (cascade runs pass 2 on every item).")
     best_of_n: int = F(4, "Samples per question for best_of_n.", ge=1)
-    adapter: Path | None = F(None, "LoRA adapter to evaluate (None: the base student, or the adapter this run trained).")
-    sampling: SamplingConfig = F(SamplingConfig, "Sampling for evaluation passes.")
+    best_of_n_temperature: float = F(0.7, "Sampling temperature of best_of_n's C1 samples (its C2 checks are greedy).", ge=0)
+    adapter: Path | None = F(None, "LoRA adapter to evaluate as 'tuned' (None: the adapter this run trained, OUTPUT_DIR/NAME/train/adapter).")
+    sampling: SamplingConfig = F(SamplingConfig, "Sampling for evaluation passes (greedy by default).")
     model_extractor: bool = F(False, "Use the model-based answer extractor when no rule parses a response.")
+    engine: EngineConfig | None = F(None, "vLLM engine arguments for the student (None: student.engine); LoRA is switched on for 'tuned'.")
+    concurrency: int = F(1, "Student engine actors.", ge=1)
+    batch_size: int = F(16, "Items per batch handed to one engine actor.", ge=1)
+    num_cpus: float = F(1.0, "CPUs per engine actor.", ge=0)
+    num_gpus: float = F(0.0, "GPUs per engine actor (1 on GPU clusters).", ge=0)
+    bootstrap: int = F(1000, "Bootstrap resamples for the 95% intervals.", ge=100)
+    seed: int = F(0, "Seed of the bootstrap and of best_of_n sampling.")
 
 
 # ---------------------------------------------------------------- ray + root
@@ -306,6 +323,9 @@ class Config(Section):
                 check_engine_placement("ddf_labeled.judge", self.judge_engine, self.ddf_labeled.judge.num_cpus, self.teacher.placement)
         if self.train.packing and self.train.loss == "aft":
             raise ValueError("train.packing cannot be combined with train.loss=aft: AFT scores each response as its own row")
+        e = self.evaluate
+        if "best_of_n" in e.modes and e.best_of_n > 1 and e.best_of_n_temperature == 0:
+            raise ValueError("evaluate.best_of_n > 1 needs evaluate.best_of_n_temperature > 0 (greedy samples are identical)")
         if self.synthesis.cot_samples > 1 and self.teacher and self.teacher.sampling.temperature == 0:
             raise ValueError("synthesis.cot_samples > 1 needs teacher.sampling.temperature > 0 (greedy samples are identical)")
         return self

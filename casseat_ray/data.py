@@ -33,8 +33,10 @@ from casseat_ray.sources import item_to_row
 
 STAGES = ("read", "validate", "ddf_rules", "dedup", "sample")
 ROW_SCHEMA = pa.schema(list(SCHEMA) + [pa.field(name, pa.string()) for name in REJECT_FIELDS])
-# While the pipeline runs: the dedup key of accepted rows and a per-row id.
-WORK_SCHEMA = ROW_SCHEMA.append(pa.field("_key", pa.string())).append(pa.field("_uid", pa.string()))
+# While the pipeline runs: the dedup key of accepted rows, a per-row id, and a hash of what two
+# rows with the same sample id may still differ in (answer, choices, meta).
+WORK_SCHEMA = ROW_SCHEMA.append(pa.field("_key", pa.string())).append(pa.field("_uid", pa.string())).append(pa.field("_content", pa.string()))
+WORK_COLUMNS = ["_key", "_uid", "_content"]
 ROWS_PER_BLOCK = 64
 
 
@@ -151,6 +153,7 @@ def validate_batch(batch: pa.Table, source: SourceConfig, images: ImageConfig, r
                 _reject(row, "ddf_rules", *hit)
         row["_key"] = dedup_key(row) if row["reject_reason"] is None else None
         row["_uid"] = uuid.uuid4().hex
+        row["_content"] = content_key(row) if row["reject_reason"] is None else None
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 
@@ -204,6 +207,11 @@ def dedup_key(row: dict) -> str:
     return hashlib.sha256(row["image"]).hexdigest() + "\x1f" + normalize_question(row["question"])
 
 
+def content_key(row: dict) -> str:
+    facts = [row.get(k) for k in ("answer", "choices", "answer_type", "precision", "unit", "meta")]
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _rank(sample_id: str, seed: int) -> str:
     """A deterministic pseudo-random order for sampling."""
     return hashlib.sha256(f"{seed}:{sample_id}".encode()).hexdigest()
@@ -241,14 +249,18 @@ def _proportional(sizes: dict, total: int) -> dict:
     return out
 
 
-def select_batch(batch: pa.Table, duplicates: dict[str, str], thresholds: dict, caps_hit: set, seed: int) -> pa.Table:
-    """Mark duplicates (``_uid`` -> kept sample id) and rows over a cap or the budget.
+def select_batch(batch: pa.Table, duplicates: dict[str, str], thresholds: dict, caps_hit: set, seed: int,
+                 renamed: dict[str, str] | None = None) -> pa.Table:
+    """Mark duplicates (``_uid`` -> kept sample id) and rows over a cap or the budget; give
+    duplicates kept on purpose their own ids (``renamed``: ``_uid`` -> id).
 
     Columnar: only the small columns become Python objects; image bytes stay in Arrow.
     """
     cols = {c: batch[c].to_pylist() for c in ("_uid", "sample_id", "source", "answer_type", "reject_stage", "reject_reason", "reject_detail")}
     drop = []
     for i, uid in enumerate(cols["_uid"]):
+        if renamed and uid in renamed:
+            cols["sample_id"][i] = renamed[uid]
         if cols["reject_reason"][i] is not None:
             drop.append(False)
             continue
@@ -264,7 +276,8 @@ def select_batch(batch: pa.Table, duplicates: dict[str, str], thresholds: dict, 
         if hit:
             cols["reject_stage"][i], cols["reject_reason"][i], cols["reject_detail"][i] = hit
         drop.append(hit is not None)
-    out = batch.drop_columns(["_key", "_uid"])
+    out = batch.drop_columns(WORK_COLUMNS)
+    out = out.set_column(out.schema.get_field_index("sample_id"), "sample_id", pa.array(cols["sample_id"], pa.string()))
     mask = pa.array(drop, pa.bool_())
     out = out.set_column(out.schema.get_field_index("image"), "image", pc.if_else(mask, pa.scalar(b"", pa.binary()), out["image"]))
     for c in REJECT_FIELDS:
@@ -272,9 +285,11 @@ def select_batch(batch: pa.Table, duplicates: dict[str, str], thresholds: dict, 
     return out
 
 
-def plan_selection(light: list[dict], rules: DDFSourceConfig, seed: int) -> tuple[dict, dict, set]:
-    """From ``(_key, _uid, sample_id, source, answer_type)`` of accepted rows: which rows are
-    duplicates (all but the smallest sample id of each key) and the rank threshold per stratum.
+def plan_selection(light: list[dict], rules: DDFSourceConfig, seed: int) -> tuple[dict, dict, set, dict]:
+    """From ``(_key, _uid, _content, sample_id, source, answer_type)`` of accepted rows: which
+    rows are duplicates (all but the smallest sample id of each key), the rank threshold per
+    stratum, and, with dedup off, new ids for rows that share a sample id (``<id>-1``,
+    ``<id>-2``, ... in the order of their content, so every rerun names them alike).
     Pure: the driver runs it on the light columns only."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in light:
@@ -291,11 +306,18 @@ def plan_selection(light: list[dict], rules: DDFSourceConfig, seed: int) -> tupl
     ranks: dict[tuple[str, str], list[str]] = defaultdict(list)
     for r in kept:
         ranks[(r["source"], r["answer_type"])].append(_rank(r["sample_id"], seed))
+    renamed: dict[str, str] = {}
+    by_id: dict[str, list[dict]] = defaultdict(list)
+    for r in kept:
+        by_id[r["sample_id"]].append(r)
+    for sid, members in by_id.items():
+        members.sort(key=lambda r: (r["_content"], r["_uid"]))  # equal content: interchangeable rows
+        renamed.update({m["_uid"]: f"{sid}-{k}" for k, m in enumerate(members[1:], start=1)})
     counts = {k: len(v) for k, v in ranks.items()}
     keep = quotas(counts, rules.per_source_cap, rules.budget)
     thresholds = {k: (sorted(ranks[k])[keep[k] - 1] if keep[k] else "") for k in counts if keep[k] < counts[k]}
     caps_hit = {s for s, cap in rules.per_source_cap.items() if sum(c for (src, _), c in counts.items() if src == s) > cap}
-    return duplicates, thresholds, caps_hit
+    return duplicates, thresholds, caps_hit, renamed
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -318,17 +340,18 @@ def load(cfg: Config, sources: list[SourceConfig] | None = None, filtered: bool 
         for s in sources
     ]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    if rules is None or not (rules.dedup or rules.per_source_cap or rules.budget):
-        return ds.drop_columns(["_key", "_uid"])
+    if rules is None:
+        return ds.drop_columns(WORK_COLUMNS)
     ds = ds.materialize()
     light = [
         r
-        for b in ds.select_columns(["_key", "_uid", "sample_id", "source", "answer_type"]).iter_batches(batch_format="pyarrow")
+        for b in ds.select_columns(["_key", "_uid", "_content", "sample_id", "source", "answer_type"]).iter_batches(batch_format="pyarrow")
         for r in b.to_pylist()
         if r["_key"] is not None
     ]
-    duplicates, thresholds, caps_hit = plan_selection(light, rules, cfg.seed)
-    return ds.map_batches(select_batch, batch_format="pyarrow", fn_kwargs={"duplicates": duplicates, "thresholds": thresholds, "caps_hit": caps_hit, "seed": cfg.seed})
+    duplicates, thresholds, caps_hit, renamed = plan_selection(light, rules, cfg.seed)
+    return ds.map_batches(select_batch, batch_format="pyarrow", fn_kwargs={"duplicates": duplicates, "thresholds": thresholds, "caps_hit": caps_hit,
+                                                                            "seed": cfg.seed, "renamed": renamed})
 
 
 def write_rejects(ds, path: str | Path) -> int:

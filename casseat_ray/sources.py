@@ -110,6 +110,10 @@ def image_ref(value: Any) -> dict:
 
 
 def _raw(question, answer, image, choices=None, answer_type=None, precision=None, unit=None, meta=None) -> dict:
+    """Every adapter's output. Image placeholders (``<image>``) are dropped from the question
+    here, for all formats: the image travels separately and the chat template places it."""
+    if isinstance(question, str):
+        question = strip_image_tags(question)
     return dict(question=question, answer=answer, image=image_ref(image), choices=choices, answer_type=answer_type, precision=precision, unit=unit, meta=meta or {})
 
 

@@ -13,7 +13,6 @@ ground-truth hint, the hint never reaches the training data.
 from __future__ import annotations
 
 import hashlib
-import math
 
 from casseat_ray.prompts import Prompt
 from casseat_ray.inference.turns import c2_turn_text, first_turn_text
@@ -62,21 +61,32 @@ def _order(sample_id: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{sample_id}".encode()).hexdigest()
 
 
-def mix_counts(n_cot: int, n_self_eval: int, ratio: float, cap: int | None) -> tuple[int, int]:
-    """The largest ``(cot, self_eval)`` within what is available (and the cap) whose
-    proportion is exactly ``ratio`` self-evaluation samples per CoT sample (rounded)."""
-    if ratio == 0:
-        cot = n_cot if cap is None else min(n_cot, cap)
-        return cot, 0
-    cot = min(n_cot, math.floor(n_self_eval / ratio + 1e-9))
-    if cap is not None:
-        cot = min(cot, math.floor(cap / (1 + ratio) + 1e-9))
-    return cot, round(cot * ratio)
+def mix_questions(questions: list[dict], ratio: float, cap: int | None, seed: int, keep_all_refine: bool = True) -> dict[str, set[str]]:
+    """Which samples of each kept question go into the SFT set; the unit is the question.
 
-
-def mix(cot_pool: list[dict], self_eval_pool: list[dict], ratio: float, cap: int | None, seed: int) -> list[dict]:
-    """Pick samples from the two pools at the configured ratio; a seeded, content-based order
-    decides which, so reruns pick the same ones."""
-    n_cot, n_se = mix_counts(len(cot_pool), len(self_eval_pool), ratio, cap)
-    pick = lambda pool, n: sorted(pool, key=lambda s: _order(s["sample_id"], seed))[:n]  # noqa: E731
-    return pick(cot_pool, n_cot) + pick(self_eval_pool, n_se)
+    ``questions``: ``{"sample_id", "kinds", "verdict"}`` per kept question. ``ratio`` is
+    self-evaluation samples per CoT sample, applied as a share of questions: at 1 every
+    question gives all its samples (the method's 1:1 per kept question); below 1 every question
+    gives its CoT sample and a seeded share ``ratio`` of them also their self-evaluation sample;
+    above 1 every question gives its self-evaluation sample and a share ``1 / ratio`` also its
+    CoT sample. With ``keep_all_refine`` a Refine sample (the only kind that teaches
+    correction) is never left out by the ratio. ``cap`` takes whole questions in a seeded order
+    until the next would pass it. Reruns choose the same samples.
+    """
+    ordered = sorted(questions, key=lambda q: _order(q["sample_id"], seed))
+    thinned, share = ("self_eval", ratio) if ratio < 1 else ("cot", 1 / ratio)
+    # a question is never left with nothing by the ratio: CoT is thinned only where a self-evaluation sample stays
+    candidates = [q for q in ordered if thinned in q["kinds"] and (thinned == "self_eval" or "self_eval" in q["kinds"])]
+    keep_n = round(share * len(candidates))
+    protected = [q for q in candidates if keep_all_refine and thinned == "self_eval" and q.get("verdict") == "Refine"]
+    dropped = {q["sample_id"] for q in [q for q in candidates if q not in protected][max(keep_n - len(protected), 0):]}
+    chosen: dict[str, set[str]] = {}
+    total = 0
+    for q in ordered:
+        kinds = set(q["kinds"]) - ({thinned} if q["sample_id"] in dropped else set())
+        if cap is not None and total + len(kinds) > cap:
+            break
+        if kinds:
+            chosen[q["sample_id"]] = kinds
+            total += len(kinds)
+    return chosen

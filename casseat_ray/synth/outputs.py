@@ -20,7 +20,7 @@ from casseat_ray.config import Config
 from casseat_ray.inference.turns import run_prompts
 from casseat_ray.parts import PART_GLOB, atomic_write_text
 from casseat_ray.rows import REJECT_SCHEMA
-from casseat_ray.synth.mix import cot_sample, mix, seat_sample, self_eval_sample
+from casseat_ray.synth.mix import cot_sample, mix_questions, seat_sample, self_eval_sample
 
 SFT_SCHEMA = pa.schema([
     pa.field("id", pa.string()),
@@ -40,7 +40,7 @@ SFT_SCHEMA = pa.schema([
     pa.field("responses_correct", pa.list_(pa.bool_())),
     pa.field("responses_rank", pa.list_(pa.int64())),  # 0 right, 1 wrong answer, 2 no usable answer
 ])
-LIGHT = ["sample_id", "source", "answer_type", "reject_stage", "reject_reason", "kinds", "too_long_kinds", "c2_skipped",
+LIGHT = ["sample_id", "source", "answer_type", "reject_stage", "reject_reason", "kinds", "too_long_kinds", "c2_skipped", "verdict",
          "c1_prompt_tokens", "c1_output_tokens", "c2_prompt_tokens", "c2_output_tokens", "seconds"]
 
 
@@ -63,22 +63,23 @@ def sft_rows(row: dict, kinds: set[str], ps: dict) -> list[dict]:
 
 
 def choose(light: list[dict], cfg: Config) -> tuple[dict[str, set[str]], int]:
-    """sample_id -> the kinds that go into the SFT set, by the configured ratio and cap;
-    and the number of candidate samples."""
-    pools: dict[str, list[dict]] = {"cot": [], "self_eval": [], "seat": []}
-    for r in light:
-        if r["reject_reason"] is None:
-            for k in r["kinds"] or []:
-                pools[k].append({"sample_id": r["sample_id"], "kind": k})
+    """sample_id -> the kinds that go into the SFT set (``mix_questions``: per kept question,
+    by the configured ratio and cap); and the number of candidate samples."""
+    questions = [r for r in light if r["reject_reason"] is None and r["kinds"]]
     m = cfg.mix
-    if cfg.synthesis.mode == "cascade":
-        picked = mix(pools["cot"], pools["self_eval"], m.self_eval_per_cot, m.max_samples, m.seed)
-    else:
-        picked = mix(pools["seat" if cfg.synthesis.mode == "seat" else "cot"], [], 0, m.max_samples, m.seed)
-    chosen: dict[str, set[str]] = {}
-    for s in picked:
-        chosen.setdefault(s["sample_id"], set()).add(s["kind"])
-    return chosen, sum(len(p) for p in pools.values())
+    ratio = m.self_eval_per_cot if cfg.synthesis.mode == "cascade" else 1.0  # one sample per question otherwise
+    chosen = mix_questions(questions, ratio, m.max_samples, m.seed, m.keep_all_refine)
+    return chosen, sum(len(q["kinds"]) for q in questions)
+
+
+def verdict_counts(light: list[dict], chosen: dict[str, set[str]] | None = None) -> dict[str, int]:
+    """Self-evaluation samples by verdict: among the candidates, or among ``chosen``."""
+    counts: Counter = Counter()
+    for r in light:
+        if r["reject_reason"] is None and "self_eval" in (r["kinds"] or []):
+            if chosen is None or "self_eval" in chosen.get(r["sample_id"], ()):
+                counts[r["verdict"]] += 1
+    return {"accept": counts["Accept"], "refine": counts["Refine"]}
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -125,6 +126,7 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
     os.replace(tmp_rej, run_dir / "rejects.parquet")
 
     stats = compute_stats(cfg, source_funnel, light, candidates, sum(by_kind.values()), timing)
+    stats["self_eval_verdicts"] = {"before_mix": verdict_counts(light), "after_mix": verdict_counts(light, chosen)}
     stats["sft"] = {"samples": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items())), "by_source": dict(sorted(by_source.items())), "shards": shard}
     atomic_write_text(run_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
     atomic_write_text(run_dir / "README.md", dataset_card(cfg, stats, ps))
@@ -189,6 +191,7 @@ def dataset_card(cfg: Config, stats: dict, ps: dict) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in st["rejected"].items()) or "-"
         lines.append(f"| {name} | {st['in']} | {st['out']} | {reasons} |")
     f, mf = cfg.ddf_labeled, cfg.ddf_source.model_filter
+    v = stats["self_eval_verdicts"]
     lines += [
         "",
         "## Filters",
@@ -201,7 +204,10 @@ def dataset_card(cfg: Config, stats: dict, ps: dict) -> str:
         f"at most {f.max_student_tokens} student tokens (image tokens included, never truncated).",
         f"- Model judge: " + (f"`{cfg.judge_model}` ({'constrained verdict' if f.judge.constrained else 'free-form, last Verdict: line'}; "
                               f"no verdict: {f.judge.on_no_verdict})." if f.judge.enabled else "off."),
-        f"- Mix: {cfg.mix.self_eval_per_cot} self-evaluation samples per CoT sample, cap {cfg.mix.max_samples}, seed {cfg.mix.seed}.",
+        f"- Mix (per kept question): {cfg.mix.self_eval_per_cot} self-evaluation samples per CoT sample, all Refine samples kept: "
+        f"{cfg.mix.keep_all_refine}, cap {cfg.mix.max_samples}, seed {cfg.mix.seed}.",
+        f"- Self-evaluation verdicts before the mix: Accept {v['before_mix']['accept']}, Refine {v['before_mix']['refine']}; "
+        f"in the SFT set: Accept {v['after_mix']['accept']}, Refine {v['after_mix']['refine']}.",
         "",
         "## Prompts (template sha256, first 12 hex)",
         "",

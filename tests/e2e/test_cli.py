@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-SUBCOMMANDS = ["validate", "make-tiny", "make-demo-data", "data", "synthesize", "train", "export", "demo"]
+SUBCOMMANDS = ["validate", "make-tiny", "make-demo-data", "data", "synthesize", "train", "export", "evaluate", "demo"]
 
 
 def casseat(*args, timeout=600):
@@ -74,6 +74,9 @@ def test_data_inspect_json_and_bad_config(tmp_path, demo_parquet):
     written = pq.read_table(tmp_path / "rejects")
     assert written.num_rows == 14 and set(written.column("reject_reason").to_pylist()) == {"over_budget"}
     assert "image" not in written.column_names
+    from casseat_ray.rows import REJECT_SCHEMA
+
+    assert written.column_names == REJECT_SCHEMA.names  # the schema of rejects.parquet too
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(out) >= {"in", "accepted", "rejected", "by_source", "by_answer_type"}
     assert out["in"] == 24 and out["accepted"] == 10 and out["rejected"] == {"over_budget": 14}

@@ -66,9 +66,19 @@ def test_two_actor_run_writes_a_consistent_dataset(full_run):
     assert 0 < kept < 40 and stages["ddf_labeled"]["rejected"]
     sft = pq.read_table(run / "sft").to_pylist()
     kinds = [s["kind"] for s in sft]
-    assert kinds.count("cot") == kinds.count("self_eval") == stats["sft"]["by_kind"]["cot"]  # 1:1, exactly
+    # 1:1 per kept question: every question with a CoT sample also gives its self-evaluation
+    # sample, and no Refine sample is dropped
+    by_question = {}
+    for x in sft:
+        by_question.setdefault(x["sample_id"], set()).add(x["kind"])
+    assert all("self_eval" in k for k in by_question.values()) and len(by_question) == kept
+    verdicts = stats["self_eval_verdicts"]
+    assert verdicts["after_mix"] == verdicts["before_mix"] and sum(verdicts["after_mix"].values()) == kinds.count("self_eval")
     assert all(s["images"][0] and s["messages"][0]["content"].startswith("<image>") for s in sft)
     rejects = pq.read_table(run / "rejects.parquet")
+    from casseat_ray.rows import REJECT_SCHEMA
+
+    assert rejects.schema.equals(REJECT_SCHEMA)  # one reject schema: the same as `data inspect --rejects`
     assert rejects.num_rows == 40 - kept
     parts = pq.read_table(run / "work" / "parts")
     assert parts.num_rows == 40 and len(set(parts["sample_id"].to_pylist())) == 40
@@ -76,6 +86,7 @@ def test_two_actor_run_writes_a_consistent_dataset(full_run):
     assert stats["teacher"]["rows"] == 40 and stats["teacher"]["tokens_out"] > 0 and stats["rows_per_s"] > 0
     card = (run / "README.md").read_text()
     assert "| mathv | mathv |" in card and "MIT" in card and "ddf_labeled" in card
+    assert f"in the SFT set: Accept {verdicts['after_mix']['accept']}, Refine {verdicts['after_mix']['refine']}" in card
     assert (run / "funnel.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((run / "export" / "llamafactory" / "dataset_info.json").read_text())
     assert len((run / "export" / "swift" / "train.jsonl").read_text().splitlines()) == len(sft)

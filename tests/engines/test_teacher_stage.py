@@ -215,3 +215,13 @@ def test_a_failing_row_in_the_in_flight_window_is_a_reject_and_the_rest_complete
     assert out[2]["reject_reason"] is None and out[2]["c1_finish"] == ["error"]  # DDF level 2 rejects it as engine_error
     done = [r for i, r in enumerate(out) if i not in (2, 6)]
     assert all(r["reject_reason"] is None and r["c1_texts"][0] and r["c1_errors"] == [None] for r in done)
+
+
+def test_an_unexpected_error_while_labeling_is_that_rows_reject(demo_rows, label_stage):
+    batch = _batch(demo_rows)  # no teacher columns at all: labeling any pending row raises
+    out = label_stage(batch)
+    _check_conserved(batch, out)
+    rows = out.to_pylist()
+    pending_before = [i for i, r in enumerate(batch.to_pylist()) if r["reject_reason"] is None]
+    assert all((rows[i]["reject_stage"], rows[i]["reject_reason"]) == ("ddf_labeled", "label_error") for i in pending_before)
+    assert "KeyError" in rows[0]["reject_detail"]

@@ -96,6 +96,17 @@ def test_every_bad_input_gets_its_reason(ray_session, bad_source):
     assert all(Image.open(io.BytesIO(b)).mode == "RGB" for b in ok.image)
 
 
+def test_duplicates_kept_on_purpose_get_ids_of_their_own(ray_session, bad_source):
+    spec = f"sources=[{{name: bad, format: generic, path: {bad_source}}}]"
+    rows, f = _load(ray_session, spec, "ddf_source.dedup=false")
+    ok = rows[rows.reject_reason.isna()]
+    assert f["accepted"] == 7 and ok.sample_id.is_unique  # the duplicate is kept, under an id of its own
+    twins = sorted(ok[ok.question == "How many circles?"].sample_id)
+    assert len(twins) == 2 and twins[1] == twins[0] + "-1"
+    again, _ = _load(ray_session, spec, "ddf_source.dedup=false")
+    assert sorted(again[again.reject_reason.isna()].sample_id) == sorted(ok.sample_id)  # named alike on every rerun
+
+
 def test_real_math_v_and_mathvista(ray_session):
     mathv = shared_data("math-v", "testmini.jsonl")
     vista = shared_data("mathvista", "testmini.json")

@@ -114,6 +114,9 @@ def test_cross_checks(good_file):
     with pytest.raises(C.ConfigError, match="cot_samples > 1 needs teacher.sampling.temperature > 0"):
         C.load_config(good_file, ["synthesis.cot_samples=4"])
     assert C.load_config(good_file, ["synthesis.cot_samples=4", "teacher.sampling.temperature=0.7"]).synthesis.cot_samples == 4
+    with pytest.raises(C.ConfigError, match="best_of_n > 1 needs evaluate.best_of_n_temperature > 0"):
+        C.load_config(good_file, ["evaluate.modes=[cot, best_of_n]", "evaluate.best_of_n_temperature=0"])
+    assert C.load_config(good_file, ["evaluate.modes=[best_of_n]", "evaluate.best_of_n=1", "evaluate.best_of_n_temperature=0"]).evaluate.best_of_n == 1
     with pytest.raises(C.ConfigError, match="per_source_cap names unknown sources"):
         C.load_config(good_file, ["ddf_source.per_source_cap={other: 3}"])
 

@@ -112,3 +112,19 @@ def test_quotas_caps_then_budget():
     assert capped == {("a", "integer"): 30, ("a", "text"): 20, ("b", "integer"): 10}
     budget = quotas(counts, {"a": 50}, 30)
     assert sum(budget.values()) == 30 and all(budget[k] <= capped[k] for k in counts)
+
+
+def test_image_placeholders_are_dropped_by_every_adapter():
+    from casseat_ray.sources import ADAPTERS
+
+    fm = FieldMap()
+    items = {
+        "generic": {"question": "<image>\nHow many sides?", "answer": "4", "image": "a.png"},
+        "hf": {"question": "How many <image1> sides?", "answer": "4", "image": "a.png"},
+        "mathvista": {"question": "<image>How many sides?", "answer": "4", "image": "a.png", "pid": "1", "answer_type": "integer"},
+        "mathv": {"question": "<image1>How many sides?", "answer": "4", "image": "a.png"},
+        "mathv360k": {"id": "m", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nHow many sides?"}, {"from": "gpt", "value": "4"}]},
+    }
+    for fmt, item in items.items():
+        question = ADAPTERS[fmt](item, fm)["question"]
+        assert "<image" not in question and "sides?" in question, (fmt, question)

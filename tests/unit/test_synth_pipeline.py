@@ -104,16 +104,18 @@ def test_label_row_reasons_on_crafted_outputs(tmp_path):
     assert hit is None and lab["kinds"] == ["cot"]
 
 
-def test_choose_keeps_the_exact_ratio_and_cap(tmp_path):
-    light = [dict(sample_id=f"s{i}", reject_reason=None, kinds=["self_eval", "cot"] if i % 3 else ["self_eval"]) for i in range(30)]
-    light.append(dict(sample_id="r", reject_reason="wrong_answer", kinds=[]))
-    chosen, candidates = outputs.choose(light, _cfg(tmp_path, mix=dict(self_eval_per_cot=0.5)))
+def test_choose_mixes_per_kept_question_and_counts_verdicts(tmp_path):
+    light = [dict(sample_id=f"s{i}", reject_reason=None, kinds=["self_eval", "cot"] if i % 3 else ["self_eval"],
+                  verdict="Accept" if i % 3 else "Refine") for i in range(30)]
+    light.append(dict(sample_id="r", reject_reason="wrong_answer", kinds=[], verdict=None))
+    chosen, candidates = outputs.choose(light, _cfg(tmp_path))
     kinds = [k for ks in chosen.values() for k in ks]
-    assert candidates == 50 and kinds.count("cot") == 20 and kinds.count("self_eval") == 10
-    chosen, _ = outputs.choose(light, _cfg(tmp_path, mix=dict(self_eval_per_cot=1.0, max_samples=12)))
-    kinds = [k for ks in chosen.values() for k in ks]
-    assert kinds.count("cot") == kinds.count("self_eval") == 6
-    again, _ = outputs.choose(light, _cfg(tmp_path, mix=dict(self_eval_per_cot=1.0, max_samples=12)))
+    assert candidates == 50 and kinds.count("cot") == 20 and kinds.count("self_eval") == 30  # nothing dropped at 1:1
+    assert outputs.verdict_counts(light) == outputs.verdict_counts(light, chosen) == {"accept": 20, "refine": 10}
+    chosen, _ = outputs.choose(light, _cfg(tmp_path, mix=dict(self_eval_per_cot=0.5)))
+    after = outputs.verdict_counts(light, chosen)
+    assert after == {"refine": 10, "accept": 5}  # half of the 30 questions keep their self-evaluation, every Refine one among them
+    again, _ = outputs.choose(light, _cfg(tmp_path, mix=dict(self_eval_per_cot=0.5)))
     assert again == chosen  # seeded: the same picks every time
 
 
