@@ -270,6 +270,50 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+EVALUATE_HELP = """\
+Score the student on benchmarks the way the method prescribes, before and after fine-tuning,
+in one run on the same items. The benchmarks (evaluate.benchmarks: MATH-V, MathVista, any
+mapped dataset) are read and validated but never DDF-filtered; items that cannot be read (a
+MathVista item without its image) are counted, not scored. Models (evaluate.models): base
+(the student), tuned (the student with the LoRA adapter this run trained, or
+evaluate.adapter; both served by one vLLM engine), teacher (its own engine). Modes
+(evaluate.modes): direct, cot (C1), seat (one long prompt), cascade (C1 then C2 on every
+item; the pass-2 answer is scored, pass 1's when pass 2 has none), best_of_n (N sampled C1
+answers, each self-checked; the answer whose check gives Accept the highest probability).
+Writes under OUTPUT_DIR/NAME/eval:
+
+  items.parquet     one row per benchmark x model x mode x item: prediction, correct,
+                    pass-1 answer, pass2_ran, verdict, tokens
+  report.json       results [{benchmark, model, mode, n, accuracy, ci95}], breakdowns by
+                    answer type, subject and level, paired base -> tuned differences,
+                    relative gain, robustness (CoT - direct), the reflection matrix, best-of-N
+  report.md         the same as tables;  accuracy.png, best_of_n.png, reflection.png
+
+Resumable like synthesis: a killed run continues where it stopped. A missing or
+incompatible adapter stops the run before any inference (exit 2).
+"""
+
+
+def cmd_evaluate(args) -> int:
+    from casseat_ray.evaluate import job, report
+
+    cfg = _load_checked(args, ("evaluate", "student"))
+    if cfg is None:
+        return EXIT_USAGE
+    job.check(cfg)  # benchmarks, models, the adapter: refused here, before Ray or an engine starts
+    try:
+        rep = job.run(cfg, fresh=args.fresh, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished blocks are kept in {cfg.run_dir / 'eval' / 'work'}; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if "results" not in rep:
+        print(f"stopped early: {rep}", file=sys.stderr)
+        return EXIT_FAIL
+    print(report.console_table(rep))
+    print(f"\nreport: {cfg.run_dir / 'eval' / 'report.md'} (plots beside it)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="casseat", description=MAIN_HELP, formatter_class=fmt)
@@ -347,6 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", type=Path, help="adapter folder (default OUTPUT_DIR/NAME/train/adapter)")
     p.add_argument("--merged", type=Path, metavar="OUT", help="also write the merged model to OUT")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="score base and tuned student on benchmarks in every mode (resumable)", formatter_class=fmt,
+                       description=EVALUATE_HELP,
+                       epilog="examples:\n  casseat evaluate --config jobs/configs/tiny-cpu.yaml\n"
+                              "  casseat evaluate --config jobs/configs/tiny-cpu.yaml evaluate.modes='[cot, cascade, best_of_n]' evaluate.best_of_n=8\n"
+                              "  ray job submit --working-dir . -- python jobs/evaluate.py --config my.yaml ray.address=auto")
+    _config_args(p, option=True)
+    p.add_argument("--fresh", action="store_true", help="discard earlier evaluation outputs of this run name and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="run the pipeline on tiny models and generated data", formatter_class=fmt, description=DEMO_HELP)
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory (default out/demo)")

@@ -56,6 +56,7 @@ RESULT_FIELDS = [
     pa.field("c2_scores", pa.list_(SCORE_TYPE)),
     pa.field("c2_accept_prob", pa.list_(pa.float64())),  # best_of_n: P(Accept) at the verdict token
     pa.field("c2_skipped", pa.string()),  # why C2 did not run (c1_error, or the skip rule's reason)
+    pa.field("started_at", pa.float64()),  # when the row's first request was sent (Unix time)
     pa.field("seconds", pa.float64()),  # the row's own time from first request to last answer
 ]
 
@@ -123,7 +124,7 @@ def _turn(outs: list[Completion], row: dict, protocol: str) -> tuple[list[Comple
 
 async def run_mode(engine, row: dict, call: ModeCall) -> dict:
     """Run ``call.mode`` for one row on ``engine``; returns the ``RESULT_FIELDS`` values."""
-    t0 = time.perf_counter()
+    started_at, t0 = time.time(), time.perf_counter()
     first = call.prompts[FIRST_PROMPT[call.mode]]
     c1, c1_scores = _turn(await engine.generate(c1_conversation(row, first), call.sampling, call.adapter), row, call.protocol)
     out = dict(
@@ -154,5 +155,5 @@ async def run_mode(engine, row: dict, call: ModeCall) -> dict:
                        c2_errors=[o.error for o in c2], c2_prompt_tokens=[o.prompt_tokens for o in c2],
                        c2_output_tokens=[o.output_tokens for o in c2], c2_scores=c2_scores,
                        c2_accept_prob=[accept_probability(o) for o in c2] if call.mode == "best_of_n" else None)
-    out["seconds"] = time.perf_counter() - t0
+    out.update(started_at=started_at, seconds=time.perf_counter() - t0)
     return out
