@@ -22,7 +22,8 @@ def make_adapter(model_dir, out, seed=0):
 
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # the language model's linears
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=64, target_modules=targets, init_lora_weights=False))
     peft.save_pretrained(out)
     return out
 
@@ -31,7 +32,7 @@ def _args(tmp, student, adapter, *extra):
     mathv = shared_data("math-v", "testmini.jsonl")
     return ["--config", str(CONFIG), "name=ev", f"output_dir={tmp}", f"student.model={student}", f"evaluate.adapter={adapter}",
             f"evaluate.benchmarks=[{{name: mathv, format: mathv, path: {mathv}, protocol: mathv}}]", f"evaluate.modes=[{', '.join(MODES)}]",
-            f"ray.storage_path={tmp / 'ray'}", "--no-progress", *extra]
+            f"ray.storage_path={tmp / 'ray'}", *extra, "--no-progress"]
 
 
 @pytest.fixture(scope="module")
