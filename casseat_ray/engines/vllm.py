@@ -131,6 +131,15 @@ class VLLMEngine:
         # special tokens (the template emits them).
         self._chat_params = ChatParams(chat_template_kwargs=dict(add_generation_prompt=True, continue_final_message=False))
         self._tok_params = llm.renderer.default_chat_tok_params.with_kwargs(add_special_tokens=False)
+        # vLLM 0.32's CPU LoRA path corrupts requests without an adapter that share an engine
+        # step with requests that have one (seen on the tiny student: base answers turn to
+        # noise). On CPU, requests of different adapters therefore take turns: one adapter
+        # (or none) is on the engine at a time.
+        from vllm.platforms import current_platform
+
+        self._one_adapter_at_a_time = engine.enable_lora and current_platform.is_cpu()
+        self._turn = asyncio.Condition()
+        self._active: tuple[str | None, int] = (None, 0)  # (adapter on the engine, its requests in flight)
         return llm
 
     def _on_loop(self, coro):
@@ -146,10 +155,23 @@ class VLLMEngine:
 
     async def _generate_here(self, conversation: list[dict], sampling: SamplingConfig, adapter: str | None) -> list[Completion]:
         """Runs on the engine's loop. Anything wrong with this one request fails it alone."""
-        from vllm.v1.engine.exceptions import EngineDeadError
-
         if self.llm.errored:
             raise EngineDead(str(self.llm.dead_error))
+        if self._one_adapter_at_a_time:
+            async with self._turn:
+                await self._turn.wait_for(lambda: self._active[1] == 0 or self._active[0] == adapter)
+                self._active = (adapter, self._active[1] + 1)
+            try:
+                return await self._request(conversation, sampling, adapter)
+            finally:
+                async with self._turn:
+                    self._active = (self._active[0], self._active[1] - 1)
+                    self._turn.notify_all()
+        return await self._request(conversation, sampling, adapter)
+
+    async def _request(self, conversation: list[dict], sampling: SamplingConfig, adapter: str | None) -> list[Completion]:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         try:
             messages = to_vllm_messages(conversation)
             _, (prompt,) = await self.llm.renderer.render_chat_async([messages], self._chat_params, self._tok_params)

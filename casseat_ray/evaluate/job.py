@@ -159,7 +159,11 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
             if finished >= funnel["accepted"] * per_item * len(models):
                 continue  # nothing left for this engine: do not start it
             paths = {m: model for m in models}
-            work = items.map_batches(expand_batch, batch_format="pyarrow", fn_kwargs={"models": models, "modes": list(e.modes), "protocols": protocols})
+            # model by model (base, then tuned): an engine that serves one adapter at a time
+            # switches once instead of at every batch
+            per_model = [items.map_batches(expand_batch, batch_format="pyarrow", fn_kwargs={"models": [m], "modes": list(e.modes), "protocols": protocols})
+                         for m in models]
+            work = per_model[0].union(*per_model[1:]) if len(per_model) > 1 else per_model[0]
             work = work.map_batches(partstore.not_done, batch_format="pyarrow", fn_kwargs={"done": done, "id_column": "key"}, num_cpus=0.1)
             work = work.repartition(target_num_rows_per_block=e.batch_size).materialize()
             placement = cfg.teacher.placement if cfg.teacher else PlacementConfig()

@@ -177,6 +177,13 @@ def test_adapter_loads_in_transformers_merges_and_changes_vllm_output(two_worker
         with_adapter = [o[0].text for o in engine.chat(convs, adapter=adapter)]
         assert all(o[0].error is None for o in engine.chat(convs[:1], adapter=adapter))
         assert with_adapter != without
+        import asyncio
+
+        async def mixed():  # base and adapter requests in flight together on the one engine
+            return await asyncio.gather(*(engine.generate(c) for c in convs), *(engine.generate(c, adapter=adapter) for c in convs))
+
+        outs = [o[0].text for o in asyncio.run(mixed())]
+        assert outs[:6] == without and outs[6:] == with_adapter  # neither kind of request changes the other
     finally:
         engine.close()
 

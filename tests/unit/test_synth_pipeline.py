@@ -197,3 +197,21 @@ def test_judge_reads_the_right_texts_and_its_prompt_is_recorded(tmp_path):
     base = pipeline.fingerprint(cfg)
     assert pipeline.fingerprint(_cfg(tmp_path, ddf_labeled=dict(judge=dict(enabled=True, concurrency=3, num_cpus=0.5)))) == base
     assert pipeline.fingerprint(_cfg(tmp_path, ddf_labeled=dict(judge=dict(enabled=True, model="bigger")))) != base
+
+
+def test_c2_is_skipped_only_after_a_c1_that_ddf_level_2_rejects_anyway(tmp_path):
+    from casseat_ray.answers import score
+    from casseat_ray.engines import Completion
+    from casseat_ray.synth.filters import unusable_c1
+
+    rules = _cfg(tmp_path).ddf_labeled
+    row = _row()
+
+    def c1(text, finish="stop"):
+        return Completion(text, finish, 10, 5), score(text, row)
+
+    assert unusable_c1(rules, *c1("Step 1.\nThe answer is 4.")) is None  # wrong but complete: C2 may correct it
+    assert unusable_c1(rules, *c1("Step 1. I count", "length")) == "c1_truncated"
+    assert unusable_c1(rules, *c1("I am not sure what the picture shows.")) == "c1_no_answer"
+    lenient = _cfg(tmp_path, ddf_labeled=dict(drop_truncated=False, require_answer=False)).ddf_labeled
+    assert unusable_c1(lenient, *c1("Step 1. I count", "length")) is None  # kept by those rules: C2 runs
