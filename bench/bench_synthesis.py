@@ -1,129 +1,282 @@
-"""Synthesis benchmarks, measured side by side in one run on the tiny teacher (CPU or GPU).
+"""Synthesis throughput, side by side in one run on the same rows, prompts, engine settings and
+sampling (tiny teacher; CPU or GPU). Prints one JSON object:
 
-1. Pipeline efficiency: steady-state rows/s of the Ray Data cascade (teacher actor + labeling
-   actor) divided by a plain loop calling the same stages on the same engine settings, batch
-   size and rows. Engine start-up is excluded on both sides (the first block is a warm-up).
-   Goal >= 0.9.
-2. Cascade cost: C2 seconds with prefix caching on vs off, same conversations.
+- ``engine_limit_rows_per_s``: the engine's own limit: every C1 conversation submitted to one
+  engine at once, then every C2 conversation at once; no Ray.
+- ``pipeline_rows_per_s``: the synthesis job's Ray Data teacher + labeling stages.
+- ``engine_limit_ratio`` = pipeline / engine limit (goal >= 0.90).
+- the same two on a length-skewed set (``skewed_*``): a few rows whose C1 runs to
+  ``max_tokens`` among short ones, where a batch barrier costs most.
+- ``vs_batch_sync``: the pipeline / the same pipeline with a batch-synchronous teacher stage (C1
+  for the whole batch, then C2 for the whole batch, one batch per actor at a time).
+- ``c2_prefix_cache_speedup``: C2 seconds with the prefix cache off / on (goal >= 2.0).
+- ``vs_ray_data_llm``: teacher-only rows/s of the pipeline / the same cascade as two chained
+  ``ray.data.llm`` processors (goal >= 1.3), after a correctness gate (greedy C1 and C2 texts
+  compared per sample id; no labeling on either side).
 
-    python bench/bench_synthesis.py [--n 160] [--batch 16]
+Ray rates are steady state, engine start-up excluded. Ours: rows / (the last block's arrival
+at the driver - the first row's first request, as the rows record it), labeling and transfer
+included. Against the peer, both sides the same way: timed on N and on 2N rows, N / (t_2N - t_N).
+
+    python bench/bench_synthesis.py [--n 96] [--batch 16] [--skip-peer]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import time
 from pathlib import Path
 
+import pyarrow as pa
 
-def _cfg(root: Path, n: int, batch: int, **engine):
+MAX_TOKENS = 96
+
+
+def _cfg(root: Path, data: Path, batch: int, **engine):
     from casseat_ray.config import Config
     from casseat_ray.demo import TINY_ENGINE
 
-    eng = dict(TINY_ENGINE, **engine)
     return Config.model_validate(dict(
         name="bench", output_dir=str(root / "runs"),
-        sources=[dict(name="demo", format="canonical", path=str(root / "data" / "demo.parquet"))],
-        teacher=dict(model=str(root / "models" / "teacher"), engine=eng, sampling=dict(max_tokens=96), batch_size=batch),
+        sources=[dict(name="demo", format="canonical", path=str(data))],
+        teacher=dict(model=str(root / "models" / "teacher"), engine=dict(TINY_ENGINE, **engine), sampling=dict(max_tokens=MAX_TOKENS),
+                     batch_size=batch),
         student=dict(model=str(root / "models" / "student"), engine=TINY_ENGINE),
+        synthesis=dict(c2_after_unusable_c1=True),  # every row runs both turns, as on the engine-limit side
         ddf_labeled=dict(max_student_tokens=1024),
         ray=dict(num_cpus=2),
     ))
 
 
-def _batches(cfg):
-    import pyarrow as pa
+def _rows(path: Path) -> list[dict]:
     import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+SKEW = "Count to one hundred: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"  # the tiny teacher runs this to max_tokens
+
+
+def _skewed(rows: list[dict], every: int = 8) -> list[dict]:
+    """Every ``every``-th question is one whose C1 answer runs to max_tokens."""
+    return [dict(r, question=SKEW) if i % every == 0 else r for i, r in enumerate(rows)]
+
+
+# ---------------------------------------------------------------- the engine's own limit (no Ray)
+def engine_side(cfg, rows: list[dict], skewed: list[dict]) -> dict:
+    from casseat_ray.engines.vllm import VLLMEngine
+    from casseat_ray.inference.turns import c1_conversation, c2_conversation, run_prompts
+
+    ps = run_prompts(cfg)
+    engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine, cfg.teacher.sampling)
+
+    def two_phases(rs):
+        t0 = time.perf_counter()
+        firsts = engine.chat([c1_conversation(r, ps["c1"]) for r in rs])
+        t1 = time.perf_counter()
+        seconds = engine.chat([c2_conversation(r, ps["c1"], f[0].text, ps["teacher_c2"]) for r, f in zip(rs, firsts)])
+        t2 = time.perf_counter()
+        return {"seconds": t2 - t0, "c2_seconds": t2 - t1, "c1": [f[0].text for f in firsts], "c2": [s[0].text for s in seconds],
+                "c1_tokens": [f[0].output_tokens for f in firsts]}
+
+    try:
+        two_phases(rows[:16])  # warm-up
+        plain = two_phases(rows)
+        skew = two_phases(skewed)
+    finally:
+        engine.close()
+    return {"plain": plain, "skewed": skew}
+
+
+def c2_seconds_without_cache(cfg, rows: list[dict], c1_texts: list[str]) -> float:
+    from casseat_ray.engines.vllm import VLLMEngine
+    from casseat_ray.inference.turns import c1_conversation, c2_conversation, run_prompts
+
+    ps = run_prompts(cfg)
+    engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine.model_copy(update={"enable_prefix_caching": False}), cfg.teacher.sampling)
+    try:
+        engine.chat([c1_conversation(r, ps["c1"]) for r in rows[:16]])  # warm-up
+        t0 = time.perf_counter()
+        engine.chat([c2_conversation(r, ps["c1"], c1, ps["teacher_c2"]) for r, c1 in zip(rows, c1_texts)])
+        return time.perf_counter() - t0
+    finally:
+        engine.close()
+
+
+# ---------------------------------------------------------------- the old path, for comparison only
+class BatchSyncTeacher:
+    """The teacher stage as it was: C1 for the whole batch, wait for the longest, then C2 for the
+    whole batch, then return; one batch per actor at a time."""
+
+    def __init__(self, cfg):
+        from casseat_ray.engines.vllm import VLLMEngine
+        from casseat_ray.inference.turns import run_prompts
+
+        self.cfg, self.ps = cfg, run_prompts(cfg)
+        self.engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine, cfg.teacher.sampling)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from casseat_ray.answers import score
+        from casseat_ray.inference.modes import RESULT_FIELDS, scored_dict
+        from casseat_ray.inference.turns import c1_conversation, c2_conversation
+        from casseat_ray.rows import pending, with_columns
+
+        started_at = time.time()
+        rows = batch.to_pylist()
+        todo = [rows[i] for i in pending(rows)]
+        firsts = self.engine.chat([c1_conversation(r, self.ps["c1"]) for r in todo])
+        seconds = self.engine.chat([c2_conversation(r, self.ps["c1"], f[0].text, self.ps["teacher_c2"]) for r, f in zip(todo, firsts)])
+        for r, (a,), (b,) in zip(todo, firsts, seconds):
+            r.update(mode="cascade", started_at=started_at, model=self.cfg.teacher.model, sampling="{}", c1_texts=[a.text], c1_finish=[a.finish_reason],
+                     c1_errors=[a.error], c1_prompt_tokens=a.prompt_tokens, c1_output_tokens=[a.output_tokens],
+                     c1_scores=[scored_dict(score(a.text, r))], c2_texts=[b.text], c2_finish=[b.finish_reason], c2_errors=[b.error],
+                     c2_prompt_tokens=[b.prompt_tokens], c2_output_tokens=[b.output_tokens], c2_scores=[scored_dict(score(b.text, r))])
+        return with_columns(batch, rows, RESULT_FIELDS)
+
+
+# ---------------------------------------------------------------- Ray Data runs
+def _source(cfg, rows: list[dict]):
+    import ray
 
     from casseat_ray.data import ROW_SCHEMA
 
-    rows = [dict(r, reject_stage=None, reject_reason=None, reject_detail=None) for r in pq.read_table(cfg.sources[0].path).to_pylist()]
-    b = cfg.teacher.batch_size
-    return [pa.Table.from_pylist(rows[i:i + b], schema=ROW_SCHEMA) for i in range(0, len(rows), b)]
+    table = pa.Table.from_pylist([dict(r, reject_stage=None, reject_reason=None, reject_detail=None) for r in rows], schema=ROW_SCHEMA)
+    return ray.data.from_arrow(table).repartition(target_num_rows_per_block=cfg.teacher.batch_size).materialize()
 
 
-def plain_loop(cfg) -> dict:
-    """The same stages called in a loop; also times C2 with this engine's prefix caching."""
-    from casseat_ray.synth.stages import LabelStage, TeacherStage
+def pipeline_run(cfg, rows: list[dict], variant: str) -> tuple[float, float, dict]:
+    """(seconds for the whole run, start-up included; steady rows/s; C1/C2 texts by sample id).
+    variant: ours (teacher + labeling), teacher_only, batch_sync (teacher + labeling)."""
+    from casseat_ray.inference.stage import StageSpec
+    from casseat_ray.synth.stages import stage_specs
 
-    teacher, label = TeacherStage(cfg), LabelStage(cfg)
-    batches = _batches(cfg)
-    label(teacher(batches[0]))  # warm-up, excluded like the pipeline's first block
+    specs = stage_specs(cfg)
+    if variant == "teacher_only":
+        specs = specs[:1]
+    elif variant == "batch_sync":
+        specs[0] = StageSpec("teacher", BatchSyncTeacher, {"cfg": cfg}, 1, cfg.teacher.batch_size, {"num_cpus": cfg.teacher.num_cpus})
+    ds = _source(cfg, rows)
     t0 = time.perf_counter()
-    rows = sum(label(teacher(b)).num_rows for b in batches[1:])
-    seconds = time.perf_counter() - t0
-    c2 = c2_seconds(cfg, teacher, batches[1:])
-    teacher.engine.llm.llm_engine.engine_core.shutdown()
-    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "c2_seconds": c2}
+    for spec in specs:
+        ds = spec.apply(ds)
+    texts, first, last = {}, float("inf"), 0.0
+    for b in ds.select_columns(["sample_id", "c1_texts", "c2_texts", "started_at"]).iter_batches(batch_format="pyarrow", batch_size=None):
+        last = time.time()
+        for r in b.to_pylist():
+            texts[r["sample_id"]] = (r["c1_texts"][0], r["c2_texts"][0])
+            first = min(first, r["started_at"])
+    return time.perf_counter() - t0, len(rows) / (last - first), texts
 
 
-def c2_seconds(cfg, teacher, batches) -> float:
-    """C1 then C2 per batch, timing only C2 (its prefix was just computed by C1)."""
-    from casseat_ray.inference.turns import c1_conversation, c2_conversation
-
-    ps, total = teacher.ps, 0.0
-    for b in batches:
-        rows = b.to_pylist()
-        firsts = teacher.engine.chat([c1_conversation(r, ps["c1"]) for r in rows], cfg.teacher.sampling)
-        convs = [c2_conversation(r, ps["c1"], f[0].text, ps["teacher_c2"]) for r, f in zip(rows, firsts)]
-        t0 = time.perf_counter()
-        teacher.engine.chat(convs, cfg.teacher.sampling)
-        total += time.perf_counter() - t0
-    return total
+def steady(fn, rows: list[dict]) -> tuple[float, dict]:
+    """Rows/s with start-up cancelled: N / (t_2N - t_N)."""
+    n = len(rows) // 2
+    t_n = fn(rows[:n])[0]
+    t_2n, *_, texts = fn(rows)
+    return n / max(t_2n - t_n, 1e-9), texts
 
 
-def no_cache_c2(cfg) -> float:
-    from casseat_ray.synth.stages import TeacherStage
+# ---------------------------------------------------------------- the peer: ray.data.llm
+def peer_run(cfg, rows: list[dict]) -> tuple[float, None, dict]:
+    import io
 
-    teacher = TeacherStage(cfg)
-    batches = _batches(cfg)
-    c2_seconds(cfg, teacher, batches[:1])  # warm-up
-    seconds = c2_seconds(cfg, teacher, batches[1:])
-    teacher.engine.llm.llm_engine.engine_core.shutdown()
-    return seconds
+    import ray
+    from PIL import Image
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from casseat_ray.inference.turns import c2_turn_text, first_turn_text, run_prompts
+    from casseat_ray.inference.stage import in_flight_limit
+
+    ps = run_prompts(cfg)
+    t = cfg.teacher
+    engine_kwargs = dict(max_model_len=t.engine.max_model_len, kv_cache_memory_bytes=t.engine.kv_cache_memory_bytes,
+                         enforce_eager=t.engine.enforce_eager, enable_prefix_caching=True, seed=t.engine.seed)
+    sampling = dict(temperature=0.0, max_tokens=MAX_TOKENS, seed=t.sampling.seed)
+    small = dict(num_cpus=0.05)
+    batches = -(-in_flight_limit(t.engine) // t.batch_size) + 1  # the same rows in flight per engine as ours
+
+    def config():
+        return vLLMEngineProcessorConfig(
+            model_source=t.model, engine_kwargs=engine_kwargs, batch_size=t.batch_size, concurrency=1, max_concurrent_batches=batches,
+            log_engine_metrics=False, placement_group_config={"bundles": [{"CPU": t.num_cpus}]},
+            chat_template_stage=dict(enabled=True, **small), tokenize_stage=small, detokenize_stage=small,
+            prepare_multimodal_stage=dict(enabled=False))
+
+    def image(r):
+        img = Image.open(io.BytesIO(r["image"]))
+        img.load()
+        return img
+
+    def first_turn(r):
+        return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": first_turn_text(r, ps["c1"])}]}
+
+    first = build_processor(
+        config(), preprocess=lambda r: dict(messages=[first_turn(r)], multimodal_data={"image": image(r)}, sampling_params=sampling),
+        postprocess=lambda r: dict({k: r[k] for k in KEEP}, c1_text=r["generated_text"]),
+        preprocess_map_kwargs=small, postprocess_map_kwargs=small)
+    second = build_processor(
+        config(), preprocess=lambda r: dict(messages=[first_turn(r), {"role": "assistant", "content": r["c1_text"]},
+                                                      {"role": "user", "content": c2_turn_text(r, ps["teacher_c2"])}],
+                                            multimodal_data={"image": image(r)}, sampling_params=sampling,
+                                            sample_id=r["sample_id"], c1_text=r["c1_text"]),
+        postprocess=lambda r: dict(sample_id=r["sample_id"], c1_text=r["c1_text"], c2_text=r["generated_text"]),
+        preprocess_map_kwargs=small, postprocess_map_kwargs=small)
+    ds = ray.data.from_items([{k: r[k] for k in KEEP} for r in rows])
+    t0 = time.perf_counter()
+    out = second(first(ds)).take_all()
+    return time.perf_counter() - t0, None, {r["sample_id"]: (r["c1_text"], r["c2_text"]) for r in out}
 
 
-def ray_pipeline(cfg) -> dict:
-    from casseat_ray import data
-    from casseat_ray.runtime import init_ray
-    from casseat_ray.synth.pipeline import build
-
-    init_ray(cfg.ray)
-    source = data.load(cfg).repartition(target_num_rows_per_block=cfg.teacher.batch_size).materialize()
-    rows, t0 = 0, None
-    for block in build(cfg, source, set()).iter_batches(batch_size=None, batch_format="pyarrow"):
-        if t0 is None:  # the first block carries the engine start-up
-            t0 = time.perf_counter()
-            continue
-        rows += block.num_rows
-    seconds = time.perf_counter() - t0
-    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
+KEEP = ("sample_id", "image", "question", "choices", "answer")
 
 
 def main() -> None:
     from casseat_ray.demo import ensure_tiny
     from casseat_ray.demo_data import make_demo_data
+    from casseat_ray.runtime import init_ray
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=160, help="questions (default 160)")
+    ap.add_argument("--n", type=int, default=96, help="N: 2N questions are run; the peer comparison also times N (default 96)")
     ap.add_argument("--batch", type=int, default=16, help="rows per teacher batch (default 16)")
     ap.add_argument("--root", type=Path, default=Path("out/bench-synthesis"))
+    ap.add_argument("--skip-peer", action="store_true", help="leave out the ray.data.llm peer")
     args = ap.parse_args()
     ensure_tiny(args.root / "models" / "teacher", "teacher", 0)
     ensure_tiny(args.root / "models" / "student", "student", 0)
-    make_demo_data(args.root / "data", n=args.n, seed=7)
-    cfg = _cfg(args.root, args.n, args.batch)
-    plain = plain_loop(cfg)
-    pipe = ray_pipeline(cfg)
-    off = no_cache_c2(_cfg(args.root, args.n, args.batch, enable_prefix_caching=False))
+    data = make_demo_data(args.root / "data", n=2 * args.n, seed=7)
+    cfg = _cfg(args.root, data, args.batch)
+    rows = _rows(data)
+    skewed = _skewed(rows)
+
+    eng = engine_side(cfg, rows, skewed)
+    off = c2_seconds_without_cache(cfg, rows, eng["plain"]["c1"])
+    init_ray(cfg.ray)
+    _, pipe, _ = pipeline_run(cfg, rows, "ours")
+    _, pipe_skew, _ = pipeline_run(cfg, skewed, "ours")
+    _, sync, _ = pipeline_run(cfg, rows, "batch_sync")
+    _, sync_skew, _ = pipeline_run(cfg, skewed, "batch_sync")
+    engine_rate = len(rows) / eng["plain"]["seconds"]
+    engine_skew = len(skewed) / eng["skewed"]["seconds"]
     result = {
-        "rows": args.n, "batch_size": args.batch,
-        "plain_rows_per_s": round(plain["rows_per_s"], 2), "ray_rows_per_s": round(pipe["rows_per_s"], 2),
-        "pipeline_efficiency": round(pipe["rows_per_s"] / plain["rows_per_s"], 3),
-        "c2_seconds_prefix_cache_on": round(plain["c2_seconds"], 3), "c2_seconds_prefix_cache_off": round(off, 3),
-        "c2_speedup_from_prefix_cache": round(off / plain["c2_seconds"], 3),
+        "rows": len(rows), "batch_size": args.batch, "max_tokens": MAX_TOKENS,
+        "engine_limit_rows_per_s": round(engine_rate, 2), "pipeline_rows_per_s": round(pipe, 2),
+        "engine_limit_ratio": round(pipe / engine_rate, 3),
+        "skewed_long_rows": sum(t >= MAX_TOKENS for t in eng["skewed"]["c1_tokens"]),
+        "skewed_engine_limit_rows_per_s": round(engine_skew, 2), "skewed_pipeline_rows_per_s": round(pipe_skew, 2),
+        "skewed_engine_limit_ratio": round(pipe_skew / engine_skew, 3),
+        "batch_sync_rows_per_s": round(sync, 2), "vs_batch_sync": round(pipe / sync, 3),
+        "skewed_batch_sync_rows_per_s": round(sync_skew, 2), "skewed_vs_batch_sync": round(pipe_skew / sync_skew, 3),
+        "c2_seconds_prefix_cache_on": round(eng["plain"]["c2_seconds"], 3), "c2_seconds_prefix_cache_off": round(off, 3),
+        "c2_prefix_cache_speedup": round(off / eng["plain"]["c2_seconds"], 3),
     }
+    if not args.skip_peer:
+        ours, ours_texts = steady(lambda rs: pipeline_run(cfg, rs, "teacher_only"), rows)
+        peer, peer_texts = steady(lambda rs: peer_run(cfg, rs), rows)
+        same = [sid for sid in ours_texts if peer_texts.get(sid) == ours_texts[sid]]
+        result.update(teacher_only_rows_per_s=round(ours, 2), ray_data_llm_rows_per_s=round(peer, 2), vs_ray_data_llm=round(ours / peer, 3),
+                      peer_texts_equal=f"{len(same)}/{len(ours_texts)}")
     print(json.dumps(result, indent=2))
 
 
