@@ -29,6 +29,11 @@ def adapter_path(cfg: Config) -> Path:
     return Path(cfg.evaluate.adapter) if cfg.evaluate.adapter else cfg.run_dir / "train" / "adapter"
 
 
+def adapter_weights(path: Path) -> Path | None:
+    """The weights file of a peft adapter folder, or None."""
+    return next((path / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (path / f).is_file()), None)
+
+
 def check_adapter(cfg: Config) -> list[str]:
     """Why the 'tuned' adapter cannot be served, one message per problem (none: it can)."""
     if "tuned" not in cfg.evaluate.models:
@@ -38,7 +43,7 @@ def check_adapter(cfg: Config) -> list[str]:
     conf = path / "adapter_config.json"
     if not path.is_dir():
         return [f"{key}: no adapter directory at {path} (train first, or set evaluate.adapter)"]
-    if not conf.is_file() or not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+    if not conf.is_file() or adapter_weights(path) is None:
         return [f"{key}: {path} is not a peft adapter (adapter_config.json and adapter_model.safetensors expected)"]
     try:
         meta = json.loads(conf.read_text())
@@ -97,7 +102,7 @@ def fingerprint(cfg: Config) -> dict:
     adapter = adapter_path(cfg) if "tuned" in cfg.evaluate.models else None
     stamp = None
     if adapter is not None:
-        weights = next((adapter / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (adapter / f).is_file()), None)
+        weights = adapter_weights(adapter)
         stamp = {"path": str(adapter.resolve()), "bytes": weights.stat().st_size if weights else None,
                  "mtime": int(weights.stat().st_mtime) if weights else None}
     extra = {"student.model": cfg.student.model, "teacher.model": cfg.teacher.model if cfg.teacher else None, "adapter": stamp,

@@ -44,7 +44,8 @@ class EngineStage:
 
             engine = VLLMEngine(model, engine_config)
         self.task, self.engine = task, engine
-        self.limit = engine_config.max_in_flight or getattr(engine, "max_num_seqs", None) or DEFAULT_MAX_NUM_SEQS
+        # the engine knows its real max_num_seqs once started; the config's value when set
+        self.limit = engine_config.max_in_flight or getattr(engine, "max_num_seqs", None) or in_flight_limit(engine_config)
         self._slots: asyncio.Semaphore | None = None
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
