@@ -124,6 +124,10 @@ def judge_single(sample: dict, completion: dict, cfg: DDFLabeledConfig, need_ver
     return None, "", s
 
 
+# Why C2 was skipped -> the DDF level-2 reject the C1 earns by itself (reason, what C1 did).
+SKIPPED_C2 = {"c1_truncated": ("truncated", "C1 hit the token budget"), "c1_no_answer": ("no_answer", "C1 has no final answer")}
+
+
 def unusable_c1(cfg: DDFLabeledConfig, c1, scored: ScoredAnswer | None) -> str | None:
     """Why the cascade's C2 need not run after this C1 (``engines.Completion``): DDF level 2
     rejects the row for it whatever C2 says. None when C2 should run."""

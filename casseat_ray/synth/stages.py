@@ -20,7 +20,7 @@ from casseat_ray.inference.modes import RESULT_FIELDS, ModeCall, as_scored, run_
 from casseat_ray.inference.stage import StageSpec, engine_stage
 from casseat_ray.inference.turns import judge_conversation, judged_texts, run_prompts
 from casseat_ray.rows import pending, reject, with_columns
-from casseat_ray.synth.filters import JUDGE_VERDICTS, judge_cascade, judge_reject, judge_single, judge_verdict, too_long, unusable_c1
+from casseat_ray.synth.filters import JUDGE_VERDICTS, SKIPPED_C2, judge_cascade, judge_reject, judge_single, judge_verdict, too_long, unusable_c1
 from casseat_ray.synth.mix import cot_sample, seat_sample, self_eval_sample
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,9 @@ def label_row(cfg: Config, row: dict, ps: dict, count_tokens) -> tuple[tuple[str
     labels = dict(verdict=None, c1_correct=c1_correct, c1_rank=c1_rank, final_correct=None, kinds=[], too_long_kinds=[], student_tokens=[])
     c1 = _turn(row, "c1")
     if mode == "cascade":
+        if row.get("c2_skipped") in SKIPPED_C2:  # C1 alone decides the reject: say so, not "engine error"
+            reason, what = SKIPPED_C2[row["c2_skipped"]]
+            return (reason, f"{what}; C2 not run"), labels
         c2 = _turn(row, "c2")
         s2 = as_scored(row["c2_scores"][0]) if row["c2_scores"] else None
         j = judge_cascade(row, c1, c2, f, scores[0], s2)

@@ -94,6 +94,11 @@ def test_label_row_reasons_on_crafted_outputs(tmp_path):
 
     hit, _ = label_row(cfg, _row(c1_finish=["error"], c1_errors=["boom"], c1_texts=[""], c2=None), ps, short)
     assert hit == ("engine_error", "C1: boom")
+    # C2 skipped by the rule: the reject names C1's own problem, not an engine failure
+    hit, _ = label_row(cfg, _row(c1="I am not sure.", c2=None, c2_skipped="c1_no_answer"), ps, short)
+    assert hit == ("no_answer", "C1 has no final answer; C2 not run")
+    hit, _ = label_row(cfg, _row(c1="Step 1. I count", c1_finish=["length"], c2=None, c2_skipped="c1_truncated"), ps, short)
+    assert hit == ("truncated", "C1 hit the token budget; C2 not run")
     seat = _cfg(tmp_path, synthesis=dict(mode="seat"))
     hit, lab = label_row(seat, _row(c1="Step.\n[Self-evaluation] ok. Evaluation: Accept [/Self-evaluation]\nThe answer is 3.", c2=None), stage_prompts(seat), short)
     assert hit is None and lab["kinds"] == ["seat"]
