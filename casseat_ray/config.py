@@ -287,12 +287,14 @@ class EvaluateConfig(Section):
 class RayConfig(Section):
     address: str | None = F(None, "Ray cluster address ('auto' inside a cluster; None starts local Ray).")
     num_cpus: int | None = F(None, "CPUs for a local Ray started by this run (None: all).", ge=1)
-    storage_path: Path = F(Path("runs/ray"), "Shared storage for Ray Train checkpoints (a path all nodes see: NFS, or s3://... on clusters).")
+    storage_path: str = F("runs/ray", "Ray Train checkpoints: a path all nodes see (NFS) or a URI (s3://bucket/ckpt, gs://...; "
+                                      "S3-compatible stores: s3://bucket/ckpt?endpoint_override=host:9000&scheme=http).")
 
 
 class Config(Section):
     name: str = F("casseat", "Run name: names the output folder and the Ray Train run.", pattern=r"^[A-Za-z0-9._-]+$")
-    output_dir: Path = F(Path("out"), "Root of all outputs; this run writes under output_dir/name.")
+    output_dir: str = F("out", "Root of all outputs; this run writes under output_dir/name. A local path or a URI "
+                               "(s3://bucket/runs, gs://...): a URI is mirrored from a local staging folder.")
     seed: int = F(0, "Global seed.")
     sources: list[SourceConfig] = F([], "Source datasets to synthesize from.")
     images: ImageConfig = F(ImageConfig, "Image validation and normalization.")
@@ -332,7 +334,19 @@ class Config(Section):
 
     @property
     def run_dir(self) -> Path:
-        return self.output_dir / self.name
+        """The local folder the run writes in: output_dir/name, or its staging mirror for a URI."""
+        from casseat_ray import storage
+
+        if storage.is_uri(self.output_dir):
+            return storage.staging_dir(self.output_dir) / self.name
+        return Path(self.output_dir).expanduser() / self.name
+
+    @property
+    def run_uri(self) -> str | None:
+        """output_dir/name when output_dir is a URI (the outputs' real home), else None."""
+        from casseat_ray import storage
+
+        return storage.join(self.output_dir, self.name) if storage.is_uri(self.output_dir) else None
 
     # The judge falls back to the teacher's model and engine arguments.
     @property

@@ -77,3 +77,27 @@ def placement_group_args(bundles: list[dict], strategy: str) -> dict:
 
     pg = ray.util.placement_group(bundles, strategy=strategy)
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}
+
+
+def in_ray_job() -> bool:
+    """True in the driver of a `ray job submit` entrypoint (the job supervisor sets this)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def job_output_problems(cfg) -> list[str]:
+    """Output locations a Ray job would lose. A job runs in a temporary copy of its working
+    directory, which Ray deletes when the job ends: relative outputs must not land there."""
+    from pathlib import Path
+
+    from casseat_ray.storage import is_uri
+
+    if not in_ray_job():
+        return []
+    problems = []
+    for key, value in (("output_dir", cfg.output_dir), ("ray.storage_path", cfg.ray.storage_path)):
+        if not is_uri(value) and not Path(value).expanduser().is_absolute():
+            problems.append(
+                f"{key}: {value!r} is relative; inside a Ray job it would resolve to {Path(value).resolve()}, in the "
+                "job's temporary copy of the working directory, which Ray deletes when the job ends. Give shared "
+                "storage: an absolute path every node sees (NFS) or a URI (s3://bucket/runs, gs://bucket/runs)")
+    return problems

@@ -75,6 +75,59 @@ def ray_session():
     ray.shutdown()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "casseat", "AWS_SECRET_ACCESS_KEY": "casseat", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto's server mode) on loopback with one bucket; yields the
+    URI prefix to use (its endpoint in the query, as pyarrow and Ray Train read it)."""
+    import subprocess
+    import sys
+
+    import boto3
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    try:
+        wait_for_port(port)
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1").create_bucket(Bucket="casseat-test")
+        yield {"port": port, "query": f"endpoint_override=127.0.0.1:{port}&scheme=http",
+               "uri": lambda path: f"s3://casseat-test/{path}?endpoint_override=127.0.0.1:{port}&scheme=http"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def aft_responses(row: dict) -> list[str]:
     """Right, wrong and unfinished responses to a demo question."""
     truth = row["answer"]

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from casseat_ray import parts as partstore
+from casseat_ray import storage
 from casseat_ray.config import Config, ConfigError, PlacementConfig
 from casseat_ray.evaluate.items import expand_batch
 from casseat_ray.inference.modes import RESULT_FIELDS, ModeCall, run_mode
@@ -110,8 +111,9 @@ def fingerprint(cfg: Config) -> dict:
     return partstore.fingerprint(cfg, FINGERPRINT_KEYS, SCHEDULING, extra)
 
 
-def check(cfg: Config) -> None:
-    """Everything that would make the run fail, before any inference."""
+def check(cfg: Config, adapter: bool = True) -> None:
+    """Everything that would make the run fail, before any inference; ``adapter=False`` when
+    the adapter is yet to be trained (``casseat run``)."""
     problems = []
     if not cfg.evaluate.benchmarks:
         problems.append("evaluate.benchmarks: no benchmark configured")
@@ -122,11 +124,13 @@ def check(cfg: Config) -> None:
     names = [b.name for b in cfg.evaluate.benchmarks]
     if len(set(names)) != len(names):
         problems.append(f"evaluate.benchmarks: names must be unique, got {names}")
-    problems += check_adapter(cfg)
+    if adapter:
+        problems += check_adapter(cfg)
     if problems:
         raise ConfigError("\n".join(problems))
 
 
+@storage.mirrors_run_dir
 def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
     """Evaluate (or resume evaluating) the configured models; returns the report."""
     from casseat_ray import data

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 
 from casseat_ray import parts as partstore
+from casseat_ray import storage
 from casseat_ray.config import Config, ConfigError, to_yaml
 
 # Config sections whose change makes earlier teacher outputs invalid for this run; how many
@@ -62,6 +63,7 @@ def build(cfg: Config, source, done: set[str]):
     return ds
 
 
+@storage.mirrors_run_dir
 def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
     """Synthesize (or resume) the SFT set of ``cfg``; returns the stats written to stats.json."""
     from casseat_ray import data

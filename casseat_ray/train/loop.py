@@ -369,6 +369,10 @@ def train_loop_per_worker(config: dict) -> None:
             "trainable_params": sum(p.numel() for p in params), "trainable_params_on_rank0": held, "adapter": str(adapter),
             **({"aft_questions": aft_groups} if aft else {}),
         }, indent=2) + "\n")
+        if config.get("out_uri"):
+            from casseat_ray import storage
+
+            storage.copy_tree(out_dir, config["out_uri"])
 
 
 def _log(msg: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from casseat_ray import storage
 from casseat_ray.config import Config, ConfigError, with_absolute_models
 
 
@@ -19,17 +20,28 @@ def train_dir(cfg: Config) -> Path:
     return cfg.run_dir / "train"
 
 
-def check_run_name(cfg: Config, resume: bool) -> Path:
+def storage_root(cfg: Config) -> str:
+    """``ray.storage_path`` as Ray Train gets it: a URI as given, a local path made absolute."""
+    path = cfg.ray.storage_path
+    return path if storage.is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def checkpoint_dir(cfg: Config) -> str:
+    """Where Ray Train keeps this run's checkpoints."""
+    return storage.join(storage_root(cfg), cfg.name)
+
+
+def check_run_name(cfg: Config, resume: bool) -> str:
     """Ray Train resumes any run whose name it finds in storage; a new run must not
     silently continue an old one."""
-    storage = Path(cfg.ray.storage_path).expanduser().resolve()
-    previous = storage / cfg.name
-    if previous.exists() and any(previous.rglob("checkpoint_*")) and not resume:
+    previous = checkpoint_dir(cfg)
+    if not resume and any(n.startswith("checkpoint_") for n in storage.list_names(previous)):
         raise ConfigError(f"train run {cfg.name!r} already has checkpoints in {previous}; pass --resume to continue it, "
                           "or choose another name=")
-    return storage
+    return storage_root(cfg)
 
 
+@storage.mirrors_run_dir
 def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> dict:
     import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -42,16 +54,18 @@ def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> di
         raise ConfigError("train needs student.model")
     cfg = with_absolute_models(cfg)
     path = sft_path(cfg, data)
-    storage = check_run_name(cfg, resume)
+    root = check_run_name(cfg, resume)
     out = train_dir(cfg).resolve()
+    out_uri = storage.join(cfg.run_uri, "train") if cfg.run_uri else None
     t = cfg.train
     init_ray(cfg.ray, worker_output=True)  # the workers print the progress lines
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": str(out)},
+        # With URI outputs the rank-0 worker, on whichever node, also copies its outputs there.
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": str(out), "out_uri": out_uri},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(
-            name=cfg.name, storage_path=str(storage),
+            name=cfg.name, storage_path=root,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
@@ -62,6 +76,8 @@ def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> di
     result = trainer.fit()
     if result.error:
         raise result.error
+    if out_uri:
+        storage.copy_tree(out_uri, out)
     summary = json.loads((out / "summary.json").read_text())
     summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     loss_curve(out / "metrics.jsonl", out / "loss.png", cfg.name)
