@@ -21,27 +21,38 @@ supervised fine-tuning set for a small student.
 
 Start here:
   casseat demo                          whole pipeline on tiny models and generated data (CPU)
+  casseat run --config C                synthesize -> train -> evaluate, one resumable run
   casseat validate CONFIG [key=value]   check a config and print it resolved
   casseat validate --explain            every config key with its default and meaning
 """
 
 DEMO_HELP = """\
-Builds a tiny teacher and a tiny student (real Qwen2-VL architecture; the teacher is trained
-for a few CPU steps to write the answer format), draws demo questions with PIL, and runs the
-synthesis job on local Ray: the teacher cascade on a vLLM actor -- C1 (reason step by step)
-then C2 (self-evaluate, as a second user turn on the same conversation) -- DDF level 2 and
-the mix. Writes under OUT:
+Runs the whole pipeline on the shipped tiny config (jobs/configs/tiny-cpu.yaml) on local Ray,
+on CPU, from scratch: builds a tiny teacher and a tiny student (real Qwen2-VL architecture,
+built offline), draws demo questions and held-out demo questions with PIL, then
 
-  models/teacher, models/student   the tiny models (Hugging Face format)
-  data/demo.parquet                the demo questions (canonical rows, images embedded)
-  config.yaml                      the run's config (also usable with casseat synthesize)
-  synth/                           the synthesis outputs: sft/, rejects.parquet, stats.json,
-                                   README.md (dataset card), funnel.png, export/
-  summary.json                     counts and timings (also printed)
+  1. synthesis: the teacher cascade on a vLLM actor -- C1 (reason step by step) then C2
+     (self-evaluate, a second user turn on the same conversation) -- DDF level 2, the mix;
+  2. training: the student's LoRA adapter on Ray Train;
+  3. evaluation: base and tuned student on the held-out questions, direct, CoT and cascade
+     (pass 2 on every item), both served by one vLLM engine;
 
-The tiny teacher cannot really see, so most of its answers are wrong and DDF rejects them;
-the demo shows the machinery, not quality. Takes one to two minutes on a laptop CPU, most of
-it vLLM start-up.
+and prints the summary. Writes under OUT:
+
+  models/teacher, models/student   the tiny models (Hugging Face format; reused when unchanged)
+  data/, heldout/                  the demo questions (canonical Parquet, images embedded)
+  config.yaml                      the run's config (usable with casseat run / synthesize / ...)
+  tiny-cpu/                        the run: sft/, stats.json, funnel.png, train/ (adapter,
+                                   loss.png), eval/ (report.md, accuracy.png, ...), summary.json
+  summary.json                     funnel per stage, final training loss, accuracy per model and
+                                   mode, wall time per step (also printed)
+
+What it shows and does not: the tiny teacher is trained, when built, on scripted solutions
+of the demo's task family -- including these very questions, with deliberate mistakes left in
+so that C2 has something to Refine -- so the funnel keeps a real share of them. It stands in
+for a large teacher; it does not show that a teacher generalizes. The student is tiny and
+starts from nothing, so its accuracy says nothing about the method; the demo shows the
+machinery end to end. Takes a few minutes on a laptop CPU.
 """
 
 
@@ -72,8 +83,29 @@ def cmd_validate(args) -> int:
     cfg = _load_checked(args, () if args.no_check_paths else INPUT_PARTS)
     if cfg is None:
         return EXIT_USAGE
+    if args.cluster:
+        return _check_cluster(cfg, args.cluster)
     print(to_yaml(cfg), end="")
     return EXIT_OK
+
+
+def _check_cluster(cfg, path: Path) -> int:
+    from casseat_ray import cluster
+
+    if not path.is_file():
+        print(f"--cluster: {path}: file not found", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        spec = cluster.load_cluster(path)
+    except Exception as e:  # the schema's own message names the key
+        print(f"{path}: not a valid Ray cluster config: {str(e).splitlines()[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    problems, fits = cluster.check_fit(cfg, spec)
+    for line in fits:
+        print(f"ok    {line}")
+    for line in problems:
+        print(f"FAILS {line}", file=sys.stderr)
+    return EXIT_USAGE if problems else EXIT_OK
 
 
 def cmd_make_tiny(args) -> int:
@@ -101,25 +133,33 @@ def cmd_make_demo_data(args) -> int:
 def cmd_demo(args) -> int:
     from casseat_ray import demo
 
-    if args.n < 1:
-        print(f"casseat demo: --n must be at least 1, got {args.n}", file=sys.stderr)
+    from casseat_ray.run import StepFailed, format_summary
+
+    if args.n < 1 or args.heldout < 1:
+        print(f"casseat demo: --n and --heldout must be at least 1, got {args.n} and {args.heldout}", file=sys.stderr)
         return EXIT_USAGE
-    summary = demo.run(args.out, n=args.n, seed=args.seed, progress=not args.no_progress)
-    width = max(len(k) for k in summary)
-    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in summary.items()))
+    try:
+        summary = demo.run(args.out, n=args.n, heldout=args.heldout, overrides=args.overrides, progress=not args.no_progress)
+    except StepFailed as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_FAIL
+    print("\n" + format_summary(summary))
+    print(f"\nsummary: {args.out / 'summary.json'}; plots: funnel.png, train/loss.png, eval/accuracy.png under {summary['outputs']}")
     return EXIT_OK
 
 
-def _load_checked(args, parts: tuple[str, ...]):
-    """The config, or None after printing every problem (bad keys, missing inputs)."""
+def _load_checked(args, parts: tuple[str, ...], writes: bool = False):
+    """The config, or None after printing every problem (bad keys, missing inputs, and for a
+    command that ``writes``, outputs a Ray job would lose)."""
     from casseat_ray.config import ConfigError, check_inputs
+    from casseat_ray.runtime import job_output_problems
 
     try:
         cfg = _load(args)
     except ConfigError as e:
         print(f"config errors:\n{e}", file=sys.stderr)
         return None
-    problems = check_inputs(cfg, parts)
+    problems = check_inputs(cfg, parts) + (job_output_problems(cfg) if writes else [])
     if problems:
         print("config errors:\n" + "\n".join(f"{args.config or 'command line'}: {p}" for p in problems), file=sys.stderr)
         return None
@@ -191,7 +231,7 @@ config is refused unless --fresh is given.
 def cmd_synthesize(args) -> int:
     from casseat_ray.synth import pipeline
 
-    cfg = _load_checked(args, ("sources", "teacher", "student"))
+    cfg = _load_checked(args, ("sources", "teacher", "student"), writes=True)
     if cfg is None:
         return EXIT_USAGE
     missing = [k for k in ("teacher", "student") if getattr(cfg, k) is None]
@@ -246,7 +286,7 @@ Face model (plus processor) that any runtime can load without peft.
 def cmd_train(args) -> int:
     from casseat_ray.train import run as train_run
 
-    cfg = _load_checked(args, ("student",))
+    cfg = _load_checked(args, ("student",), writes=True)
     if cfg is None:
         return EXIT_USAGE
     try:
@@ -297,7 +337,7 @@ incompatible adapter stops the run before any inference (exit 2).
 def cmd_evaluate(args) -> int:
     from casseat_ray.evaluate import job, report
 
-    cfg = _load_checked(args, ("evaluate", "student"))
+    cfg = _load_checked(args, ("evaluate", "student"), writes=True)
     if cfg is None:
         return EXIT_USAGE
     job.check(cfg)  # benchmarks, models, the adapter: refused here, before Ray or an engine starts
@@ -314,6 +354,44 @@ def cmd_evaluate(args) -> int:
     return EXIT_OK
 
 
+RUN_HELP = """\
+Run the whole pipeline as one resumable run: synthesize (teacher cascade, DDF, mix) -> train
+(student LoRA on Ray Train) -> evaluate (base and tuned student, every configured mode), with
+Ray started once for all three. Everything goes under OUTPUT_DIR/NAME (a local path or a URI
+such as s3://bucket/runs, mirrored from a local staging folder):
+
+  stats.json, sft/, rejects.parquet, ...   the synthesis outputs (see casseat synthesize --help)
+  train/                                   adapter, metrics.jsonl, loss.png (see casseat train --help)
+  eval/                                    items.parquet, report.json/md, plots (see casseat evaluate --help)
+  run.json                                 each step's status, fingerprint and wall time
+  summary.json                             funnel per stage, final training loss, accuracy per model
+                                           and mode with 95% intervals, wall time per step (also printed)
+
+Rerunning the same command skips finished steps and continues an unfinished one where it
+stopped (no duplicates). A finished step whose config has changed is refused: --from STEP
+redoes that step from scratch and every step after it.
+"""
+
+
+def cmd_run(args) -> int:
+    from casseat_ray import run as pipeline_run
+    from casseat_ray.config import INPUT_PARTS
+
+    cfg = _load_checked(args, INPUT_PARTS, writes=True)
+    if cfg is None:
+        return EXIT_USAGE
+    try:
+        summary = pipeline_run.run(cfg, start=args.start, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: rerun the same command to continue ({cfg.run_uri or cfg.run_dir})", file=sys.stderr)
+        return 130
+    except pipeline_run.StepFailed as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_FAIL
+    print("\n" + pipeline_run.format_summary(summary))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="casseat", description=MAIN_HELP, formatter_class=fmt)
@@ -323,24 +401,31 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load CONFIG, apply the overrides, validate every key and check that input paths exist.\n"
                                    "Prints the resolved config as YAML (exit 0) or every problem, each naming the key\n"
                                    "and where it was set (exit 2).",
-                       epilog="examples:\n  casseat validate jobs/configs/tiny-cpu.yaml train.lr=2e-4\n  casseat validate --explain | grep teacher.")
+                       epilog="examples:\n  casseat validate jobs/configs/tiny-cpu.yaml train.lr=2e-4\n  casseat validate --explain | grep teacher.\n"
+                              "  casseat validate jobs/configs/qwen2vl-7b-mathv360k.yaml --no-check-paths --cluster cluster/aws.yaml")
     _config_args(p)
     p.add_argument("--explain", action="store_true", help="list every key with its default and meaning, then exit")
     p.add_argument("--no-check-paths", action="store_true", help="skip the check that input files and model directories exist")
+    p.add_argument("--cluster", type=Path, metavar="CLUSTER_YAML",
+                   help="instead of printing the config, check a Ray cluster-launcher YAML against Ray's schema and check that "
+                        "what each step asks for (teacher engines x GPUs, trainer workers, evaluation engines) fits its largest "
+                        "node type and its maximum size; says what does not fit (exit 2)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("make-tiny", help="build a tiny Qwen2-VL model offline", formatter_class=fmt,
                        description="Build a tiny Qwen2-VL (random weights, locally trained byte-level BPE tokenizer with the\n"
                                    "real special tokens, Qwen chat template, image and video processors) in OUT. It loads\n"
                                    "with transformers' AutoModelForImageTextToText / AutoProcessor and with vLLM.\n"
-                                   "The teacher is larger than the student. The teacher is then trained for a few CPU\n"
-                                   "steps on scripted answers to demo questions, so it writes well-formed reasoning,\n"
-                                   "verdicts and final answers (mostly wrong ones: it cannot really see); the student stays\n"
-                                   "untrained. The same role, seed and steps give identical files.")
+                                   "The teacher is larger than the student. The teacher is then trained for 400 CPU steps\n"
+                                   "(2-3 minutes) on scripted solutions of the first 32 demo questions of its seed, deliberate\n"
+                                   "C1 mistakes included, so it writes well-formed reasoning, verdicts (Accept when a second\n"
+                                   "reading agrees, Refine when not) and final answers, right for about half of those\n"
+                                   "questions; it knows nothing beyond them. The student stays untrained. The same role,\n"
+                                   "seed and steps give identical files.")
     p.add_argument("out", type=Path, help="output directory")
     p.add_argument("--role", choices=["teacher", "student"], required=True, help="which size to build")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and tokenizer corpus (default 0)")
-    p.add_argument("--format-steps", type=int, default=None, metavar="N", help="training steps on scripted answers (default: 100 for the teacher, 0 for the student)")
+    p.add_argument("--format-steps", type=int, default=None, metavar="N", help="training steps on scripted answers (default: 400 for the teacher, 0 for the student)")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("make-demo-data", help="draw synthetic image math questions", formatter_class=fmt,
@@ -402,11 +487,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("run", help="synthesize -> train -> evaluate as one resumable run", formatter_class=fmt, description=RUN_HELP,
+                       epilog="examples:\n  casseat run --config jobs/configs/tiny-cpu.yaml\n"
+                              "  casseat run --config jobs/configs/tiny-cpu.yaml --from train train.epochs=3\n"
+                              "  ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/run.py --config my.yaml")
+    _config_args(p, option=True)
+    p.add_argument("--from", dest="start", choices=["synthesize", "train", "evaluate"], help="redo this step from scratch and every step after it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("demo", help="run the pipeline on tiny models and generated data", formatter_class=fmt, description=DEMO_HELP)
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output directory (default out/demo)")
-    p.add_argument("--n", type=int, default=16, help="demo questions to run through the teacher (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed for models and data (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--n", type=int, default=32, help="demo questions to run through the teacher (default 32: those the tiny teacher learned)")
+    p.add_argument("--heldout", type=int, default=32, help="held-out demo questions to evaluate on (default 32)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides of the tiny config (e.g. train.epochs=3 evaluate.modes='[cot, cascade]')")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,4 +1,9 @@
-"""``casseat demo``: the pipeline end to end on tiny models and generated data, on CPU."""
+"""``casseat demo``: the whole pipeline on the shipped tiny config, on CPU.
+
+It builds what the config reads (tiny teacher and student, demo questions, held-out demo
+questions) under one folder, points the config there, and runs ``casseat run`` on it:
+synthesis with DDF, LoRA training, cascaded evaluation of base and tuned student.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +11,24 @@ import json
 import time
 from pathlib import Path
 
-from casseat_ray.config import Config, to_yaml
+from casseat_ray.config import Config, load_config, to_yaml
 
 # Engine settings that fit a tiny model on a laptop CPU: a fixed small KV cache (on CPU,
 # gpu_memory_utilization would reserve a share of system RAM) and eager mode for a quick start.
 TINY_ENGINE = dict(max_model_len=2048, kv_cache_memory_bytes=256 * 2**20, enforce_eager=True)
 
+# The shipped tiny config (a source checkout: jobs/ sits beside the package).
+TINY_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "tiny-cpu.yaml"
+HELDOUT_SEED = 1  # held-out questions come from another seed than the training questions
 
-def tiny_config(out: Path, seed: int = 0) -> Config:
+
+def demo_config(out: Path, config: Path = TINY_CONFIG, overrides: list[str] = ()) -> Config:
+    """The tiny config with every input and output moved under ``out``."""
     out = Path(out)
-    return Config.model_validate(
-        dict(
-            name="synth",
-            output_dir=str(out),
-            seed=seed,
-            sources=[dict(name="demo", format="canonical", path=str(out / "data" / "demo.parquet"), license="generated")],
-            teacher=dict(model=str(out / "models" / "teacher"), engine=TINY_ENGINE, sampling=dict(max_tokens=96), batch_size=8),
-            ddf_labeled=dict(max_student_tokens=1024),
-            student=dict(model=str(out / "models" / "student"), engine=TINY_ENGINE),
-            ray=dict(num_cpus=2, storage_path=str(out / "ray")),
-        )
-    )
+    moved = [f"output_dir={out}", f"sources.0.path={out / 'data' / 'demo.parquet'}", f"teacher.model={out / 'models' / 'teacher'}",
+             f"student.model={out / 'models' / 'student'}", f"evaluate.benchmarks.0.path={out / 'heldout' / 'demo.parquet'}",
+             f"ray.storage_path={out / 'ray'}"]
+    return load_config(config, [*moved, *overrides])
 
 
 def ensure_tiny(path: Path, role: str, seed: int) -> Path:
@@ -39,31 +41,22 @@ def ensure_tiny(path: Path, role: str, seed: int) -> Path:
     return make_tiny(path, role=role, seed=seed)
 
 
-def run(out: str | Path = "out/demo", n: int = 16, seed: int = 0, progress: bool = True) -> dict:
-    """Build the tiny models and demo data under ``out``, then run the synthesis job on them."""
+def run(out: str | Path = "out/demo", n: int = 32, heldout: int = 32, overrides: list[str] = (), progress: bool = True) -> dict:
+    """Build the inputs under ``out`` and run the whole pipeline on them, from scratch."""
+    from casseat_ray import run as pipeline_run
     from casseat_ray.demo_data import make_demo_data
-    from casseat_ray.synth import pipeline
 
     out = Path(out)
-    cfg = tiny_config(out, seed)
+    cfg = demo_config(out, overrides=list(overrides))
     t0 = time.perf_counter()
-    ensure_tiny(Path(cfg.teacher.model), "teacher", seed)
-    ensure_tiny(Path(cfg.student.model), "student", seed)
-    make_demo_data(out / "data", n=n, seed=seed)
+    ensure_tiny(Path(cfg.teacher.model), "teacher", cfg.seed)
+    ensure_tiny(Path(cfg.student.model), "student", cfg.seed)
+    make_demo_data(out / "data", n=n, seed=cfg.seed)
+    make_demo_data(out / "heldout", n=heldout, seed=HELDOUT_SEED)
     (out / "config.yaml").write_text(to_yaml(cfg))
     build_s = time.perf_counter() - t0
-    stats = pipeline.run(cfg, fresh=True, progress=progress)
-    summary = dict(
-        out=str(cfg.run_dir),
-        questions=stats["stages"]["read"]["in"],
-        kept=stats["stages"]["ddf_labeled"]["out"],
-        rejected=stats["stages"]["ddf_labeled"]["rejected"],
-        sft_samples=stats["sft"]["samples"],
-        sft_by_kind=stats["sft"]["by_kind"],
-        teacher_tokens_in=stats["teacher"]["tokens_in"],
-        teacher_tokens_out=stats["teacher"]["tokens_out"],
-        build_seconds=round(build_s, 1),
-        synthesis_seconds=stats["wall_seconds"],
-    )
+    summary = pipeline_run.run(cfg, start="synthesize", progress=progress)  # the inputs were just rebuilt: redo every step
+    summary["steps"] = {"build": {"seconds": round(build_s, 1)}, **summary["steps"]}
+    summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

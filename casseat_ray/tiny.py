@@ -193,14 +193,16 @@ def build_processor(tokenizer):
     )
 
 
-DEFAULT_FORMAT_STEPS = {"teacher": 100, "student": 0}
+DEFAULT_FORMAT_STEPS = {"teacher": 400, "student": 0}
+TEACH_QUESTIONS = 32  # the teacher learns scripted solutions of make_rows(32, seed): the demo's questions
+RECIPE = 2  # bumped when the scripted solutions or the training recipe change (old builds are redone)
 
 
 def make_tiny(out: str | Path, role: str = "student", seed: int = 0, format_steps: int | None = None) -> Path:
     """Build and save a tiny Qwen2-VL for ``role`` in ``out``; returns the directory.
 
     ``format_steps`` > 0 then trains it briefly on scripted answers (``teach_format``); by
-    default the teacher gets 100 steps (about 30 s on a laptop CPU) and the student none, so
+    default the teacher gets 400 steps (two to three minutes on a laptop CPU) and the student none, so
     the student starts out knowing nothing. Deterministic: the same role, seed and steps give
     byte-identical weights and tokenizer.
     """
@@ -234,7 +236,7 @@ def make_tiny(out: str | Path, role: str = "student", seed: int = 0, format_step
 def tiny_marker(role: str, seed: int, format_steps: int | None = None) -> dict:
     """What ``casseat_tiny.json`` records, so a rebuild can be skipped when nothing changed."""
     steps = DEFAULT_FORMAT_STEPS[role] if format_steps is None else format_steps
-    return {"role": role, "seed": seed, "format_steps": steps}
+    return {"role": role, "seed": seed, "format_steps": steps, "recipe": RECIPE if steps else None}
 
 
 def fingerprint(path: str | Path) -> str:
@@ -264,19 +266,26 @@ def scripted_targets(row: dict, rng: random.Random, wrong_rate: float = 0.3) -> 
                 wrong = truth + "s"
     step = "Step 1: I look at the image.\nStep 2: I read the values it shows."
     c1 = f"{step}\nThe answer is {wrong}."
+    # C2 reads the image again, then compares with the previous answer: a rule the model can
+    # learn (Accept when they agree), so its verdicts follow what it sees, not a memorized coin.
+    recheck = f"I read the image again: it shows {truth}. The previous answer was {wrong}."
     if wrong == truth:
-        c2 = f"I check each step against the image.\nEvaluation: Accept\nThe answer is {truth}."
+        c2 = f"{recheck}\nEvaluation: Accept\nThe answer is {truth}."
     else:
-        c2 = f"I check each step against the image. Step 2 misread it.\nEvaluation: Refine\nThe corrected reading gives {truth}.\nThe answer is {truth}."
+        c2 = f"{recheck} Step 2 misread it.\nEvaluation: Refine\nThe corrected reading gives {truth}.\nThe answer is {truth}."
     seat = f"{step}\n[Self-evaluation] I checked the reading. Evaluation: Accept [/Self-evaluation]\nThe answer is {truth}."
     return {"c1": c1, "c2": c2, "seat": seat, "direct": truth}
 
 
-def teach_format(path: str | Path, n: int = 32, steps: int = 100, seed: int = 0, lr: float = 3e-3) -> dict:
+def teach_format(path: str | Path, n: int = TEACH_QUESTIONS, steps: int = 100, seed: int = 0, lr: float = 1e-3,
+                 wrong_rate: float = 0.3) -> dict:
     """Train a tiny model in place, all weights, on scripted answers to ``n`` demo questions
     (``demo_data.make_rows(n, seed)``), so end-to-end runs see well-formed reasoning,
-    verdicts and answers -- right for the questions it memorized, wrong for the rest -- and
-    greedy outputs are stable (a random model's near-tied logits flip with batch shape)."""
+    verdicts and answers, and greedy outputs are stable (a random model's near-tied logits
+    flip with batch shape). It learns those questions' answers from their pictures (about
+    half of them after 400 steps; 1e-3 learns them, 3e-3 does not) and nothing beyond: a
+    stand-in for a large teacher on the demo's questions, not one that generalizes. C1 is
+    scripted wrong at ``wrong_rate`` so that C2 learns to Refine."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -291,7 +300,7 @@ def teach_format(path: str | Path, n: int = 32, steps: int = 100, seed: int = 0,
     c1, c2, seat, direct = (prompts.load(k) for k in ("c1", "c2", "seat", "direct"))
     samples = []
     for row in make_rows(n, seed):
-        t = scripted_targets(row, rng)
+        t = scripted_targets(row, rng, wrong_rate)
         samples += [
             cot_sample(row, c1, t["c1"]),
             self_eval_sample(row, c1, t["c1"], c2, t["c2"]),

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-SUBCOMMANDS = ["validate", "make-tiny", "make-demo-data", "data", "synthesize", "train", "export", "evaluate", "demo"]
+SUBCOMMANDS = ["validate", "make-tiny", "make-demo-data", "data", "synthesize", "train", "export", "evaluate", "run", "demo"]
 
 
 def casseat(*args, timeout=600):
@@ -48,19 +48,31 @@ def test_make_tiny_cli(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path):
-    r = casseat("demo", "--out", str(tmp_path / "demo"), "--n", "8", "--no-progress", timeout=900)
+def test_demo_runs_the_whole_pipeline_and_a_rerun_skips_it(tmp_path, tiny_models):
+    out = tmp_path / "demo"
+    for role, path in tiny_models.items():  # the session's tiny models: same recipe, so the demo reuses them
+        shutil.copytree(path, out / "models" / role)
+    r = casseat("demo", "--out", str(out), "--n", "8", "--heldout", "6", "evaluate.modes=[cot, cascade]", "--no-progress", timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert "synthesis_seconds" in r.stdout
-    assert summary["questions"] == 8 and summary["teacher_tokens_out"] > 0
-    run = tmp_path / "demo" / "synth"
-    stats = json.loads((run / "stats.json").read_text())
-    assert stats["stages"]["ddf_labeled"]["in"] == 8
-    assert summary["sft_samples"] == stats["sft"]["samples"]
-    for name in ("README.md", "funnel.png", "rejects.parquet", "config.yaml"):
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["questions"] == 8 and summary["funnel"]["ddf_labeled"]["in"] == 8
+    assert summary["kept"] * 4 >= summary["questions"], summary["funnel"]  # the tiny teacher knows these questions
+    assert summary["sft"]["samples"] > 0 and summary["train"]["final_loss"] < summary["train"]["first_loss"]
+    assert {m: sorted(v) for m, v in summary["eval"].items()} == {"base": ["cascade", "cot"], "tuned": ["cascade", "cot"]}
+    assert all(c["n"] == 6 and 0 <= c["accuracy"] <= 1 and len(c["ci95"]) == 2 for v in summary["eval"].values() for c in v.values())
+    assert list(summary["steps"]) == ["build", "synthesize", "train", "evaluate"]
+    run = out / "tiny-cpu"
+    for name in ("README.md", "funnel.png", "rejects.parquet", "config.yaml", "train/adapter/adapter_config.json",
+                 "train/loss.png", "eval/report.md", "eval/accuracy.png", "run.json", "summary.json"):
         assert (run / name).is_file(), name
-    assert (tmp_path / "demo" / "config.yaml").is_file()
+    assert "evaluation accuracy" in r.stdout and "kept " in r.stdout
+    # the same run again: every step is finished, nothing starts (not even Ray)
+    again = casseat("run", "--config", str(out / "config.yaml"), "--no-progress", timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("finished earlier") == 3 and "Started a local Ray" not in again.stderr
+    assert json.loads((run / "summary.json").read_text())["eval"] == summary["eval"]
+    changed = casseat("run", "--config", str(out / "config.yaml"), "train.epochs=1", "--no-progress", timeout=300)
+    assert changed.returncode == 2 and "rerun with --from train" in changed.stderr
 
 
 @pytest.mark.slow
