@@ -231,6 +231,7 @@ class AFTConfig(Section):
 
 class TrainConfig(Section):
     epochs: float = F(3.0, "Passes over the SFT set.", gt=0)
+    max_steps: int | None = F(None, "Stop after this many optimizer steps, whatever epochs says (None: epochs decide); the lr schedule spans the steps taken.", ge=1)
     lr: float = F(1e-4, "Peak learning rate.", gt=0)
     scheduler: Literal["cosine", "linear", "constant"] = F("cosine", "Learning-rate schedule after warmup.")
     warmup_ratio: float = F(0.1, "Share of steps spent warming up.", ge=0, lt=1)

@@ -304,8 +304,9 @@ def export_llamafactory(sft_dir: Path, out: Path, name: str) -> Path:
 
 
 def export_swift(sft_dir: Path, out: Path) -> Path:
-    """ms-swift JSONL: ``messages`` (``<image>`` in the text) and ``images`` paths; an
-    assistant turn that carries no loss says ``"loss": false``."""
+    """ms-swift JSONL: ``messages`` (``<image>`` in the text) and ``images`` paths relative to
+    the export folder (it can be moved; run ms-swift from it); an assistant turn that carries no
+    loss says ``"loss": false``."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
@@ -316,7 +317,7 @@ def export_swift(sft_dir: Path, out: Path) -> Path:
                 assistants = [m for m in messages if m["role"] == "assistant"]
                 for m in assistants[:-1]:
                     m["loss"] = False
-            images = [str((out / "images" / n).resolve()) for n in _save_images(row, tmp / "images")]
+            images = [f"images/{n}" for n in _save_images(row, tmp / "images")]
             fh.write(json.dumps({"messages": messages, "images": images}, ensure_ascii=False) + "\n")
     _replace_dir(tmp, out)
     return out

@@ -36,6 +36,13 @@ def test_validate_misspelled_key_exits_2(tmp_path):
     assert r.returncode == 2
     assert f"{f}: teacher.samplng: unknown key" in r.stderr
     assert casseat("validate", str(tmp_path / "none.yaml")).returncode == 2
+    r = casseat("validate", "--config", str(f), "train.lr=0.5", "--no-check-paths")  # like every other command
+    assert r.returncode == 2 and "teacher.samplng: unknown key" in r.stderr
+    f.write_text("name: x\n")
+    r = casseat("validate", "--config", str(f), "train.max_steps=7", "--no-check-paths")
+    assert r.returncode == 0 and "max_steps: 7" in r.stdout
+    inspect_help = casseat("data", "inspect", "--help").stdout
+    assert "Nothing is written unless --rejects" in " ".join(inspect_help.split())
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """The synthesis job's pure parts: resume bookkeeping, labeling, choosing, exports."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -156,7 +158,8 @@ def test_exporters_write_loadable_llamafactory_and_swift_files(tmp_path, demo_ro
     lines = [json.loads(line) for line in (sw / "train.jsonl").read_text().splitlines()]
     se = next(x for x in lines if len(x["messages"]) == 4)
     assert se["messages"][1]["loss"] is False and "loss" not in se["messages"][3]
-    assert all(open(p, "rb").read() == demo_rows[0]["image"] for x in lines for p in x["images"])
+    moved = shutil.move(sw, tmp_path / "elsewhere")  # relative paths: the folder can be moved
+    assert all(not Path(p).is_absolute() and (Path(moved) / p).read_bytes() == demo_rows[0]["image"] for x in lines for p in x["images"])
 
 
 def test_label_row_ranks_every_response_for_aft(tmp_path):
