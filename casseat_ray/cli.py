@@ -201,7 +201,7 @@ def cmd_data_inspect(args) -> int:
     ds = data.load(cfg)
     if args.rejects:
         ds = ds.materialize()  # counted and written from one execution
-        n = data.write_rejects(ds, args.rejects)
+        n = data.write_rejects(ds, args.rejects, cfg.ddf_source.write_over_budget)
         print(f"{n} rejects written to {args.rejects}", file=sys.stderr)
     f = data.funnel(ds)
     if args.json:
@@ -455,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog="example:\n  casseat data inspect --config jobs/configs/tiny-cpu.yaml ddf_source.budget=100 --json")
     _config_args(q, option=True)
     q.add_argument("--json", action="store_true", help='print one JSON object: {"in", "accepted", "rejected", "by_source", "by_answer_type", "stages"}')
-    q.add_argument("--rejects", type=Path, metavar="DIR", help="also write every rejected row (sample_id, source, reject_stage, reject_reason, reject_detail, question, ...) as Parquet to DIR")
+    q.add_argument("--rejects", type=Path, metavar="DIR", help="also write every rejected row (sample_id, source, reject_stage, reject_reason, reject_detail, question, ...) as Parquet to DIR; "
+                        "over_budget rows only with ddf_source.write_over_budget=true")
     q.set_defaults(func=cmd_data_inspect)
 
     p = sub.add_parser("synthesize", help="build the SFT set with the teacher cascade (resumable)", formatter_class=fmt, description=SYNTH_HELP,

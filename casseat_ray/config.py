@@ -85,6 +85,7 @@ class DDFSourceConfig(Section):
     max_answer_chars: int = F(64, "Reject free-form answers longer than this (not verifiable by rule).", ge=1)
     per_source_cap: dict[str, int] = F({}, "Keep at most N rows per source name.")
     budget: int | None = F(None, "Keep at most this many rows in total, sampled stratified by answer type and source.", ge=1)
+    write_over_budget: bool = F(False, "Also write the rows the budget leaves out (over_budget) to rejects files; they are not quality rejects, and the funnel counts them either way.")
     model_filter: ModelFilterConfig = F(ModelFilterConfig, "Optional student-based filter (DDF level 1, model part).")
 
 

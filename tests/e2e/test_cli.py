@@ -86,7 +86,8 @@ def test_demo_runs_the_whole_pipeline_and_a_rerun_skips_it(tmp_path, tiny_models
 def test_data_inspect_json_and_bad_config(tmp_path, demo_parquet):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"sources:\n  - {{name: demo, format: canonical, path: {demo_parquet}}}\nray: {{num_cpus: 2}}\n")
-    r = casseat("data", "inspect", "--config", str(cfg), "--json", "ddf_source.budget=10", "--rejects", str(tmp_path / "rejects"))
+    r = casseat("data", "inspect", "--config", str(cfg), "--json", "ddf_source.budget=10", "ddf_source.write_over_budget=true",
+                "--rejects", str(tmp_path / "rejects"))
     assert r.returncode == 0, r.stderr[-2000:]
     import pyarrow.parquet as pq
 
