@@ -214,6 +214,8 @@ def dataset_card(cfg: Config, stats: dict, ps: dict) -> str:
         f"at most {f.max_student_tokens} student tokens (image tokens included, never truncated).",
         f"- Model judge: " + (f"`{cfg.judge_model}` ({'constrained verdict' if f.judge.constrained else 'free-form, last Verdict: line'}; "
                               f"no verdict: {f.judge.on_no_verdict})." if f.judge.enabled else "off."),
+        "- A kept question gives a CoT sample only when its C1 answer is right (C1 alone is then a correct worked "
+        "solution); a Refine question gives its self-evaluation sample only, whose C2 turn carries the correction.",
         f"- Mix (per kept question): {cfg.mix.self_eval_per_cot} self-evaluation samples per CoT sample, all Refine samples kept: "
         f"{cfg.mix.keep_all_refine}, cap {cfg.mix.max_samples}, seed {cfg.mix.seed}.",
         f"- Self-evaluation verdicts before the mix: Accept {v['before_mix']['accept']}, Refine {v['before_mix']['refine']}; "
