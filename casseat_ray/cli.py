@@ -208,7 +208,23 @@ def cmd_data_inspect(args) -> int:
         print(_json.dumps({k: f[k] for k in ("in", "accepted", "rejected", "by_source", "by_answer_type", "stages")}))
     else:
         _print_funnel(f)
+    if args.show:
+        _preview(cfg, ds, args.show, sys.stderr if args.json else sys.stdout)
     return EXIT_OK
+
+
+def _preview(cfg, ds, n: int, out) -> None:
+    from casseat_ray.inference.turns import run_prompts
+    from casseat_ray.preview import show_rows
+
+    rows = ds.filter(lambda r: r["reject_reason"] is None).take(n)
+    processor = None
+    if cfg.student is not None:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(cfg.student.model)
+    print(f"\n{len(rows)} accepted rows as the teacher sees them" + ("" if processor else " (no student configured: no token counts)") + ":\n", file=out)
+    print(show_rows(rows, run_prompts(cfg)["c1"], processor), file=out)
 
 
 SYNTH_HELP = """\
@@ -454,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "reject reason. Nothing is written unless --rejects names a folder.",
                             epilog="example:\n  casseat data inspect --config jobs/configs/tiny-cpu.yaml ddf_source.budget=100 --json")
     _config_args(q, option=True)
+    q.add_argument("--show", type=int, default=0, metavar="N",
+                   help="also print N accepted rows as the teacher and the student will see them: parsed choices, the mapped "
+                        "answer, the answer type, the rendered C1 prompt and its length in the student's tokens (image included)")
     q.add_argument("--json", action="store_true", help='print one JSON object: {"in", "accepted", "rejected", "by_source", "by_answer_type", "stages"}')
     q.add_argument("--rejects", type=Path, metavar="DIR", help="also write every rejected row (sample_id, source, reject_stage, reject_reason, reject_detail, question, ...) as Parquet to DIR; "
                         "over_budget rows only with ddf_source.write_over_budget=true")

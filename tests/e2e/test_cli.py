@@ -87,8 +87,9 @@ def test_data_inspect_json_and_bad_config(tmp_path, demo_parquet):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"sources:\n  - {{name: demo, format: canonical, path: {demo_parquet}}}\nray: {{num_cpus: 2}}\n")
     r = casseat("data", "inspect", "--config", str(cfg), "--json", "ddf_source.budget=10", "ddf_source.write_over_budget=true",
-                "--rejects", str(tmp_path / "rejects"))
+                "--rejects", str(tmp_path / "rejects"), "--show", "2")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 accepted rows as the teacher sees them" in r.stderr and r.stderr.count("C1 prompt (after the image):") == 2
     import pyarrow.parquet as pq
 
     written = pq.read_table(tmp_path / "rejects")
