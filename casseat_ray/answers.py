@@ -37,6 +37,8 @@ _LETTER_FORMS = [
 ]
 _OPTION_NAMED = re.compile(r"\b(?:option|choice)\s*\(?([A-Z])\)?(?![\w])", re.IGNORECASE)
 _NUMBER = re.compile(r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+−]?\.\d+")
+_ELIDED = re.compile(r"\.\.\.|…|\\[lc]?dots")  # "[9, 8, ..., 4", "1, 8, 8, …": cut off or elided
+_VALUE_LIST = re.compile(r"\d\s*[,;]\s*[-+−]?\.?\d")  # "3, 4": two values where one is asked for
 _MARKDOWN = re.compile(r"\*\*|__|`|^#+\s*", re.MULTILINE)  # bold, code, headings; not LaTeX's _
 _TEXT = re.compile(r"\\(?:text|mbox)\s*\{([^{}]*)\}")
 _FORMATTING = re.compile(r"\\(?:text|textbf|mathbf|mathrm|textit|mbox)\s*\{([^{}]*)\}")
@@ -130,6 +132,12 @@ def extract_with_method(text: str | None, choices: list[str] | None = None, answ
     final = _final_candidate(text, literal)
     if final is not None:
         cand, method = final
+        # A final answer is one value (or the list the answer type asks for): an elided or
+        # cut-off answer line, or several values for a numeric answer, is no answer at all.
+        if _ELIDED.search(cand):
+            return None, "none"
+        if numeric and len(_NUMBER.findall(cand)) > 1 and _VALUE_LIST.search(cand):
+            return None, "none"
         if choices:
             letter = letter_of(cand, len(choices))
             if letter:

@@ -77,6 +77,10 @@ def cmd_validate(args) -> int:
     if args.explain:
         print("\n".join(explain()))
         return EXIT_OK
+    if args.config_option is not None:  # `--config C`, as every other command takes it
+        if args.config is not None:
+            args.overrides.insert(0, str(args.config))  # then the positional was the first override
+        args.config = args.config_option
     if args.config is None:
         print("casseat validate: give a CONFIG file (or --explain)", file=sys.stderr)
         return EXIT_USAGE
@@ -197,14 +201,30 @@ def cmd_data_inspect(args) -> int:
     ds = data.load(cfg)
     if args.rejects:
         ds = ds.materialize()  # counted and written from one execution
-        n = data.write_rejects(ds, args.rejects)
+        n = data.write_rejects(ds, args.rejects, cfg.ddf_source.write_over_budget)
         print(f"{n} rejects written to {args.rejects}", file=sys.stderr)
     f = data.funnel(ds)
     if args.json:
         print(_json.dumps({k: f[k] for k in ("in", "accepted", "rejected", "by_source", "by_answer_type", "stages")}))
     else:
         _print_funnel(f)
+    if args.show:
+        _preview(cfg, ds, args.show, sys.stderr if args.json else sys.stdout)
     return EXIT_OK
+
+
+def _preview(cfg, ds, n: int, out) -> None:
+    from casseat_ray.inference.turns import run_prompts
+    from casseat_ray.preview import show_rows
+
+    rows = ds.filter(lambda r: r["reject_reason"] is None).take(n)
+    processor = None
+    if cfg.student is not None:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(cfg.student.model)
+    print(f"\n{len(rows)} accepted rows as the teacher sees them" + ("" if processor else " (no student configured: no token counts)") + ":\n", file=out)
+    print(show_rows(rows, run_prompts(cfg)["c1"], processor), file=out)
 
 
 SYNTH_HELP = """\
@@ -404,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  casseat validate jobs/configs/tiny-cpu.yaml train.lr=2e-4\n  casseat validate --explain | grep teacher.\n"
                               "  casseat validate jobs/configs/qwen2vl-7b-mathv360k.yaml --no-check-paths --cluster cluster/aws.yaml")
     _config_args(p)
+    p.add_argument("--config", dest="config_option", type=Path, metavar="CONFIG", help="the config file, as the other commands take it (the positional form works too)")
     p.add_argument("--explain", action="store_true", help="list every key with its default and meaning, then exit")
     p.add_argument("--no-check-paths", action="store_true", help="skip the check that input files and model directories exist")
     p.add_argument("--cluster", type=Path, metavar="CLUSTER_YAML",
@@ -446,11 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Stream the configured sources through reading, image validation and the DDF level-1\n"
                                         "rules (duplicates, unverifiable answers, empty or overlong questions, caps, budget)\n"
                                         "and print what would reach the teacher: counts per stage, source, answer type and\n"
-                                        "reject reason. Nothing is written.",
+                                        "reject reason. Nothing is written unless --rejects names a folder.",
                             epilog="example:\n  casseat data inspect --config jobs/configs/tiny-cpu.yaml ddf_source.budget=100 --json")
     _config_args(q, option=True)
+    q.add_argument("--show", type=int, default=0, metavar="N",
+                   help="also print N accepted rows as the teacher and the student will see them: parsed choices, the mapped "
+                        "answer, the answer type, the rendered C1 prompt and its length in the student's tokens (image included)")
     q.add_argument("--json", action="store_true", help='print one JSON object: {"in", "accepted", "rejected", "by_source", "by_answer_type", "stages"}')
-    q.add_argument("--rejects", type=Path, metavar="DIR", help="also write every rejected row (sample_id, source, stage, reason, detail, question) as Parquet to DIR")
+    q.add_argument("--rejects", type=Path, metavar="DIR", help="also write every rejected row (sample_id, source, reject_stage, reject_reason, reject_detail, question, ...) as Parquet to DIR; "
+                        "over_budget rows only with ddf_source.write_over_budget=true")
     q.set_defaults(func=cmd_data_inspect)
 
     p = sub.add_parser("synthesize", help="build the SFT set with the teacher cascade (resumable)", formatter_class=fmt, description=SYNTH_HELP,

@@ -85,6 +85,7 @@ class DDFSourceConfig(Section):
     max_answer_chars: int = F(64, "Reject free-form answers longer than this (not verifiable by rule).", ge=1)
     per_source_cap: dict[str, int] = F({}, "Keep at most N rows per source name.")
     budget: int | None = F(None, "Keep at most this many rows in total, sampled stratified by answer type and source.", ge=1)
+    write_over_budget: bool = F(False, "Also write the rows the budget leaves out (over_budget) to rejects files; they are not quality rejects, and the funnel counts them either way.")
     model_filter: ModelFilterConfig = F(ModelFilterConfig, "Optional student-based filter (DDF level 1, model part).")
 
 
@@ -231,6 +232,7 @@ class AFTConfig(Section):
 
 class TrainConfig(Section):
     epochs: float = F(3.0, "Passes over the SFT set.", gt=0)
+    max_steps: int | None = F(None, "Stop after this many optimizer steps, whatever epochs says (None: epochs decide); the lr schedule spans the steps taken.", ge=1)
     lr: float = F(1e-4, "Peak learning rate.", gt=0)
     scheduler: Literal["cosine", "linear", "constant"] = F("cosine", "Learning-rate schedule after warmup.")
     warmup_ratio: float = F(0.1, "Share of steps spent warming up.", ge=0, lt=1)

@@ -354,9 +354,15 @@ def load(cfg: Config, sources: list[SourceConfig] | None = None, filtered: bool 
                                                                             "seed": cfg.seed, "renamed": renamed})
 
 
-def write_rejects(ds, path: str | Path) -> int:
-    """Write every rejected row (no image bytes) as Parquet under ``path``; returns the count."""
-    rejects = ds.select_columns(REJECT_SCHEMA.names).filter(lambda r: r["reject_reason"] is not None).materialize()
+def is_written_reject(reason: str | None, write_over_budget: bool) -> bool:
+    """A reject that goes into rejects files: every one but over_budget (a row the budget left
+    out, not a bad row) unless asked for."""
+    return reason is not None and (write_over_budget or reason != "over_budget")
+
+
+def write_rejects(ds, path: str | Path, write_over_budget: bool = False) -> int:
+    """Write the rejected rows (no image bytes) as Parquet under ``path``; returns the count."""
+    rejects = ds.select_columns(REJECT_SCHEMA.names).filter(lambda r: is_written_reject(r["reject_reason"], write_over_budget)).materialize()
     rejects.write_parquet(str(path))
     return rejects.count()
 

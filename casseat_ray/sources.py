@@ -46,32 +46,72 @@ def strip_image_tags(question: str) -> str:
     return _IMAGE_TAG.sub(" ", question).strip()
 
 
+# Full-width punctuation (CJK sources) is read as its ASCII form to find labels and
+# delimiters; one character for one, so positions found in the translation cut the original.
+_FULL_WIDTH = str.maketrans({"．": ".", "（": "(", "）": ")", "：": ":", "、": ".", "；": ";", "，": ","})
+
+
+def _label(letter: str) -> re.Pattern:
+    """``letter`` as an option label at the start or after a separator: A. / A) / (A) / A:"""
+    return re.compile(rf"(?:^|(?<=[\s;,]))(?:\({letter}\)|{letter}\s*[.):])\s*")
+
+
+def _split_labelled(text: str) -> list[str] | None:
+    """``"A. x; y;B. z"`` cut at its labels A, B, C, ... in order, so a delimiter inside an
+    option's text stays in it; None when the text does not start with label A."""
+    norm = text.translate(_FULL_WIDTH)
+    first = _label("A").match(norm)
+    if not first:
+        return None
+    pieces, pos = [], first.end()
+    for letter in LETTERS[1:]:
+        nxt = _label(letter).search(norm, pos)
+        if not nxt:
+            break
+        pieces.append(text[pos:nxt.start()])
+        pos = nxt.end()
+    pieces.append(text[pos:])
+    return [re.sub(r"[;,；，\s]+$", "", p.strip()) for p in pieces]
+
+
 def parse_choices(value: Any, delimiter: str = ";") -> list[str]:
     """Choices from a list or a delimited string such as ``"A. 3;B. 4;C. 5"``.
 
-    Labels (``A.``, ``(B)``, ``C)``) are removed; if present they must run A, B, C, ...
-    Raises :class:`RowError` (``bad_choices``) when the value cannot be read as two or more
-    choices.
+    A string that starts with label A is cut at its labels A, B, C, ... in order (a
+    delimiter inside an option's text does not split it); otherwise at ``delimiter``. Labels
+    (``A.``, ``(B)``, ``C)``, full-width ``B．`` ``（A）``) are removed and must run A, B, C,
+    ... Raises :class:`RowError` (``bad_choices``) when the value cannot be read as two or
+    more choices, or only partly: some pieces labelled and some not, labels out of order.
     """
     if value is None:
         return []
     if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
-        items = [str(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
+        items = [str(v) for v in (value.tolist() if hasattr(value, "tolist") else value) if v is not None]
     elif isinstance(value, str):
-        if not value.strip():
+        text = value.strip()
+        if not text:
             return []
-        items = [p for p in value.split(delimiter)]
+        items = _split_labelled(text)
+        if items is not None:
+            if len(items) < 2 or any(not i for i in items):
+                raise RowError("bad_choices", f"cannot read {value!r} as two or more labelled choices")
+            return items
+        cuts = [i for i, ch in enumerate(text.translate(_FULL_WIDTH)) if ch == delimiter]
+        items = [text[a + 1 if a >= 0 else 0:b] for a, b in zip([-1, *cuts], [*cuts, len(text)])]
     else:
         raise RowError("bad_choices", f"choices of type {type(value).__name__}")
-    items = [i.strip() for i in items if i is not None and i.strip()]
+    items = [i.strip() for i in items if i.strip()]
     if not items:
         return []
-    labels = [_CHOICE_LABEL.match(i) for i in items]
+    labels = [_CHOICE_LABEL.match(i.translate(_FULL_WIDTH)) for i in items]
     if all(labels):
         found = [(m.group(1) or m.group(2)).upper() for m in labels]
         if found != list(LETTERS[: len(items)]):
             raise RowError("bad_choices", f"choice labels {found} are not A, B, C, ... in order")
         items = [i[m.end():].strip() for i, m in zip(items, labels)]
+    elif any(m and _label(m.group(1) or m.group(2)).match(i.translate(_FULL_WIDTH)) for i, m in zip(items, labels)
+             if m and (m.group(1) or m.group(2)).isupper()):
+        raise RowError("bad_choices", f"some of {value!r} carry option labels and some do not")
     if len(items) < 2 or any(not i for i in items):
         raise RowError("bad_choices", f"cannot read {value!r} as two or more choices (delimiter {delimiter!r})")
     return items

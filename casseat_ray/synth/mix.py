@@ -90,3 +90,15 @@ def mix_questions(questions: list[dict], ratio: float, cap: int | None, seed: in
             chosen[q["sample_id"]] = kinds
             total += len(kinds)
     return chosen
+
+
+def left_out(questions: list[dict], chosen: dict[str, set[str]]) -> dict[str, tuple[str, list[str]]]:
+    """Samples the mix leaves out, per question: ``sample_id -> (reason, kinds)``;
+    ``over_ratio`` when the question keeps its other samples (mix.self_eval_per_cot),
+    ``over_cap`` when mix.max_samples left the whole question out."""
+    out = {}
+    for q in questions:
+        kinds = sorted(set(q["kinds"]) - chosen.get(q["sample_id"], set()))
+        if kinds:
+            out[q["sample_id"]] = ("over_ratio" if q["sample_id"] in chosen else "over_cap", kinds)
+    return out

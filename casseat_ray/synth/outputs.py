@@ -17,10 +17,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from casseat_ray.config import Config
+from casseat_ray.data import is_written_reject
 from casseat_ray.inference.turns import run_prompts
 from casseat_ray.parts import PART_GLOB, atomic_write_text
 from casseat_ray.rows import REJECT_SCHEMA
-from casseat_ray.synth.mix import cot_sample, mix_questions, seat_sample, self_eval_sample
+from casseat_ray.synth.mix import cot_sample, left_out, mix_questions, seat_sample, self_eval_sample
 
 SFT_SCHEMA = pa.schema([
     pa.field("id", pa.string()),
@@ -62,14 +63,15 @@ def sft_rows(row: dict, kinds: set[str], ps: dict) -> list[dict]:
     return out
 
 
-def choose(light: list[dict], cfg: Config) -> tuple[dict[str, set[str]], int]:
+def choose(light: list[dict], cfg: Config) -> tuple[dict[str, set[str]], dict[str, tuple[str, list[str]]], int]:
     """sample_id -> the kinds that go into the SFT set (``mix_questions``: per kept question,
-    by the configured ratio and cap); and the number of candidate samples."""
+    by the configured ratio and cap); what it leaves out (``left_out``); the number of
+    candidate samples."""
     questions = [r for r in light if r["reject_reason"] is None and r["kinds"]]
     m = cfg.mix
     ratio = m.self_eval_per_cot if cfg.synthesis.mode == "cascade" else 1.0  # one sample per question otherwise
     chosen = mix_questions(questions, ratio, m.max_samples, m.seed, m.keep_all_refine)
-    return chosen, sum(len(q["kinds"]) for q in questions)
+    return chosen, left_out(questions, chosen), sum(len(q["kinds"]) for q in questions)
 
 
 def verdict_counts(light: list[dict], chosen: dict[str, set[str]] | None = None) -> dict[str, int]:
@@ -92,7 +94,7 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
     run_dir = cfg.run_dir
     files = sorted(parts.glob(PART_GLOB))
     light = [r for f in files for r in pq.read_table(f, columns=LIGHT).to_pylist()]
-    chosen, candidates = choose(light, cfg)
+    chosen, dropped, candidates = choose(light, cfg)
     ps = run_prompts(cfg)
 
     # One pass over the parts: the chosen rows become SFT shards, the rejected ones reject
@@ -104,14 +106,18 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
     by_source: Counter = Counter()
     shard = 0
     wanted = pa.array(sorted(chosen), pa.string())
+    mixed_out = pa.array(sorted(dropped), pa.string())
     rejects = [  # the source's own rejects (no image bytes)
         r for b in source.select_columns(list(REJECT_SCHEMA.names)).iter_batches(batch_format="pyarrow")
-        for r in b.to_pylist() if r["reject_reason"] is not None
+        for r in b.to_pylist() if is_written_reject(r["reject_reason"], cfg.ddf_source.write_over_budget)
     ]
     for f in files:
         table = pq.read_table(f)
         rejected = table.select(list(REJECT_SCHEMA.names)).filter(pc.is_valid(table["reject_reason"]))
         rejects += rejected.to_pylist()
+        for r in table.filter(pc.is_in(table["sample_id"], value_set=mixed_out)).select(list(REJECT_SCHEMA.names)).to_pylist():
+            reason, kinds = dropped[r["sample_id"]]
+            rejects += [dict(r, reject_stage="mix", reject_reason=reason, reject_detail=f"{k} sample left out by the mix") for k in kinds]
         rows = table.filter(pc.is_in(table["sample_id"], value_set=wanted)).to_pylist()
         samples = [s for r in rows for s in sft_rows(r, chosen[r["sample_id"]], ps)]
         if samples:
@@ -125,7 +131,7 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
     pq.write_table(pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), tmp_rej)
     os.replace(tmp_rej, run_dir / "rejects.parquet")
 
-    stats = compute_stats(cfg, source_funnel, light, candidates, sum(by_kind.values()), timing)
+    stats = compute_stats(cfg, source_funnel, light, candidates, sum(by_kind.values()), dropped, timing)
     stats["self_eval_verdicts"] = {"before_mix": verdict_counts(light), "after_mix": verdict_counts(light, chosen)}
     stats["sft"] = {"samples": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items())), "by_source": dict(sorted(by_source.items())), "shards": shard}
     atomic_write_text(run_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
@@ -136,7 +142,8 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
     return stats
 
 
-def compute_stats(cfg: Config, source_funnel: dict, light: list[dict], candidates: int, chosen: int, timing: dict) -> dict:
+def compute_stats(cfg: Config, source_funnel: dict, light: list[dict], candidates: int, chosen: int,
+                  dropped: dict[str, tuple[str, list[str]]], timing: dict) -> dict:
     """The funnel: per stage ``{"in", "out", "rejected": {reason: n}}``, plus teacher figures."""
     stages = dict(source_funnel["stages"])
     n = source_funnel["accepted"]
@@ -144,7 +151,10 @@ def compute_stats(cfg: Config, source_funnel: dict, light: list[dict], candidate
         rejected = Counter(r["reject_reason"] for r in light if r["reject_stage"] == stage)
         stages[stage] = {"in": n, "out": n - sum(rejected.values()), "rejected": dict(sorted(rejected.items()))}
         n = stages[stage]["out"]
-    stages["mix"] = {"in": candidates, "out": chosen, "rejected": {"over_ratio_or_cap": candidates - chosen}, "unit": "samples"}
+    left: Counter = Counter()
+    for reason, kinds in dropped.values():
+        left[reason] += len(kinds)
+    stages["mix"] = {"in": candidates, "out": chosen, "rejected": dict(sorted(left.items())), "unit": "samples"}
     taught = [r for r in light if r["c1_output_tokens"] is not None]
     tokens_in = sum((r["c1_prompt_tokens"] or 0) + sum(r["c2_prompt_tokens"] or []) for r in taught)
     tokens_out = sum(sum(r["c1_output_tokens"] or []) + sum(r["c2_output_tokens"] or []) for r in taught)
@@ -204,6 +214,8 @@ def dataset_card(cfg: Config, stats: dict, ps: dict) -> str:
         f"at most {f.max_student_tokens} student tokens (image tokens included, never truncated).",
         f"- Model judge: " + (f"`{cfg.judge_model}` ({'constrained verdict' if f.judge.constrained else 'free-form, last Verdict: line'}; "
                               f"no verdict: {f.judge.on_no_verdict})." if f.judge.enabled else "off."),
+        "- A kept question gives a CoT sample only when its C1 answer is right (C1 alone is then a correct worked "
+        "solution); a Refine question gives its self-evaluation sample only, whose C2 turn carries the correction.",
         f"- Mix (per kept question): {cfg.mix.self_eval_per_cot} self-evaluation samples per CoT sample, all Refine samples kept: "
         f"{cfg.mix.keep_all_refine}, cap {cfg.mix.max_samples}, seed {cfg.mix.seed}.",
         f"- Self-evaluation verdicts before the mix: Accept {v['before_mix']['accept']}, Refine {v['before_mix']['refine']}; "
@@ -304,8 +316,9 @@ def export_llamafactory(sft_dir: Path, out: Path, name: str) -> Path:
 
 
 def export_swift(sft_dir: Path, out: Path) -> Path:
-    """ms-swift JSONL: ``messages`` (``<image>`` in the text) and ``images`` paths; an
-    assistant turn that carries no loss says ``"loss": false``."""
+    """ms-swift JSONL: ``messages`` (``<image>`` in the text) and ``images`` paths relative to
+    the export folder (it can be moved; run ms-swift from it); an assistant turn that carries no
+    loss says ``"loss": false``."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
@@ -316,7 +329,7 @@ def export_swift(sft_dir: Path, out: Path) -> Path:
                 assistants = [m for m in messages if m["role"] == "assistant"]
                 for m in assistants[:-1]:
                     m["loss"] = False
-            images = [str((out / "images" / n).resolve()) for n in _save_images(row, tmp / "images")]
+            images = [f"images/{n}" for n in _save_images(row, tmp / "images")]
             fh.write(json.dumps({"messages": messages, "images": images}, ensure_ascii=False) + "\n")
     _replace_dir(tmp, out)
     return out

@@ -39,6 +39,13 @@ def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int, world: int) -
     return n_rows // per_step
 
 
+def total_steps(epochs: float, per_epoch: int, max_steps: int | None) -> int:
+    """Optimizer steps of the run: ``epochs`` passes, capped by ``max_steps`` (the schedule's
+    length too, so warmup and decay fit the steps actually taken)."""
+    total = max(1, math.ceil(epochs * per_epoch))
+    return min(total, max_steps) if max_steps else total
+
+
 def step_rows(order: list[int], step_in_epoch: int, rank: int, batch_size: int, grad_accum: int, world: int) -> list[list[int]]:
     """Row indices of this worker's micro-batches for one optimizer step."""
     per_worker = batch_size * grad_accum
@@ -250,7 +257,7 @@ def train_loop_per_worker(config: dict) -> None:
         units = [[i] for i in range(len(encoded))]
     unit_ids = ["+".join(ids[i] for i in u) for u in units]
     per_epoch = steps_per_epoch(len(units), t.batch_size, t.grad_accum, world)
-    total = max(1, math.ceil(t.epochs * per_epoch))
+    total = total_steps(t.epochs, per_epoch, t.max_steps)
 
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total), num_training_steps=total)

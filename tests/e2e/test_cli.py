@@ -36,6 +36,13 @@ def test_validate_misspelled_key_exits_2(tmp_path):
     assert r.returncode == 2
     assert f"{f}: teacher.samplng: unknown key" in r.stderr
     assert casseat("validate", str(tmp_path / "none.yaml")).returncode == 2
+    r = casseat("validate", "--config", str(f), "train.lr=0.5", "--no-check-paths")  # like every other command
+    assert r.returncode == 2 and "teacher.samplng: unknown key" in r.stderr
+    f.write_text("name: x\n")
+    r = casseat("validate", "--config", str(f), "train.max_steps=7", "--no-check-paths")
+    assert r.returncode == 0 and "max_steps: 7" in r.stdout
+    inspect_help = casseat("data", "inspect", "--help").stdout
+    assert "Nothing is written unless --rejects" in " ".join(inspect_help.split())
 
 
 @pytest.mark.slow
@@ -79,8 +86,10 @@ def test_demo_runs_the_whole_pipeline_and_a_rerun_skips_it(tmp_path, tiny_models
 def test_data_inspect_json_and_bad_config(tmp_path, demo_parquet):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"sources:\n  - {{name: demo, format: canonical, path: {demo_parquet}}}\nray: {{num_cpus: 2}}\n")
-    r = casseat("data", "inspect", "--config", str(cfg), "--json", "ddf_source.budget=10", "--rejects", str(tmp_path / "rejects"))
+    r = casseat("data", "inspect", "--config", str(cfg), "--json", "ddf_source.budget=10", "ddf_source.write_over_budget=true",
+                "--rejects", str(tmp_path / "rejects"), "--show", "2")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 accepted rows as the teacher sees them" in r.stderr and r.stderr.count("C1 prompt (after the image):") == 2
     import pyarrow.parquet as pq
 
     written = pq.read_table(tmp_path / "rejects")

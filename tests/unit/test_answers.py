@@ -48,10 +48,26 @@ CHOICES = ["3 cm", "4 cm", "5 cm", "6 cm"]
         ("", None, "integer", None),
         (None, None, None, None),
         ("There are 3 circles and 4 squares in the image, which is a lot of shapes to count.", None, "integer", None),
+        # a final answer is one value: an elided or cut-off answer line, or a list where one
+        # number is asked for, is no answer (these once scored correct against 4 and 8)
+        ("The answer is [9, 8, 3, 3, 8, ..., 4.", None, "integer", None),
+        ("Step 1.\nThe answer is 1, 8, 8, 8, …", None, "integer", None),
+        ("The answer is 3, 4", None, "integer", None),
+        ("The answer is [1, 2, \\ldots, 9]", None, "list", None),
+        ("The answer is 1,000.", None, "integer", "1000"),  # a thousands separator is one value
+        ("The answer is [1, 2, 3].", None, "list", "[1, 2, 3]"),
     ],
 )
 def test_extraction(text, choices, answer_type, expected):
     assert extract_answer(text, choices, answer_type) == expected
+
+
+def test_garbage_answers_never_score_correct():
+    from casseat_ray.answers import score
+
+    for text, truth in (("The answer is [9, 8, 3, 3, 8, ..., 4.", "4"), ("The answer is 1, 8, 8, 8, …", "8")):
+        s = score(text, {"answer": truth, "answer_type": "integer", "choices": [], "precision": None})
+        assert s.extraction is None and not s.correct
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,31 @@ def test_parse_choices(value, expected):
     assert parse_choices(value) == expected
 
 
+def test_a_delimiter_inside_a_labelled_option_does_not_split_it():
+    mixed = "A. ①; ③;B. ②; ③;C. ②; ④;D. ①; ④; E. No correct answer"
+    choices = parse_choices(mixed)
+    assert choices == ["①; ③", "②; ③", "②; ④", "①; ④", "No correct answer"]
+    assert choices["ABCDE".index("B")] == "②; ③"  # answer B maps to its whole option
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("A．①;B．②", ["①", "②"]),
+    ("（A）3;（B）4;（C）5", ["3", "4", "5"]),
+    ("A、甲；B、乙", ["甲", "乙"]),  # full-width delimiter too
+    (["（A）x", "（B）y"], ["x", "y"]),
+    ("A．①、②;B．②", ["①、②", "②"]),  # full-width punctuation inside an option is kept as written
+])
+def test_full_width_labels_are_recognised_and_stripped(value, expected):
+    assert parse_choices(value) == expected
+
+
+@pytest.mark.parametrize("value", ["3;B. 4", ["x", "B. y"], "B．①;A．②"])
+def test_half_labelled_choices_are_rejected_not_half_parsed(value):
+    with pytest.raises(RowError) as e:
+        parse_choices(value)
+    assert e.value.reason == "bad_choices"
+
+
 @pytest.mark.parametrize("value", ["A. 3", "A. 3;C. 4", "just one long string without delimiter", 42])
 def test_unparseable_choices(value):
     with pytest.raises(RowError) as e:

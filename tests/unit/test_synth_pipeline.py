@@ -1,6 +1,8 @@
 """The synthesis job's pure parts: resume bookkeeping, labeling, choosing, exports."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -113,15 +115,22 @@ def test_choose_mixes_per_kept_question_and_counts_verdicts(tmp_path):
     light = [dict(sample_id=f"s{i}", reject_reason=None, kinds=["self_eval", "cot"] if i % 3 else ["self_eval"],
                   verdict="Accept" if i % 3 else "Refine") for i in range(30)]
     light.append(dict(sample_id="r", reject_reason="wrong_answer", kinds=[], verdict=None))
-    chosen, candidates = outputs.choose(light, _cfg(tmp_path))
+    chosen, dropped, candidates = outputs.choose(light, _cfg(tmp_path))
     kinds = [k for ks in chosen.values() for k in ks]
     assert candidates == 50 and kinds.count("cot") == 20 and kinds.count("self_eval") == 30  # nothing dropped at 1:1
+    assert dropped == {}
     assert outputs.verdict_counts(light) == outputs.verdict_counts(light, chosen) == {"accept": 20, "refine": 10}
-    chosen, _ = outputs.choose(light, _cfg(tmp_path, mix=dict(self_eval_per_cot=0.5)))
+    chosen, dropped, _ = outputs.choose(light, _cfg(tmp_path, mix=dict(self_eval_per_cot=0.5)))
     after = outputs.verdict_counts(light, chosen)
     assert after == {"refine": 10, "accept": 5}  # half of the 30 questions keep their self-evaluation, every Refine one among them
-    again, _ = outputs.choose(light, _cfg(tmp_path, mix=dict(self_eval_per_cot=0.5)))
+    # every sample the mix leaves out is accounted for, with why
+    assert {(r, tuple(k)) for r, k in dropped.values()} == {("over_ratio", ("self_eval",))} and len(dropped) == 15
+    again, _, _ = outputs.choose(light, _cfg(tmp_path, mix=dict(self_eval_per_cot=0.5)))
     assert again == chosen  # seeded: the same picks every time
+    capped, dropped, _ = outputs.choose(light, _cfg(tmp_path, mix=dict(max_samples=10)))
+    assert sum(len(k) for k in capped.values()) <= 10
+    assert all(reason == "over_cap" and sid not in capped for sid, (reason, _) in dropped.items())
+    assert sum(len(k) for k in capped.values()) + sum(len(k) for _, k in dropped.values()) == 50
 
 
 def test_sft_rows_never_carry_the_hint(tmp_path, demo_rows):
@@ -156,7 +165,8 @@ def test_exporters_write_loadable_llamafactory_and_swift_files(tmp_path, demo_ro
     lines = [json.loads(line) for line in (sw / "train.jsonl").read_text().splitlines()]
     se = next(x for x in lines if len(x["messages"]) == 4)
     assert se["messages"][1]["loss"] is False and "loss" not in se["messages"][3]
-    assert all(open(p, "rb").read() == demo_rows[0]["image"] for x in lines for p in x["images"])
+    moved = shutil.move(sw, tmp_path / "elsewhere")  # relative paths: the folder can be moved
+    assert all(not Path(p).is_absolute() and (Path(moved) / p).read_bytes() == demo_rows[0]["image"] for x in lines for p in x["images"])
 
 
 def test_label_row_ranks_every_response_for_aft(tmp_path):
@@ -220,3 +230,11 @@ def test_c2_is_skipped_only_after_a_c1_that_ddf_level_2_rejects_anyway(tmp_path)
     assert unusable_c1(rules, *c1("I am not sure what the picture shows.")) == "c1_no_answer"
     lenient = _cfg(tmp_path, ddf_labeled=dict(drop_truncated=False, require_answer=False)).ddf_labeled
     assert unusable_c1(lenient, *c1("Step 1. I count", "length")) is None  # kept by those rules: C2 runs
+
+
+def test_over_budget_rows_are_counted_but_not_written_unless_asked():
+    from casseat_ray.data import is_written_reject
+
+    assert not is_written_reject("over_budget", write_over_budget=False)  # not a quality reject
+    assert is_written_reject("over_budget", write_over_budget=True)
+    assert is_written_reject("duplicate", write_over_budget=False) and not is_written_reject(None, True)

@@ -3,7 +3,7 @@
 import pytest
 
 from casseat_ray.config import LoraConfig
-from casseat_ray.train.loop import epoch_order, lora_targets, step_rows, steps_per_epoch
+from casseat_ray.train.loop import epoch_order, lora_targets, step_rows, steps_per_epoch, total_steps
 
 
 def test_epoch_order_depends_on_seed_epoch_and_ids_not_arrival():
@@ -97,3 +97,12 @@ def test_checkpoint_state_round_trips_weights_and_optimizer():
     assert torch.equal(a[1].weight, b[1].weight)
     with pytest.raises(ValueError, match="checkpoint lacks trainable parameters"):
         load_trainable_state(b, {"1.weight": weights["1.weight"]})
+
+
+def test_max_steps_caps_the_epochs():
+    assert total_steps(3.0, 10, None) == 30
+    assert total_steps(3.0, 10, 7) == 7  # the cap
+    assert total_steps(0.25, 10, 100) == 3  # epochs decide when they end first
+    from casseat_ray.config import Config
+
+    assert Config.model_validate({"train": {"max_steps": 5}}).train.max_steps == 5
