@@ -137,7 +137,7 @@ def cmd_make_demo_data(args) -> int:
 def cmd_demo(args) -> int:
     from casseat_ray import demo
 
-    from casseat_ray.run import StepFailed, format_summary
+    from casseat_ray.run import StepFailed
 
     if args.n < 1 or args.heldout < 1:
         print(f"casseat demo: --n and --heldout must be at least 1, got {args.n} and {args.heldout}", file=sys.stderr)
@@ -147,7 +147,7 @@ def cmd_demo(args) -> int:
     except StepFailed as e:
         print(str(e), file=sys.stderr)
         return EXIT_FAIL
-    print("\n" + format_summary(summary))
+    print("\n" + format_run_summary(summary))
     print(f"\nsummary: {args.out / 'summary.json'}; plots: funnel.png, train/loss.png, eval/accuracy.png under {summary['outputs']}")
     return EXIT_OK
 
@@ -170,12 +170,42 @@ def _load_checked(args, parts: tuple[str, ...], writes: bool = False):
     return cfg
 
 
-def _print_stages(stages: dict) -> None:
-    """The funnel table: one line per stage with its in/out counts and reject reasons."""
-    print("stage          in      out  rejected by reason")
+def _stage_lines(stages: dict) -> list[str]:
+    """The funnel table: one line per stage with its in/out counts and reject reasons
+    (``{name: {"in", "out", "rejected": {reason: n}}}``, as stats.json and data inspect have it)."""
+    lines = ["stage          in      out  rejected by reason"]
     for name, st in stages.items():
         reasons = ", ".join(f"{k} {v}" for k, v in st["rejected"].items()) or "-"
-        print(f"{name:<11} {st['in']:>6} {st['out']:>8}  {reasons}")
+        lines.append(f"{name:<11} {st['in']:>6} {st['out']:>8}  {reasons}")
+    return lines
+
+
+def _print_stages(stages: dict) -> None:
+    print("\n".join(_stage_lines(stages)))
+
+
+def format_run_summary(s: dict) -> str:
+    """A run's summary.json as the console shows it."""
+    from casseat_ray.inference.modes import MODES
+
+    stages = {name: {"in": st["in"], "out": st["out"], "rejected": st["by_reason"]} for name, st in s["funnel"].items()}
+    lines = [f"run {s['name']}: outputs in {s['outputs']}", "", "synthesis funnel:", *_stage_lines(stages)]
+    by_kind = ", ".join(f"{k} {v}" for k, v in s["sft"]["by_kind"].items()) or "none"
+    lines += ["", f"kept {s['kept']} of {s['questions']} questions; SFT set: {s['sft']['samples']} samples ({by_kind})"]
+    t = s["train"]
+    loss = "n/a" if t["final_loss"] is None else f"{t['first_loss']:.3f} -> {t['final_loss']:.3f}"
+    lines += [f"training: {t['steps']} steps on {t['samples']} samples, loss {loss}; adapter {t['adapter']}", "", "evaluation accuracy (95% CI):"]
+    modes = [m for m in MODES if any(m in per for per in s["eval"].values())]
+    lines.append("model    " + "".join(f"{m:>22}" for m in modes))
+    for model, per in s["eval"].items():
+        cells = []
+        for m in modes:
+            c = per.get(m)
+            ci = f" [{c['ci95'][0]:.2f},{c['ci95'][1]:.2f}]" if c and c.get("ci95") else ""
+            cells.append(f"{'-' if c is None else format(c['accuracy'], '.3f') + ci:>22}")
+        lines.append(f"{model:<9}" + "".join(cells))
+    lines += ["", "wall time: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in s["steps"].items()) + f"; total {s['wall_seconds']:.0f}s"]
+    return "\n".join(lines)
 
 
 def _print_funnel(f: dict) -> None:
@@ -408,7 +438,7 @@ def cmd_run(args) -> int:
     except pipeline_run.StepFailed as e:
         print(str(e), file=sys.stderr)
         return EXIT_FAIL
-    print("\n" + pipeline_run.format_summary(summary))
+    print("\n" + format_run_summary(summary))
     return EXIT_OK
 
 

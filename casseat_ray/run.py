@@ -18,9 +18,9 @@ import json
 import shutil
 import time
 
+from casseat_ray import parts as partstore
 from casseat_ray import storage
 from casseat_ray.config import INPUT_PARTS, Config, ConfigError, check_inputs
-from casseat_ray.parts import atomic_write_text
 
 STEPS = ("synthesize", "train", "evaluate")
 
@@ -59,8 +59,7 @@ def step_fingerprint(cfg: Config, step: str) -> str:
     if step == "synthesize":
         return _digest(pipeline.fingerprint(cfg))
     if step == "train":
-        return _digest({"sft": pipeline.fingerprint(cfg), "student": cfg.student.model_dump(mode="json"),
-                        "train": cfg.train.model_dump(mode="json", exclude={"log_every"})})
+        return _digest(partstore.fingerprint(cfg, ("student", "train"), {"train": ("log_every",)}, {"sft": pipeline.fingerprint(cfg)}))
     return _digest(job.fingerprint(cfg))
 
 
@@ -75,7 +74,7 @@ def load_state(cfg: Config) -> dict:
 
 def _save_state(cfg: Config, state: dict) -> None:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(state_path(cfg), json.dumps(state, indent=2) + "\n")
+    partstore.atomic_write_text(state_path(cfg), json.dumps(state, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- the steps
@@ -91,12 +90,10 @@ def _synthesize(cfg: Config, fresh: bool, progress: bool) -> dict:
 def _train(cfg: Config, fresh: bool, progress: bool) -> dict:
     from casseat_ray.train import run as train_run
 
-    checkpoints = train_run.checkpoint_dir(cfg)
     if fresh:  # a redo starts from the new SFT set, not from the old run's checkpoints
-        storage.delete(checkpoints)
+        storage.delete(train_run.checkpoint_dir(cfg))
         shutil.rmtree(train_run.train_dir(cfg), ignore_errors=True)
-    resume = any(n.startswith("checkpoint_") for n in storage.list_names(checkpoints))
-    return train_run.run(cfg, resume=resume)
+    return train_run.run(cfg, resume=train_run.has_checkpoints(cfg))
 
 
 def _evaluate(cfg: Config, fresh: bool, progress: bool) -> dict:
@@ -146,7 +143,7 @@ def run(cfg: Config, start: str | None = None, progress: bool = True, log=print)
             _save_state(cfg, state)
             mirror.push()  # a finished step reaches the shared storage before the next starts
         out = summary(cfg, state, wall_seconds=time.perf_counter() - t0)
-        atomic_write_text(cfg.run_dir / "summary.json", json.dumps(out, indent=2) + "\n")
+        partstore.atomic_write_text(cfg.run_dir / "summary.json", json.dumps(out, indent=2) + "\n")
     return out
 
 
@@ -198,27 +195,3 @@ def eval_table(results: list[dict]) -> dict:
             cell["accuracy"] = sum(b["accuracy"] * b["n"] for b in per) / n if n else None
             cell["ci95"] = per[0]["ci95"] if len(per) == 1 else None
     return table
-
-
-def format_summary(s: dict) -> str:
-    """The summary as the console shows it."""
-    lines = [f"run {s['name']}: outputs in {s['outputs']}", "", "synthesis funnel:", "stage            in     out  rejected by reason"]
-    for name, st in s["funnel"].items():
-        reasons = ", ".join(f"{k} {v}" for k, v in st["by_reason"].items()) or "-"
-        lines.append(f"{name:<13} {st['in']:>6} {st['out']:>7}  {reasons}")
-    by_kind = ", ".join(f"{k} {v}" for k, v in s["sft"]["by_kind"].items()) or "none"
-    lines += ["", f"kept {s['kept']} of {s['questions']} questions; SFT set: {s['sft']['samples']} samples ({by_kind})"]
-    t = s["train"]
-    loss = "n/a" if t["final_loss"] is None else f"{t['first_loss']:.3f} -> {t['final_loss']:.3f}"
-    lines += [f"training: {t['steps']} steps on {t['samples']} samples, loss {loss}; adapter {t['adapter']}", "", "evaluation accuracy (95% CI):"]
-    modes = sorted({m for per in s["eval"].values() for m in per}, key=lambda m: ("direct", "cot", "seat", "cascade", "best_of_n").index(m))
-    lines.append("model    " + "".join(f"{m:>22}" for m in modes))
-    for model, per in s["eval"].items():
-        cells = []
-        for m in modes:
-            c = per.get(m)
-            ci = f" [{c['ci95'][0]:.2f},{c['ci95'][1]:.2f}]" if c and c.get("ci95") else ""
-            cells.append(f"{'-' if c is None else format(c['accuracy'], '.3f') + ci:>22}")
-        lines.append(f"{model:<9}" + "".join(cells))
-    lines += ["", "wall time: " + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in s["steps"].items()) + f"; total {s['wall_seconds']:.0f}s"]
-    return "\n".join(lines)

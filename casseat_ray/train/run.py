@@ -31,12 +31,15 @@ def checkpoint_dir(cfg: Config) -> str:
     return storage.join(storage_root(cfg), cfg.name)
 
 
+def has_checkpoints(cfg: Config) -> bool:
+    return any(n.startswith("checkpoint_") for n in storage.list_names(checkpoint_dir(cfg)))
+
+
 def check_run_name(cfg: Config, resume: bool) -> str:
     """Ray Train resumes any run whose name it finds in storage; a new run must not
     silently continue an old one."""
-    previous = checkpoint_dir(cfg)
-    if not resume and any(n.startswith("checkpoint_") for n in storage.list_names(previous)):
-        raise ConfigError(f"train run {cfg.name!r} already has checkpoints in {previous}; pass --resume to continue it, "
+    if not resume and has_checkpoints(cfg):
+        raise ConfigError(f"train run {cfg.name!r} already has checkpoints in {checkpoint_dir(cfg)}; pass --resume to continue it, "
                           "or choose another name=")
     return storage_root(cfg)
 
