@@ -251,7 +251,7 @@ def _proportional(sizes: dict, total: int) -> dict:
 
 def select_batch(batch: pa.Table, duplicates: dict[str, str], thresholds: dict, caps_hit: set, seed: int,
                  renamed: dict[str, str] | None = None) -> pa.Table:
-    """Mark duplicates (``_uid`` -> kept sample id) and rows over a cap or the budget; give
+    """Mark duplicates (``_uid`` -> the kept row's name) and rows over a cap or the budget; give
     duplicates kept on purpose their own ids (``renamed``: ``_uid`` -> id).
 
     Columnar: only the small columns become Python objects; image bytes stay in Arrow.
@@ -285,9 +285,17 @@ def select_batch(batch: pa.Table, duplicates: dict[str, str], thresholds: dict, 
     return out
 
 
+def _named(row: dict) -> str:
+    """A kept row as a duplicate's detail names it: by its source's own id when it has one."""
+    if row.get("source_id") is not None:
+        return f"{row['source']} item {row['source_id']} (sample {row['sample_id']})"
+    return f"{row['source']} sample {row['sample_id']}"
+
+
 def plan_selection(light: list[dict], rules: DDFSourceConfig, seed: int) -> tuple[dict, dict, set, dict]:
-    """From ``(_key, _uid, _content, sample_id, source, answer_type)`` of accepted rows: which
-    rows are duplicates (all but the smallest sample id of each key), the rank threshold per
+    """From ``(_key, _uid, _content, sample_id, source_id, source, answer_type)`` of accepted
+    rows: which rows are duplicates (all but the smallest sample id of each key; ``_uid`` -> the
+    kept row, named by its source id), the rank threshold per
     stratum, and, with dedup off, new ids for rows that share a sample id (``<id>-1``,
     ``<id>-2``, ... in the order of their content, so every rerun names them alike).
     Pure: the driver runs it on the light columns only."""
@@ -297,10 +305,11 @@ def plan_selection(light: list[dict], rules: DDFSourceConfig, seed: int) -> tupl
     duplicates: dict[str, str] = {}
     kept: list[dict] = []
     for members in groups.values():
-        members.sort(key=lambda r: (r["sample_id"], r["_uid"]))
+        # the smallest sample id, then the smallest source id: the same row is kept on every run
+        members.sort(key=lambda r: (r["sample_id"], r["source_id"] is None, r["source_id"] or "", r["_uid"]))
         kept.append(members[0])
         if rules.dedup:
-            duplicates.update({m["_uid"]: members[0]["sample_id"] for m in members[1:]})
+            duplicates.update({m["_uid"]: _named(members[0]) for m in members[1:]})
         else:
             kept.extend(members[1:])
     ranks: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -345,7 +354,7 @@ def load(cfg: Config, sources: list[SourceConfig] | None = None, filtered: bool 
     ds = ds.materialize()
     light = [
         r
-        for b in ds.select_columns(["_key", "_uid", "_content", "sample_id", "source", "answer_type"]).iter_batches(batch_format="pyarrow")
+        for b in ds.select_columns(["_key", "_uid", "_content", "sample_id", "source_id", "source", "answer_type"]).iter_batches(batch_format="pyarrow")
         for r in b.to_pylist()
         if r["_key"] is not None
     ]
@@ -367,6 +376,18 @@ def write_rejects(ds, path: str | Path, write_over_budget: bool = False) -> int:
     return rejects.count()
 
 
+def nothing_accepted(f: dict) -> str:
+    """What to say when no source row survives: the reasons, most frequent first, each with
+    one example (a missing column's detail lists the columns the file has; a missing image's
+    names the path it resolved to)."""
+    lines = [f"no source row was accepted: all {f['in']} rows were rejected"]
+    for reason, n in sorted(f["rejected"].items(), key=lambda kv: (-kv[1], kv[0]))[:6]:
+        example = (f.get("examples") or {}).get(reason)
+        lines.append(f"  {reason}: {n}" + (f" (e.g. {example})" if example else ""))
+    lines.append("check the sources' path, format, fields and image_root (casseat data inspect shows the rejects)")
+    return "\n".join(lines)
+
+
 def funnel(ds) -> dict:
     """Counts from one pass over the light columns: totals, per stage, per source and type."""
     total, accepted = 0, 0
@@ -374,7 +395,8 @@ def funnel(ds) -> dict:
     by_stage: dict[str, Counter] = {s: Counter() for s in STAGES}
     by_source: dict[str, Counter] = defaultdict(Counter)
     by_type: Counter = Counter()
-    cols = ["source", "answer_type", "reject_stage", "reject_reason"]
+    examples: dict[str, str] = {}  # one detail per reason, to say what went wrong
+    cols = ["source", "answer_type", "reject_stage", "reject_reason", "reject_detail"]
     for batch in ds.select_columns(cols).iter_batches(batch_format="pyarrow"):
         for r in batch.to_pylist():
             total += 1
@@ -383,6 +405,7 @@ def funnel(ds) -> dict:
                 by_type[r["answer_type"]] += 1
                 by_source[r["source"]]["accepted"] += 1
             else:
+                examples.setdefault(r["reject_reason"], r["reject_detail"])
                 rejected[r["reject_reason"]] += 1
                 by_stage[r["reject_stage"]][r["reject_reason"]] += 1
                 by_source[r["source"]]["rejected"] += 1
@@ -398,6 +421,7 @@ def funnel(ds) -> dict:
         "by_source": {k: dict(v) for k, v in sorted(by_source.items())},
         "by_answer_type": dict(sorted(by_type.items())),
         "stages": stages,
+        "examples": dict(sorted(examples.items())),
     }
 
 

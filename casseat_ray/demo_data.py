@@ -153,7 +153,7 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
         seen.add(sid)
         rows.append(
             dict(
-                sample_id=sid, image=data, image_format="PNG", width=img.width, height=img.height,
+                sample_id=sid, source_id=f"demo-{seed}-{len(rows):05d}", image=data, image_format="PNG", width=img.width, height=img.height,
                 question=item["question"], choices=item.get("choices", []), answer=item["answer"],
                 answer_type=item["answer_type"], precision=item.get("precision"), unit=item.get("unit"),
                 source=SOURCE, split="train", meta=json.dumps({"task": item["task"], "seed": seed}),

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 REJECT_FIELDS = ("reject_stage", "reject_reason", "reject_detail")
 REJECT_SCHEMA = pa.schema([pa.field(n, pa.string()) for n in
-                           ("sample_id", "source", "split", *REJECT_FIELDS, "question", "answer", "meta")])
+                           ("sample_id", "source_id", "source", "split", *REJECT_FIELDS, "question", "answer", "meta")])
 
 
 def reject(row: dict, stage: str, reason: str, detail: str) -> None:

@@ -3,6 +3,8 @@
 | column       | type          | meaning                                                        |
 |--------------|---------------|----------------------------------------------------------------|
 | sample_id    | string        | sha256(source, image content hash, normalized question)[:16]   |
+| source_id    | string / null | the source's own id of the item (``fields.id``, MATH-V ``id``, |
+|              |               | MathVista ``pid``); carried into rejects, SFT set, eval items  |
 | image        | binary        | encoded image bytes (decoded to PIL only where pixels matter)  |
 | image_format | string        | PNG, JPEG, ...                                                 |
 | width        | int32         | pixels                                                         |
@@ -31,6 +33,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option letters, in order
 SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),
+        ("source_id", pa.string()),
         ("image", pa.binary()),
         ("image_format", pa.string()),
         ("width", pa.int32()),

@@ -261,6 +261,23 @@ def _typed_answer(answer: str, choices: list[str], stated_type, stated_precision
     return answer, kind, precision
 
 
+# Where each format keeps its own item id when the field map names none.
+ID_FIELDS = {"mathvista": "pid", "canonical": "source_id"}
+
+
+def source_item_id(item: dict, source: SourceConfig) -> str | None:
+    """The source's own id of an item, as text: the field map's ``id`` column, else the
+    format's id field (``pid`` for MathVista, ``source_id`` for canonical files, ``id`` for the
+    rest) when the item has it. A named ``id`` column the item lacks is a ``missing_field``."""
+    name = source.fields.id
+    if name is not None and name not in item:
+        raise RowError("missing_field", f"id column {name!r} not in row (columns: {sorted(item)[:12]})")
+    value = item.get(name or ID_FIELDS.get(source.format, "id"))
+    if value is None or (isinstance(value, float) and value != value):  # absent, null or NaN
+        return None
+    return str(value)
+
+
 def canonicalize(raw: dict, source: SourceConfig, image_root: Path | None, images: ImageConfig) -> dict:
     """A canonical row; raises :class:`RowError` with the reject reason when it cannot be one."""
     question = raw.get("question")
@@ -276,6 +293,7 @@ def canonicalize(raw: dict, source: SourceConfig, image_root: Path | None, image
     unit = raw.get("unit")
     return dict(
         sample_id=sample_id(source.name, image_hash(data), question or ""),
+        source_id=None,  # set by item_to_row from the item itself
         image=checked.data,
         image_format=checked.format,
         width=checked.width,
@@ -292,13 +310,14 @@ def canonicalize(raw: dict, source: SourceConfig, image_root: Path | None, image
     )
 
 
-def reject_row(source: SourceConfig, stage: str, reason: str, detail: str, raw: dict | None = None) -> dict:
+def reject_row(source: SourceConfig, stage: str, reason: str, detail: str, raw: dict | None = None, source_id: str | None = None) -> dict:
     """A reject in the same schema as a canonical row (image and answer emptied)."""
     raw = raw or {}
     question = raw.get("question") if isinstance(raw.get("question"), str) else ""
-    ident = json.dumps(raw.get("meta") or {}, sort_keys=True, default=str) + detail
+    ident = json.dumps(raw.get("meta") or {}, sort_keys=True, default=str) + (source_id or "") + detail
     return dict(
         sample_id=sample_id(source.name, image_hash(ident.encode("utf-8", "replace")), question),
+        source_id=source_id,
         image=b"", image_format="", width=0, height=0, question=question, choices=[], answer=str(raw.get("answer") or ""),
         answer_type="", precision=None, unit=None, source=source.name, split=source.split,
         meta=json.dumps(raw.get("meta") or {}, ensure_ascii=False, default=str, sort_keys=True),
@@ -318,13 +337,14 @@ def item_to_row(item: dict, source: SourceConfig, image_root: Path | None, image
     if error:
         reason, _, detail = error.partition(": ")
         return reject_row(source, "read", reason, detail, {"meta": {"line": item.get("_line")}})
-    raw = None
+    raw = ident = None
     try:
+        ident = source_item_id(item, source)
         raw = ADAPTERS[source.format](item, source.fields)
         row = canonicalize(raw, source, image_root, images)
     except RowError as e:
-        return reject_row(source, "validate", e.reason, e.detail, raw or _identity(item, source))
+        return reject_row(source, "validate", e.reason, e.detail, raw or _identity(item, source), ident)
     except (KeyError, TypeError, ValueError) as e:
-        return reject_row(source, "validate", "malformed_row", f"{type(e).__name__}: {e}", raw or _identity(item, source))
-    row.update(reject_stage=None, reject_reason=None, reject_detail=None)
+        return reject_row(source, "validate", "malformed_row", f"{type(e).__name__}: {e}", raw or _identity(item, source), ident)
+    row.update(source_id=ident, reject_stage=None, reject_reason=None, reject_detail=None)
     return row

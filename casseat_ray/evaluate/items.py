@@ -17,6 +17,7 @@ ITEM_SCHEMA = pa.schema([
     pa.field("prediction", pa.string()), pa.field("correct", pa.bool_()), pa.field("has_answer", pa.bool_()),
     pa.field("pass1_prediction", pa.string()), pa.field("pass1_correct", pa.bool_()),
     pa.field("pass2_ran", pa.bool_()), pa.field("pass2_has_answer", pa.bool_()), pa.field("verdict", pa.string()),
+    pa.field("extracted_by", pa.string()),  # rule | model (evaluate.model_extractor) | null: no answer
     pa.field("output_tokens", pa.int64()), pa.field("error", pa.string()),
     # best_of_n: accept-probability pick with the first k samples (k = 1..N), majority vote, oracle
     pa.field("bon_correct_by_n", pa.list_(pa.bool_())), pa.field("majority_correct", pa.bool_()), pa.field("oracle_correct", pa.bool_()),
@@ -68,7 +69,7 @@ def item_result(row: dict) -> dict:
     first = c1[0] if c1 else None
     out = dict(
         benchmark=row["benchmark"], model=row["eval_model"], mode=mode, sample_id=row["sample_id"],
-        source_id=None if meta.get("id", meta.get("pid")) is None else str(meta.get("id", meta.get("pid"))),
+        source_id=row.get("source_id"),
         answer_type=row["answer_type"], subject=None if meta.get("subject") is None else str(meta["subject"]),
         level=None if meta.get("level") is None else str(meta["level"]), answer=row["answer"],
         pass1_prediction=first.prediction if first else None, pass1_correct=bool(first and first.correct),
@@ -95,6 +96,7 @@ def item_result(row: dict) -> dict:
                    majority_correct=bool(vote is not None and any(s and s.prediction == vote and s.correct for s in c1)))
         if pick is not None and row["c2_texts"]:
             out["verdict"] = verdict_of(row["c2_texts"][pick])
-    out.update(prediction=chosen.prediction if chosen else None, correct=bool(chosen and chosen.correct),
-               has_answer=bool(chosen and chosen.extraction is not None))
+    has_answer = bool(chosen and chosen.extraction is not None)
+    out.update(prediction=chosen.prediction if chosen else None, correct=bool(chosen and chosen.correct), has_answer=has_answer,
+               extracted_by=("model" if chosen.method == "model" else "rule") if has_answer else None)
     return out

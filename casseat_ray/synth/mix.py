@@ -48,6 +48,7 @@ def _sft(row: dict, kind: str, messages: list[dict], loss_on: str) -> dict:
     return {
         "id": f"{row['sample_id']}-{kind}",
         "sample_id": row["sample_id"],
+        "source_id": row.get("source_id"),
         "kind": kind,
         "messages": messages,
         "images": [row["image"]],

@@ -52,14 +52,14 @@ def bad_source(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     (root / "images").mkdir()
     lines = []
-    for name, blob, question, answer, choices, _ in BAD_CASES:
+    for i, (name, blob, question, answer, choices, _) in enumerate(BAD_CASES):
         if name and blob is not None:
             (root / "images" / name).write_bytes(blob)
-        item = {"question": question, "answer": answer, "image": f"images/{name}" if name else None}
+        item = {"id": f"row{i}", "question": question, "answer": answer, "image": f"images/{name}" if name else None}
         if choices:
             item["choices"] = choices
         lines.append(json.dumps(item).encode())
-    lines.append(lines[0])  # an exact duplicate of the first row
+    lines.append(lines[0].replace(b'"row0"', b'"row0-copy"'))  # a duplicate of the first row under its own id
     lines.append(b'{"question": "caf\xe9 latin-1 text", "answer": "1", "image": "images/good1.png"}')  # not UTF-8
     lines.append(b'{"question": "broken json", ')
     (root / "data.jsonl").write_bytes(b"\n".join(lines) + b"\n")
@@ -81,10 +81,13 @@ def test_every_bad_input_gets_its_reason(ray_session, bad_source):
             by_question.setdefault(r["question"], []).append(r)
     for question, reason in expected.items():
         got = by_question[question.strip()]
-        if question == "How many circles?":  # the row and its duplicate
+        if question == "How many circles?":  # the row and its duplicate, which names it by its id
             assert sorted(str(r["reject_reason"]) for r in got) == ["None", "duplicate"]
+            dup = next(r for r in got if r["reject_reason"] == "duplicate")
+            assert dup["source_id"] == "row0-copy" and dup["reject_detail"].startswith("same image and question as bad item row0 ")
             continue
         assert len(got) == 1 and got[0]["reject_reason"] == reason, (question, got[0]["reject_reason"], got[0]["reject_detail"])
+        assert got[0]["source_id"] == f"row{[c[2] for c in BAD_CASES].index(question)}"  # rejects at every stage keep the id
     assert f["rejected"]["not_utf8"] == 1 and f["rejected"]["bad_json"] == 1
     assert f["in"] == len(BAD_CASES) + 3
     assert f["accepted"] == 6
@@ -115,8 +118,11 @@ def test_real_math_v_and_mathvista(ray_session):
     assert f["by_source"]["vista"] == {"rejected": 1000} and f["rejected"] == {"missing_image": 1000}
     raw = {json.loads(line)["id"]: json.loads(line) for line in mathv.open()}
     got = rows[rows.source == "mathv"]
+    assert set(got.source_id) == set(raw)
+    vista_ids = set(json.loads(vista.read_text()))
+    assert set(rows[rows.source == "vista"].source_id) == vista_ids  # the rejects name their pid
     for r in got.to_dict("records"):
-        item = raw[json.loads(r["meta"])["id"]]
+        item = raw[r["source_id"]]
         if item["options"]:
             assert r["answer_type"] == "multi_choice" and r["answer"] == item["options"]["ABCDE".index(item["answer"])]
         else:

@@ -49,7 +49,7 @@ def _score(pred, correct):
 
 
 def _row(mode, c1, c2=None, probs=None):
-    return dict(benchmark="b", eval_model="base", eval_mode=mode, sample_id="s", answer="3", answer_type="integer", meta='{"id": "7", "level": 2}',
+    return dict(benchmark="b", eval_model="base", eval_mode=mode, sample_id="s", source_id="7", answer="3", answer_type="integer", meta='{"id": "7", "level": 2}',
                 c1_scores=[_score(*x) for x in c1], c1_errors=[None] * len(c1), c1_output_tokens=[10] * len(c1),
                 c2_scores=None if c2 is None else [_score(*x) for x in c2], c2_errors=None if c2 is None else [None] * len(c2),
                 c2_texts=None if c2 is None else [f"Evaluation: {'Accept' if ok else 'Refine'}" for _, ok in c1[: len(c2)]],
@@ -60,6 +60,10 @@ def test_what_each_mode_answers():
     cascade = item_result(_row("cascade", [("4", False)], [("3", True)]))
     assert cascade["correct"] and not cascade["pass1_correct"] and cascade["pass2_ran"] and cascade["verdict"] == "Refine"
     assert cascade["source_id"] == "7" and cascade["level"] == "2" and cascade["output_tokens"] == 15
+    assert cascade["extracted_by"] == "rule" and item_result(_row("cascade", [(None, False)]))["extracted_by"] is None
+    by_model = _row("cascade", [("4", False)], [("3", True)])
+    by_model["c2_scores"][0]["method"] = "model"
+    assert item_result(by_model)["extracted_by"] == "model"
     fallback = item_result(_row("cascade", [("3", True)], [(None, False)]))
     assert fallback["correct"] and fallback["prediction"] == "3"  # pass 2 has no answer: pass 1's counts
     bon = item_result(_row("best_of_n", [("4", False), ("3", True), ("3", True)], [("4", True), ("3", True), ("3", True)], [0.9, 0.4, 0.3]))

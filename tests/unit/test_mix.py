@@ -3,7 +3,7 @@ import pytest
 from casseat_ray import prompts
 from casseat_ray.synth.mix import cot_sample, mix_questions, seat_sample, self_eval_sample
 
-ROW = {"sample_id": "abc", "image": b"png", "question": "How many?", "choices": [], "answer": "3", "source": "demo"}
+ROW = {"sample_id": "abc", "source_id": "q7", "image": b"png", "question": "How many?", "choices": [], "answer": "3", "source": "demo"}
 C1, C2 = prompts.load("c1"), prompts.load("c2")
 
 
@@ -13,7 +13,7 @@ def test_sample_shapes():
     assert cot["messages"][0]["content"].startswith("<image>") and "How many?" in cot["messages"][0]["content"]
     se = self_eval_sample(ROW, C1, "Two. The answer is 2", C2, "Evaluation: Refine\nThe answer is 3")
     assert [m["role"] for m in se["messages"]] == ["user", "assistant", "user", "assistant"]
-    assert se["loss_on"] == "last" and se["kind"] == "self_eval" and se["id"] == "abc-self_eval"
+    assert se["loss_on"] == "last" and se["kind"] == "self_eval" and se["id"] == "abc-self_eval" and se["source_id"] == "q7"
     assert all("3" not in m["content"] for m in se["messages"] if m["role"] == "user")  # never the truth
     with pytest.raises(ValueError, match="must not carry the ground truth"):
         self_eval_sample(ROW, C1, "x", prompts.load("c2_hint"), "y")

@@ -153,3 +153,36 @@ def test_image_placeholders_are_dropped_by_every_adapter():
     for fmt, item in items.items():
         question = ADAPTERS[fmt](item, fm)["question"]
         assert "<image" not in question and "sides?" in question, (fmt, question)
+
+
+def test_source_ids_are_carried_by_accepted_rows_and_by_rejects(tmp_path):
+    (tmp_path / "a.png").write_bytes(png())
+    good = {"qid": "q-17", "question": "How many?", "answer": "3", "image": "a.png"}
+    named = src(fields=FieldMap(choices=None, id="qid"))
+    assert item_to_row(dict(good), named, tmp_path, ImageConfig())["source_id"] == "q-17"
+    # adapter- and validation-level rejects keep the id (they carried empty meta before)
+    missing = item_to_row(dict(good, image="absent.png"), named, tmp_path, ImageConfig())
+    assert (missing["reject_reason"], missing["source_id"]) == ("missing_image", "q-17")
+    no_answer = {k: v for k, v in good.items() if k != "answer"}
+    lost = item_to_row(no_answer, named, tmp_path, ImageConfig())
+    assert (lost["reject_reason"], lost["source_id"]) == ("missing_field", "q-17")
+    # a named id column the row lacks is the row's missing_field, named
+    unnamed = item_to_row({k: v for k, v in good.items() if k != "qid"}, named, tmp_path, ImageConfig())
+    assert unnamed["reject_reason"] == "missing_field" and "'qid'" in unnamed["reject_detail"]
+    # without a field map entry: the format's own id field, else none
+    assert item_to_row(dict(good, id=5), src(fields=FieldMap(choices=None)), tmp_path, ImageConfig())["source_id"] == "5"
+    assert item_to_row(dict(good), src(fields=FieldMap(choices=None)), tmp_path, ImageConfig())["source_id"] is None
+    vista = {"pid": "12", "question": "How many?", "answer": "3", "image": "a.png", "question_type": "free_form", "answer_type": "integer"}
+    assert item_to_row(vista, src("mathvista"), tmp_path, ImageConfig())["source_id"] == "12"
+
+
+def test_a_duplicate_names_the_row_it_duplicates_by_its_source_id():
+    from casseat_ray.data import plan_selection
+
+    light = [dict(_key="k", _uid=u, _content="c", sample_id="s1", source_id=i, source="bench", answer_type="integer")
+             for u, i in (("u2", "b"), ("u1", "c"), ("u3", "a"))]
+    duplicates, *_ = plan_selection(light, DDFSourceConfig(), seed=0)
+    # the kept row is the one with the smallest source id, whatever order the rows came in
+    assert duplicates == {"u1": "bench item a (sample s1)", "u2": "bench item a (sample s1)"}
+    no_ids = [dict(r, source_id=None) for r in light]
+    assert set(plan_selection(no_ids, DDFSourceConfig(), seed=0)[0].values()) == {"bench sample s1"}
