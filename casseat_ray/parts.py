@@ -37,6 +37,21 @@ def fingerprint(cfg, keys: tuple[str, ...], ignore: dict[str, tuple[str, ...]] |
     return out
 
 
+def files_stamp(paths) -> dict[str, list[int] | None]:
+    """Size and modification time of every file under ``paths`` (None for a path that is not
+    there): what a run read, so a source changed in place between runs is a changed input to
+    be refused, not a resume that mixes old and new rows."""
+    out: dict[str, list[int] | None] = {}
+    for p in map(Path, paths):
+        if not p.exists():
+            out[str(p)] = None
+            continue
+        for f in sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]:
+            st = f.stat()
+            out[str(f.resolve())] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
 def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = []
     for k in sorted(set(a) | set(b)):
@@ -50,7 +65,9 @@ def changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def prepare(work: Path, stamp: dict, fresh: bool, where: str) -> Path:
     """The parts folder under ``work``. ``fresh`` empties it; a different ``stamp`` than the
-    one recorded is refused (``where`` names the run in the message)."""
+    one recorded is refused (``where`` names the run in the message). The stamp is recorded
+    with the first part (``record_stamp``), so a run stopped before any work (a mistyped
+    path, a config that rejects every row) does not refuse its corrected rerun."""
     parts = work / "parts"
     stamp_file = work / "fingerprint.json"
     if fresh and work.exists():
@@ -63,11 +80,16 @@ def prepare(work: Path, stamp: dict, fresh: bool, where: str) -> Path:
         if changed:
             raise ConfigError(f"{where}: holds a run made with a different config (changed: {', '.join(changed[:8])}); "
                               "rerun with --fresh to start over, or choose another name=")
-    else:
-        atomic_write_text(stamp_file, json.dumps(stamp, indent=2, sort_keys=True))
     for leftover in parts.glob("*.tmp"):  # a write the last run did not finish
         leftover.unlink()
     return parts
+
+
+def record_stamp(parts: Path, stamp: dict) -> None:
+    """Record what the parts depend on, once, before the first part is written."""
+    stamp_file = parts.parent / "fingerprint.json"
+    if not stamp_file.exists():
+        atomic_write_text(stamp_file, json.dumps(stamp, indent=2, sort_keys=True))
 
 
 def done_ids(parts: Path, id_column: str = "sample_id") -> set[str]:

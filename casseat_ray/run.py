@@ -84,6 +84,8 @@ def _synthesize(cfg: Config, fresh: bool, progress: bool) -> dict:
     stats = pipeline.run(cfg, fresh=fresh, progress=progress)
     if not stats.get("stages"):
         raise StepFailed(f"synthesis stopped early: {stats}")
+    if stats.get("failed"):
+        raise StepFailed(f"synthesis failed: {stats['failed']}")
     return stats
 
 

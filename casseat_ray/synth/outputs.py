@@ -26,6 +26,7 @@ from casseat_ray.synth.mix import cot_sample, left_out, mix_questions, seat_samp
 SFT_SCHEMA = pa.schema([
     pa.field("id", pa.string()),
     pa.field("sample_id", pa.string()),
+    pa.field("source_id", pa.string()),  # the source's own id of the question
     pa.field("kind", pa.string()),
     pa.field("messages", pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))),
     pa.field("images", pa.list_(pa.binary())),
@@ -134,12 +135,35 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
     stats = compute_stats(cfg, source_funnel, light, candidates, sum(by_kind.values()), dropped, timing)
     stats["self_eval_verdicts"] = {"before_mix": verdict_counts(light), "after_mix": verdict_counts(light, chosen)}
     stats["sft"] = {"samples": sum(by_kind.values()), "by_kind": dict(sorted(by_kind.items())), "by_source": dict(sorted(by_source.items())), "shards": shard}
+    stats["failed"] = failure(stats, cfg.synthesis.max_error_share)
     atomic_write_text(run_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
     atomic_write_text(run_dir / "README.md", dataset_card(cfg, stats, ps))
     funnel_chart(stats, run_dir / "funnel.png")
     export_llamafactory(run_dir / "sft", run_dir / "export" / "llamafactory", cfg.name)
     export_swift(run_dir / "sft", run_dir / "export" / "swift")
     return stats
+
+
+ERROR_REASONS = ("engine_error", "stage_error", "label_error", "judge_error")  # failures, not the teacher's answers
+
+
+def failure(stats: dict, max_error_share: float) -> str | None:
+    """Why a finished synthesis is not a success (None: it is): more questions lost to errors
+    than ``max_error_share`` allows, or an empty SFT set. The outputs are still written, to be
+    looked at; the command exits non-zero."""
+    errors = {r: n for st in stats["stages"].values() for r, n in st["rejected"].items() if r in ERROR_REASONS}
+    asked = stats["teacher"]["rows"]
+    if asked and sum(errors.values()) / asked > max_error_share:
+        return (f"{sum(errors.values())} of {asked} questions failed with errors ({', '.join(f'{r} {n}' for r, n in sorted(errors.items()))}), "
+                f"over synthesis.max_error_share={max_error_share}; see rejects.parquet for the messages")
+    if stats["sft"]["samples"] == 0:
+        reasons = {}
+        for st in stats["stages"].values():
+            for r, n in st["rejected"].items():
+                reasons[r] = reasons.get(r, 0) + n
+        top = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5])
+        return f"the SFT set is empty: no question was kept (rejects: {top or 'none'})"
+    return None
 
 
 def compute_stats(cfg: Config, source_funnel: dict, light: list[dict], candidates: int, chosen: int,
@@ -236,9 +260,9 @@ def dataset_card(cfg: Config, stats: dict, ps: dict) -> str:
         "",
         "## Files",
         "",
-        "- `sft/*.parquet`: id, sample_id, kind (cot | self_eval | seat), messages (`<image>` marks the image), images (bytes), "
+        "- `sft/*.parquet`: id, sample_id, source_id (the source's own id of the question), kind (cot | self_eval | seat), messages (`<image>` marks the image), images (bytes), "
         "loss_on (all | last), provenance (teacher, sampling, prompt hashes), responses, responses_correct and responses_rank (every C1 sample with its feedback, for AFT).",
-        "- `rejects.parquet`: every dropped row with stage, reason and detail.",
+        "- `rejects.parquet`: every dropped row with its sample_id and source_id, stage, reason and detail.",
         "- `stats.json`, `funnel.png`, `config.yaml` (the resolved config).",
         "- `export/llamafactory`, `export/swift`: the same samples for LLaMA-Factory and ms-swift.",
         "",
@@ -297,7 +321,8 @@ def export_llamafactory(sft_dir: Path, out: Path, name: str) -> Path:
     groups: dict[str, list] = {"main": [], "self_eval": []}
     for row in _iter_sft(sft_dir):
         images = [f"images/{n}" for n in _save_images(row, tmp / "images")]
-        groups["self_eval" if row["loss_on"] == "last" else "main"].append({"messages": row["messages"], "images": images})
+        groups["self_eval" if row["loss_on"] == "last" else "main"].append(
+            {"id": row["id"], "source_id": row["source_id"], "messages": row["messages"], "images": images})  # ids ride along, unmapped
     info = {}
     for group, items in groups.items():
         if not items:
@@ -330,6 +355,6 @@ def export_swift(sft_dir: Path, out: Path) -> Path:
                 for m in assistants[:-1]:
                     m["loss"] = False
             images = [f"images/{n}" for n in _save_images(row, tmp / "images")]
-            fh.write(json.dumps({"messages": messages, "images": images}, ensure_ascii=False) + "\n")
+            fh.write(json.dumps({"id": row["id"], "source_id": row["source_id"], "messages": messages, "images": images}, ensure_ascii=False) + "\n")
     _replace_dir(tmp, out)
     return out

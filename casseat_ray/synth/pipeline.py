@@ -31,19 +31,22 @@ from casseat_ray.config import Config, ConfigError, to_yaml
 # resumed run may scale out).
 FINGERPRINT_KEYS = ("sources", "images", "ddf_source", "teacher", "synthesis", "ddf_labeled", "seed")
 SCHEDULING = {"teacher": ("concurrency", "num_cpus", "num_gpus", "batch_size", "placement"), "teacher.engine": ("max_in_flight",),
+              "synthesis": ("max_error_share",),
               "ddf_labeled": ("concurrency", "num_cpus"), "ddf_labeled.judge": ("concurrency", "num_cpus", "num_gpus", "batch_size")}
 # Bumped when the columns of a part change: parts of another layout cannot be resumed.
-PARTS_LAYOUT = 2
+PARTS_LAYOUT = 3
 
 
 def fingerprint(cfg: Config) -> dict:
     """What synthesis outputs depend on: the config sections above, the student model (its
-    tokenizer measures lengths) and the text of every prompt template the run renders (an
-    edited template file changes its hash even when its path does not)."""
+    tokenizer measures lengths), the text of every prompt template the run renders (an
+    edited template file changes its hash even when its path does not) and the size and
+    modification time of every source file (a source edited in place is not resumed)."""
     from casseat_ray.inference.turns import run_prompts
 
     extra = {"student.model": cfg.student.model if cfg.student else None, "parts_layout": PARTS_LAYOUT,
-             "prompt_shas": {k: p.sha for k, p in run_prompts(cfg).items()}}
+             "prompt_shas": {k: p.sha for k, p in run_prompts(cfg).items()},
+             "source_files": partstore.files_stamp(s.path for s in cfg.sources)}
     return partstore.fingerprint(cfg, FINGERPRINT_KEYS, SCHEDULING, extra)
 
 
@@ -82,6 +85,8 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
     # at most the blocks in flight.
     source = data.load(cfg).repartition(target_num_rows_per_block=cfg.teacher.batch_size).materialize()
     source_funnel = data.funnel(source)
+    if source_funnel["accepted"] == 0:  # before any engine starts
+        raise ConfigError(data.nothing_accepted(source_funnel))
     done = partstore.done_ids(parts)
     accepted = source_funnel["accepted"]
     todo = accepted - len(done)
@@ -93,6 +98,7 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
             for block in build(cfg, source, done).iter_batches(batch_size=None, batch_format="pyarrow"):
                 if block.num_rows == 0:
                     continue
+                partstore.record_stamp(parts, fingerprint(cfg))  # with the first part: a run that did nothing binds nothing
                 partstore.write_part(parts, block)
                 processed += block.num_rows
                 written += 1

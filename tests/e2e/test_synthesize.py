@@ -49,6 +49,20 @@ def test_bad_inputs_stop_before_any_work(tmp_path, tiny_models, demo_parquet):
     assert r.returncode == 2 and "synthesis.mode" in r.stderr
 
 
+def test_a_source_that_rejects_every_row_stops_before_any_engine(tmp_path, tiny_models):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"q": f"How many {i}?", "answer": "3", "image": "x.png"}) + "\n" for i in range(3)))
+    args = [f"sources=[{{name: mine, format: generic, path: {data}}}]", "name=mine", f"output_dir={tmp_path}",
+            f"teacher.model={tiny_models['teacher']}", f"student.model={tiny_models['student']}", f"ray.storage_path={tmp_path / 'ray'}"]
+    r = casseat("synthesize", "--config", str(CONFIG), *args, "--no-progress")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "no source row was accepted: all 3 rows were rejected" in r.stderr
+    assert "missing_field: 3 (e.g. column 'question' not in row (columns: ['answer', 'image', 'q']))" in r.stderr
+    assert "EngineStage" not in r.stderr  # no engine was started
+    # nothing was written that would refuse the corrected rerun
+    assert not (tmp_path / "mine" / "work" / "fingerprint.json").exists()
+
+
 def test_two_actor_run_writes_a_consistent_dataset(full_run):
     tmp, _, r = full_run
     run = tmp / "full"
@@ -81,6 +95,10 @@ def test_two_actor_run_writes_a_consistent_dataset(full_run):
 
     assert rejects.schema.equals(REJECT_SCHEMA)  # one reject schema: the same as `data inspect --rejects`
     assert rejects.num_rows == 40 - kept
+    # every sample and every reject names the source's own item: the demo's ids and MATH-V's
+    mathv_ids = {json.loads(line)["id"] for line in shared_data("math-v", "testmini.jsonl").open()}
+    for r in sft + rejects.to_pylist():
+        assert r["source_id"] in mathv_ids if r["source"] == "mathv" else r["source_id"].startswith("demo-0-"), r
     parts = pq.read_table(run / "work" / "parts")
     assert parts.num_rows == 40 and len(set(parts["sample_id"].to_pylist())) == 40
     assert "mathv" in set(parts["source"].to_pylist()) and all(t for t in parts["c1_texts"].to_pylist())
@@ -117,6 +135,26 @@ def test_killed_run_resumes_to_the_same_sft_set(full_run, tiny_models, demo_parq
     ids = pq.read_table(parts, columns=["sample_id"])["sample_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 40  # no duplicates
     assert _sft(tmp / "resumed") == _sft(tmp / "full")
+
+
+def test_a_rerun_with_another_mix_republishes_from_the_parts_and_writes_what_it_leaves_out(full_run):
+    tmp, args, _ = full_run
+    shutil.copytree(tmp / "full", tmp / "remix")
+    # the mix is not part of the teacher's work: no row is redone, the outputs are rewritten
+    r = casseat("synthesize", "--config", str(CONFIG), *args, "name=remix", "mix.self_eval_per_cot=0", "--no-progress", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp / "remix"
+    stats = json.loads((run / "stats.json").read_text())
+    assert stats["rows_processed"] == 0 and stats["rows_resumed"] == 40
+    mix = stats["stages"]["mix"]
+    left = mix["rejected"].get("over_ratio", 0)
+    assert left > 0 and set(mix["rejected"]) == {"over_ratio"} and mix["in"] == mix["out"] + left
+    sft = pq.read_table(run / "sft").to_pylist()
+    assert len(sft) == mix["out"] and all(s["kind"] == "cot" or s["verdict"] == "Refine" for s in sft)
+    written = [x for x in pq.read_table(run / "rejects.parquet").to_pylist() if x["reject_stage"] == "mix"]
+    assert len(written) == left and {x["reject_reason"] for x in written} == {"over_ratio"}
+    assert all(x["reject_detail"] == "self_eval sample left out by the mix" and x["source_id"] for x in written)
+    assert {x["sample_id"] for x in written} <= {s["sample_id"] for s in sft if s["kind"] == "cot"}  # their CoT samples stay
 
 
 def test_model_judge_runs_as_its_own_stage(tmp_path, tiny_models, demo_parquet):

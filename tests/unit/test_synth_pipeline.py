@@ -26,7 +26,7 @@ def _row(sample_id="s1", answer="3", c1="Step 1.\nThe answer is 3.", c2="Evaluat
     from casseat_ray.answers import score
     from casseat_ray.inference.modes import scored_dict
 
-    row = dict(sample_id=sample_id, image=b"png", question="How many?", choices=[], answer=answer, answer_type="integer",
+    row = dict(sample_id=sample_id, source_id=f"src-{sample_id}", image=b"png", question="How many?", choices=[], answer=answer, answer_type="integer",
                precision=None, unit=None, source="demo", split="train", reject_stage=None, reject_reason=None, reject_detail=None,
                c1_texts=[c1], c1_finish=["stop"], c1_errors=[None], c1_prompt_sha="a", c2_prompt_sha="b", model="teacher", sampling="{}",
                c2_texts=None if c2 is None else [c2], c2_finish=None if c2 is None else ["stop"], c2_errors=None if c2 is None else [None],
@@ -54,6 +54,9 @@ def test_parts_are_named_by_content_and_written_whole(tmp_path):
 def test_work_dir_refuses_a_changed_config_and_fresh_starts_over(tmp_path):
     cfg = _cfg(tmp_path)
     folder = pipeline.prepare_work_dir(cfg, fresh=False)
+    # nothing written yet: a corrected config is no change (a typo must not block its own fix)
+    assert pipeline.prepare_work_dir(_cfg(tmp_path, teacher=dict(model="teachr")), fresh=False) == folder
+    parts.record_stamp(folder, pipeline.fingerprint(cfg))  # as the pipeline does with its first part
     parts.write_part(folder, pa.table({"sample_id": ["a"]}))
     (folder / "part-x.parquet.tmp").write_bytes(b"half a file")
     scaled = _cfg(tmp_path, teacher=dict(model="teacher", concurrency=4, batch_size=2, engine=dict(max_in_flight=8)))  # scheduling only: fine
@@ -70,7 +73,7 @@ def test_an_edited_prompt_file_is_a_changed_config(tmp_path):
     prompt = tmp_path / "my_c1.txt"
     prompt.write_text("Think hard.\n{{question}}")
     cfg = _cfg(tmp_path, synthesis=dict(prompts=dict(c1=str(prompt))))
-    pipeline.prepare_work_dir(cfg, fresh=False)
+    parts.record_stamp(pipeline.prepare_work_dir(cfg, fresh=False), pipeline.fingerprint(cfg))
     prompt.write_text("Think step by step.\n{{question}}")  # same path, new text
     with pytest.raises(ConfigError, match="prompt_shas.c1"):
         pipeline.prepare_work_dir(cfg, fresh=False)
@@ -161,8 +164,10 @@ def test_exporters_write_loadable_llamafactory_and_swift_files(tmp_path, demo_ro
     items = json.loads((lf / info["demo_self_eval"]["file_name"]).read_text())
     assert items[0]["messages"][0]["content"].startswith("<image>") and len(items[0]["messages"]) == 4
     assert (lf / items[0]["images"][0]).read_bytes() == demo_rows[0]["image"]
+    assert (items[0]["id"], items[0]["source_id"]) == ("s1-self_eval", "src-s1")  # traceable to the source item
     sw = outputs.export_swift(sft, tmp_path / "export" / "swift")
     lines = [json.loads(line) for line in (sw / "train.jsonl").read_text().splitlines()]
+    assert {x["source_id"] for x in lines} == {"src-s1"} and {x["id"] for x in lines} == {"s1-cot", "s1-self_eval"}
     se = next(x for x in lines if len(x["messages"]) == 4)
     assert se["messages"][1]["loss"] is False and "loss" not in se["messages"][3]
     moved = shutil.move(sw, tmp_path / "elsewhere")  # relative paths: the folder can be moved
@@ -238,3 +243,42 @@ def test_over_budget_rows_are_counted_but_not_written_unless_asked():
     assert not is_written_reject("over_budget", write_over_budget=False)  # not a quality reject
     assert is_written_reject("over_budget", write_over_budget=True)
     assert is_written_reject("duplicate", write_over_budget=False) and not is_written_reject(None, True)
+
+
+def test_a_run_that_fails_or_keeps_nothing_is_not_a_success():
+    def stats(rejected: dict, rows=10, samples=4):
+        return {"stages": {"ddf_labeled": {"rejected": rejected}}, "teacher": {"rows": rows}, "sft": {"samples": samples}}
+
+    assert outputs.failure(stats({"accept_after_wrong": 6}), 0.1) is None
+    assert outputs.failure(stats({"engine_error": 1}), 0.1) is None  # 1 of 10: within the budget
+    over = outputs.failure(stats({"engine_error": 1, "stage_error": 1}), 0.1)
+    assert over.startswith("2 of 10 questions failed with errors (engine_error 1, stage_error 1), over synthesis.max_error_share=0.1")
+    empty = outputs.failure(stats({"accept_after_wrong": 7, "no_answer": 3}, samples=0), 0.1)
+    assert empty == "the SFT set is empty: no question was kept (rejects: accept_after_wrong 7, no_answer 3)"
+
+
+def test_a_source_that_rejects_everything_is_explained():
+    from casseat_ray.data import nothing_accepted
+
+    f = {"in": 1740, "rejected": {"missing_field": 1730, "missing_image": 10},
+         "examples": {"missing_field": "column 'question' not in row (columns: ['answer', 'image', 'q'])",
+                      "missing_image": "file not found: /data/imgs/1.png"}}
+    text = nothing_accepted(f)
+    assert text.splitlines()[:3] == [
+        "no source row was accepted: all 1740 rows were rejected",
+        "  missing_field: 1730 (e.g. column 'question' not in row (columns: ['answer', 'image', 'q']))",
+        "  missing_image: 10 (e.g. file not found: /data/imgs/1.png)"]
+
+
+def test_a_source_changed_in_place_is_refused_not_resumed(tmp_path, demo_parquet):
+    import shutil
+
+    data = tmp_path / "data.parquet"
+    shutil.copy2(demo_parquet, data)
+    cfg = _cfg(tmp_path, sources=[dict(name="demo", format="canonical", path=str(data))])
+    parts.record_stamp(pipeline.prepare_work_dir(cfg, fresh=False), pipeline.fingerprint(cfg))
+    assert pipeline.prepare_work_dir(cfg, fresh=False)  # untouched: a resume
+    table = pq.read_table(data)
+    pq.write_table(table.slice(0, table.num_rows // 2), data)  # shrunk in place
+    with pytest.raises(ConfigError, match=r"source_files\."):
+        pipeline.prepare_work_dir(cfg, fresh=False)
