@@ -412,6 +412,22 @@ def build_query(sample: dict) -> str:
     return "\n".join(parts)
 
 
+EXTRACT_MAX_TOKENS = 32  # an extraction is one short line
+
+
+def extraction_conversation(response: str | None, sample: dict, prompt) -> list[dict]:
+    """MathVista's few-shot extraction request for one response (``prompt``: the extract template)."""
+    from casseat_ray.engines import text_part, user
+
+    return [user(text_part(prompt.render(query=build_query(sample), response=response or "")))]
+
+
+def parse_extraction(text: str) -> str | None:
+    """The extractor's reply: its first line, or None when it says nothing."""
+    text = text.strip()
+    return text.splitlines()[0].strip() or None if text else None
+
+
 def model_extract(engine, items: list[tuple[str, dict]], prompt=None) -> list[str | None]:
     """MathVista's few-shot extraction through the project's engine, for text no rule parses.
 
@@ -419,13 +435,7 @@ def model_extract(engine, items: list[tuple[str, dict]], prompt=None) -> list[st
     """
     from casseat_ray import prompts
     from casseat_ray.config import SamplingConfig
-    from casseat_ray.engines import text_part, user
 
     prompt = prompt or prompts.load("extract")
-    conversations = [[user(text_part(prompt.render(query=build_query(s), response=r or "")))] for r, s in items]
-    outs = engine.chat(conversations, SamplingConfig(temperature=0.0, max_tokens=32))
-    result = []
-    for o in outs:
-        text = o[0].text.strip().splitlines()[0].strip() if o[0].text.strip() else ""
-        result.append(text or None)
-    return result
+    outs = engine.chat([extraction_conversation(r, s, prompt) for r, s in items], SamplingConfig(temperature=0.0, max_tokens=EXTRACT_MAX_TOKENS))
+    return [None if o[0].error else parse_extraction(o[0].text) for o in outs]

@@ -8,6 +8,7 @@ the dotted key, where it came from (the file or the command line) and what was e
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +49,7 @@ class FieldMap(Section):
     answer_type: str | None = F(None, "Column stating the answer type (multi_choice|integer|float|text|list); inferred from the answer when absent.")
     precision: str | None = F(None, "Column stating the float precision (decimal places).")
     unit: str | None = F(None, "Column stating the answer's unit.")
-    id: str | None = F(None, "Column with the source's own item id (kept in meta).")
+    id: str | None = F(None, "Column with the source's own item id, carried as source_id into rejects, the SFT set, exports and evaluation items. None: the format's own id (MathVista pid, canonical source_id, else a column named id when there is one).")
 
 
 class SourceConfig(Section):
@@ -169,6 +170,7 @@ class SynthesisConfig(Section):
     hint_ground_truth: bool = F(False, "Show the ground truth to the teacher in C2 as a hidden hint (mentions are filtered out).")
     cot_samples: int = F(1, "CoT samples per question from C1 (k > 1 feeds the AFT loss; needs temperature > 0).", ge=1)
     c2_after_unusable_c1: bool = F(False, "Run C2 even after a C1 that DDF level 2 rejects anyway (truncated, or without a final answer); off saves those teacher tokens (stats: teacher.c2_skipped).")
+    max_error_share: float = F(0.1, "A run that loses more than this share of its questions to engine, stage or labeling errors fails (exit 1) instead of publishing what is left as a success.", ge=0, le=1)
 
 
 class JudgeConfig(Section):
@@ -233,6 +235,7 @@ class AFTConfig(Section):
 class TrainConfig(Section):
     epochs: float = F(3.0, "Passes over the SFT set.", gt=0)
     max_steps: int | None = F(None, "Stop after this many optimizer steps, whatever epochs says (None: epochs decide); the lr schedule spans the steps taken.", ge=1)
+    init_adapter: str | None = F(None, "Start from this LoRA adapter's weights (a peft folder such as an earlier run's train/adapter) instead of a fresh LoRA; its rank and alpha must be student.lora's.")
     lr: float = F(1e-4, "Peak learning rate.", gt=0)
     scheduler: Literal["cosine", "linear", "constant"] = F("cosine", "Learning-rate schedule after warmup.")
     warmup_ratio: float = F(0.1, "Share of steps spent warming up.", ge=0, lt=1)
@@ -275,10 +278,10 @@ class EvaluateConfig(Section):
     best_of_n_temperature: float = F(0.7, "Sampling temperature of best_of_n's C1 samples (its C2 checks are greedy).", ge=0)
     adapter: Path | None = F(None, "LoRA adapter to evaluate as 'tuned' (None: the adapter this run trained, OUTPUT_DIR/NAME/train/adapter).")
     sampling: SamplingConfig = F(SamplingConfig, "Sampling for evaluation passes (greedy by default).")
-    model_extractor: bool = F(False, "Use the model-based answer extractor when no rule parses a response.")
+    model_extractor: bool = F(False, "Send a reply no rule parses to MathVista's few-shot answer extractor (synthesis.prompts.extract), answered by the model that wrote the reply, and score its extraction; items.parquet's extracted_by says which answers it gave.")
     engine: EngineConfig | None = F(None, "vLLM engine arguments for the student (None: student.engine); LoRA is switched on for 'tuned'.")
     concurrency: int = F(1, "Student engine actors.", ge=1)
-    batch_size: int = F(16, "Items per batch handed to one engine actor.", ge=1)
+    batch_size: int = F(64, "Items per batch handed to one engine actor (an actor keeps several batches in flight; Ray Data spends about 0.2 s per batch on a small machine, so small batches cost throughput).", ge=1)
     num_cpus: float = F(1.0, "CPUs per engine actor.", ge=0)
     num_gpus: float = F(0.0, "GPUs per engine actor (1 on GPU clusters).", ge=0)
     bootstrap: int = F(1000, "Bootstrap resamples for the 95% intervals.", ge=100)
@@ -466,8 +469,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         raise ConfigError(format_errors(e, origin, list(overrides))) from None
 
 
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def is_hub_id(ref: str) -> bool:
+    """``name`` or ``namespace/name`` as the Hugging Face hub spells a repository."""
+    return bool(_HUB_ID.match(ref)) and ".." not in ref and "--" not in ref and not ref.endswith((".", "-"))
+
+
 def _looks_local(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~")) or os.path.exists(ref)
+    """A model reference meant as a folder: a path form, an existing path, or anything the hub
+    could not name (``out/tiny/models/teachr`` is a mistyped folder, not a hub id)."""
+    return ref.startswith(("/", "./", "../", "~")) or os.path.exists(ref) or not is_hub_id(ref)
 
 
 def with_absolute_models(cfg: Config) -> Config:
@@ -477,6 +490,8 @@ def with_absolute_models(cfg: Config) -> Config:
     for section in (cfg.teacher, cfg.student):
         if section is not None and os.path.isdir(os.path.expanduser(section.model)):
             section.model = str(Path(section.model).expanduser().resolve())
+    if cfg.train.init_adapter:
+        cfg.train.init_adapter = str(Path(cfg.train.init_adapter).expanduser().resolve())
     return cfg
 
 
@@ -508,7 +523,12 @@ def check_inputs(cfg: Config, parts: tuple[str, ...] = INPUT_PARTS) -> list[str]
     for role in ("teacher", "student"):
         section = getattr(cfg, role)
         if role in parts and section is not None and _looks_local(section.model):
+            before = len(problems)
             need(f"{role}.model", section.model, "model directory", is_dir=True)
+            if len(problems) > before and not is_hub_id(section.model) and not section.model.startswith(("/", "./", "../", "~")):
+                problems[-1] += " (nor is it a hub id such as Qwen/Qwen2-VL-2B-Instruct)"
+    if "student" in parts:
+        need("train.init_adapter", cfg.train.init_adapter, "adapter", is_dir=True)
     judge = cfg.ddf_labeled.judge
     if "teacher" in parts and judge.enabled and judge.model and _looks_local(judge.model):
         need("ddf_labeled.judge.model", judge.model, "model directory", is_dir=True)

@@ -233,6 +233,20 @@ def make_tiny(out: str | Path, role: str = "student", seed: int = 0, format_step
     return out
 
 
+def make_tiny_adapter(model_dir: str | Path, out: str | Path, seed: int = 0, r: int = 8) -> Path:
+    """A real peft LoRA adapter for ``model_dir`` with random, non-zero weights (so the adapted
+    model answers differently), on the language model's linear layers; returns ``out``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    get_peft_model(model, LoraConfig(r=r, lora_alpha=8 * r, target_modules=targets, init_lora_weights=False)).save_pretrained(out)
+    return Path(out)
+
+
 def tiny_marker(role: str, seed: int, format_steps: int | None = None) -> dict:
     """What ``casseat_tiny.json`` records, so a rebuild can be skipped when nothing changed."""
     steps = DEFAULT_FORMAT_STEPS[role] if format_steps is None else format_steps

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from casseat_ray import parts as partstore
 from casseat_ray import storage
+from casseat_ray.adapters import adapter_problems, adapter_weights
 from casseat_ray.config import Config, ConfigError, PlacementConfig
 from casseat_ray.evaluate.items import expand_batch
 from casseat_ray.inference.modes import RESULT_FIELDS, ModeCall, run_mode
@@ -30,33 +31,18 @@ def adapter_path(cfg: Config) -> Path:
     return Path(cfg.evaluate.adapter) if cfg.evaluate.adapter else cfg.run_dir / "train" / "adapter"
 
 
-def adapter_weights(path: Path) -> Path | None:
-    """The weights file of a peft adapter folder, or None."""
-    return next((path / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (path / f).is_file()), None)
-
-
 def check_adapter(cfg: Config) -> list[str]:
     """Why the 'tuned' adapter cannot be served, one message per problem (none: it can)."""
     if "tuned" not in cfg.evaluate.models:
         return []
     path = adapter_path(cfg)
-    key = "evaluate.adapter" if cfg.evaluate.adapter else "the adapter this run trained"
-    conf = path / "adapter_config.json"
-    if not path.is_dir():
-        return [f"{key}: no adapter directory at {path} (train first, or set evaluate.adapter)"]
-    if not conf.is_file() or adapter_weights(path) is None:
-        return [f"{key}: {path} is not a peft adapter (adapter_config.json and adapter_model.safetensors expected)"]
-    try:
-        meta = json.loads(conf.read_text())
-    except json.JSONDecodeError as e:
-        return [f"{key}: {conf} is not valid JSON: {e}"]
-    problems = []
-    if meta.get("peft_type") != "LORA":
-        problems.append(f"{key}: {path} holds a {meta.get('peft_type')} adapter; only LoRA adapters can be served")
-    base = meta.get("base_model_name_or_path")
-    if base and cfg.student and Path(base).name != Path(cfg.student.model).name:
-        problems.append(f"{key}: {path} was trained on {base!r}, not on the student {cfg.student.model!r}")
-    return problems
+    if cfg.evaluate.adapter:
+        key = "evaluate.adapter"
+    else:
+        key = "the adapter this run trained"
+        if not path.is_dir():
+            return [f"{key}: no adapter directory at {path} (train first, or set evaluate.adapter)"]
+    return adapter_problems(path, key, cfg.student.model if cfg.student else None)[0]
 
 
 def student_engine(cfg: Config):
@@ -71,6 +57,13 @@ def student_engine(cfg: Config):
 def _lora_rank_slot(r: int) -> int:
     """vLLM accepts max_lora_rank from a fixed set of sizes."""
     return next(s for s in (8, 16, 32, 64, 128, 256, 320, 512) if s >= r)
+
+
+def extract_prompt(cfg: Config):
+    """The few-shot answer-extraction template when ``evaluate.model_extractor`` is on, else None."""
+    from casseat_ray import prompts
+
+    return prompts.load("extract", cfg.synthesis.prompts.extract) if cfg.evaluate.model_extractor else None
 
 
 # ---------------------------------------------------------------- the engine task
@@ -90,7 +83,7 @@ class EvalTask:
             (model, mode, protocol): ModeCall(mode=mode, prompts=ps, model=model_paths[model],
                                               sampling=sampled if mode == "best_of_n" else greedy,
                                               c2_sampling=greedy.model_copy(update={"n": 1}), protocol=protocol,
-                                              adapter=adapter if model == "tuned" else None)
+                                              adapter=adapter if model == "tuned" else None, extractor=extract_prompt(cfg))
             for model in model_paths for mode in e.modes for protocol in set(protocols.values())
         }
 
@@ -107,7 +100,9 @@ def fingerprint(cfg: Config) -> dict:
         stamp = {"path": str(adapter.resolve()), "bytes": weights.stat().st_size if weights else None,
                  "mtime": int(weights.stat().st_mtime) if weights else None}
     extra = {"student.model": cfg.student.model, "teacher.model": cfg.teacher.model if cfg.teacher else None, "adapter": stamp,
-             "prompt_shas": {k: p.sha for k, p in run_prompts(cfg).items()}}
+             "prompt_shas": {k: p.sha for k, p in run_prompts(cfg).items()},
+             "extract_prompt_sha": extract_prompt(cfg).sha if cfg.evaluate.model_extractor else None,
+             "benchmark_files": partstore.files_stamp(b.path for b in cfg.evaluate.benchmarks)}
     return partstore.fingerprint(cfg, FINGERPRINT_KEYS, SCHEDULING, extra)
 
 
@@ -181,6 +176,7 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
             for block in spec.apply(work).iter_batches(batch_size=None, batch_format="pyarrow"):
                 if block.num_rows == 0:
                     continue
+                partstore.record_stamp(parts, fingerprint(cfg))
                 partstore.write_part(parts, block.drop_columns(["image"]), "key")
                 written += block.num_rows
                 bars.update(block)

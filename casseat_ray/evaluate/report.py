@@ -38,6 +38,7 @@ def compute(items: list[dict], b: int = 1000, seed: int = 0) -> dict:
     for (bench, model, mode), rows in sorted(groups.items()):
         entry = {"benchmark": bench, "model": model, "mode": mode, **_acc(rows, b, seed),
                  "answer_share": sum(r["has_answer"] for r in rows) / len(rows),
+                 "model_extracted_share": sum(r["extracted_by"] == "model" for r in rows) / len(rows),
                  "tokens_per_answer": sum(r["output_tokens"] for r in rows) / len(rows)}
         if mode == "cascade":
             entry["pass2_ran_share"] = sum(r["pass2_ran"] for r in rows) / len(rows)
@@ -129,8 +130,10 @@ def markdown(rep: dict) -> str:
         lines += ["", f"## Best of N: {b['benchmark']} / {b['model']}", "",
                   "Accuracy by N (pick by P(Accept)): " + ", ".join(f"N={k + 1}: {_pct(a)}%" for k, a in enumerate(b["accuracy_by_n"])) + ".",
                   f"Majority vote: {_pct(b['majority_vote'])}%. Oracle pass@N: {_pct(b['oracle_pass_at_n'])}% ({b['oracle_note']})."]
-    lines += ["", "## Other figures", "", "| benchmark | model | mode | parsable answer % | tokens per answer |", "|---|---|---|---:|---:|"]
-    lines += [f"| {e['benchmark']} | {e['model']} | {e['mode']} | {_pct(e['answer_share'])} | {e['tokens_per_answer']:.1f} |" for e in rep["results"]]
+    lines += ["", "## Other figures", "", "| benchmark | model | mode | parsable answer % | answers from the model extractor % | tokens per answer |",
+              "|---|---|---|---:|---:|---:|"]
+    lines += [f"| {e['benchmark']} | {e['model']} | {e['mode']} | {_pct(e['answer_share'])} | {_pct(e.get('model_extracted_share', 0.0))} | "
+              f"{e['tokens_per_answer']:.1f} |" for e in rep["results"]]
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from casseat_ray.answers import ScoredAnswer, score
+from casseat_ray.answers import EXTRACT_MAX_TOKENS, ScoredAnswer, extraction_conversation, parse_extraction, score
 from casseat_ray.config import SamplingConfig
 from casseat_ray.engines import Completion, failed
 from casseat_ray.inference.turns import c1_conversation, c2_conversation
@@ -76,6 +76,10 @@ class ModeCall:
     protocol: str = "math"  # scoring protocol (answers.PROTOCOLS)
     adapter: str | None = None  # LoRA adapter for every request of the row
     c2_skip: SkipRule | None = None  # cascade only: skip C2 after a C1 that cannot be kept
+    # The few-shot extraction prompt: a reply no rule parses is sent back to the same model (its
+    # adapter included: vLLM's CPU build must not mix adapters in one step) and scored on what
+    # it extracts.
+    extractor: Prompt | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -118,15 +122,27 @@ def accept_probability(c: Completion) -> float | None:
     return None
 
 
-def _turn(outs: list[Completion], row: dict, protocol: str) -> tuple[list[Completion], list[dict | None]]:
-    return outs, [None if o.error else scored_dict(score(o.text, row, protocol)) for o in outs]
+async def _turn(engine, outs: list[Completion], row: dict, call: ModeCall) -> tuple[list[Completion], list[dict | None]]:
+    """A turn's completions with their scores (None for an engine error); with an extractor,
+    the replies no rule parses are scored on the model's extraction (method ``model``)."""
+    scores = [None if o.error else score(o.text, row, call.protocol) for o in outs]
+    if call.extractor is not None:
+        unparsed = [i for i, s in enumerate(scores) if s is not None and s.extraction is None and outs[i].text.strip()]
+        sampling = SamplingConfig(temperature=0.0, max_tokens=EXTRACT_MAX_TOKENS)
+        replies = await asyncio.gather(*(engine.generate(extraction_conversation(outs[i].text, row, call.extractor), sampling, call.adapter)
+                                         for i in unparsed))
+        for i, (reply,) in zip(unparsed, replies):
+            extraction = None if reply.error else parse_extraction(reply.text)
+            if extraction is not None:
+                scores[i] = score(outs[i].text, row, call.protocol, extraction=extraction, method="model")
+    return outs, [scored_dict(s) for s in scores]
 
 
 async def run_mode(engine, row: dict, call: ModeCall) -> dict:
     """Run ``call.mode`` for one row on ``engine``; returns the ``RESULT_FIELDS`` values."""
     started_at, t0 = time.time(), time.perf_counter()
     first = call.prompts[FIRST_PROMPT[call.mode]]
-    c1, c1_scores = _turn(await engine.generate(c1_conversation(row, first), call.sampling, call.adapter), row, call.protocol)
+    c1, c1_scores = await _turn(engine, await engine.generate(c1_conversation(row, first), call.sampling, call.adapter), row, call)
     out = dict(
         mode=call.mode, model=call.model, adapter=call.adapter,
         sampling=json.dumps(call.sampling.model_dump(mode="json"), sort_keys=True), c1_prompt_sha=first.sha,
@@ -150,7 +166,7 @@ async def run_mode(engine, row: dict, call: ModeCall) -> dict:
                 return await engine.generate(c2_conversation(row, call.prompts["c1"], o.text, c2p), call.second, call.adapter)
 
             answers = await asyncio.gather(*(check(o) for o in evaluated))
-            c2, c2_scores = _turn([a[0] for a in answers], row, call.protocol)
+            c2, c2_scores = await _turn(engine, [a[0] for a in answers], row, call)
             out.update(c2_prompt_sha=c2p.sha, c2_texts=[o.text for o in c2], c2_finish=[o.finish_reason for o in c2],
                        c2_errors=[o.error for o in c2], c2_prompt_tokens=[o.prompt_tokens for o in c2],
                        c2_output_tokens=[o.output_tokens for o in c2], c2_scores=c2_scores,

@@ -6,26 +6,13 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from casseat_ray.tiny import make_tiny_adapter
 from tests.conftest import ROOT, shared_data
 from tests.e2e.test_cli import casseat
 
 pytestmark = pytest.mark.slow
 CONFIG = ROOT / "jobs" / "configs" / "tiny-cpu.yaml"
 MODES = ["direct", "cot", "seat", "cascade", "best_of_n"]
-
-
-def make_adapter(model_dir, out, seed=0):
-    """A real peft LoRA adapter for ``model_dir`` with random (non-zero) weights."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
-
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # the language model's linears
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=64, target_modules=targets, init_lora_weights=False))
-    peft.save_pretrained(out)
-    return out
 
 
 def _args(tmp, student, adapter, *extra):
@@ -39,7 +26,7 @@ def _args(tmp, student, adapter, *extra):
 def evaluated(tmp_path_factory, tiny_models):
     # The format-trained tiny teacher plays the student here, so answers and verdicts exist.
     tmp = tmp_path_factory.mktemp("eval")
-    adapter = make_adapter(tiny_models["teacher"], tmp / "adapter")
+    adapter = make_tiny_adapter(tiny_models["teacher"], tmp / "adapter")
     args = _args(tmp, tiny_models["teacher"], adapter, "evaluate.best_of_n=1", "evaluate.best_of_n_temperature=0", "evaluate.sampling.max_tokens=32")
     r = casseat("evaluate", *args, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -96,7 +83,7 @@ def test_a_rerun_resumes_without_starting_an_engine(evaluated):
 def test_a_bad_adapter_stops_before_any_inference(tmp_path, tiny_models):
     r = casseat("evaluate", *_args(tmp_path, tiny_models["student"], tmp_path / "nope"))
     assert r.returncode == 2 and "evaluate.adapter" in r.stderr and str(tmp_path / "nope") in r.stderr
-    other = make_adapter(tiny_models["teacher"], tmp_path / "teacher-adapter")  # trained on another model
+    other = make_tiny_adapter(tiny_models["teacher"], tmp_path / "teacher-adapter")  # trained on another model
     r = casseat("evaluate", *_args(tmp_path, tiny_models["student"], other))
     assert r.returncode == 2 and "was trained on" in r.stderr
     assert not (tmp_path / "ev").exists()

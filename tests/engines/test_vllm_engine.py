@@ -71,3 +71,25 @@ def test_model_extractor_runs_through_the_engine(teacher_engine):
     assert all(e is None or (isinstance(e, str) and "\n" not in e) for e in extractions)
     scored = score(responses[0], sample, extraction=extractions[0] or "", method="model")
     assert scored.method == "model"  # outputs record that a model, not a rule, extracted it
+
+
+def test_a_reply_no_rule_parses_is_scored_on_the_model_extractor(teacher_engine, demo_rows):
+    import asyncio
+    from dataclasses import replace
+
+    from casseat_ray.answers import extraction_conversation, parse_extraction, score
+    from casseat_ray.inference.modes import ModeCall, run_mode, scored_dict
+
+    row = next(r for r in demo_rows if r["answer_type"] == "integer")
+    # three tokens: cut before any final answer, so no rule finds one
+    call = ModeCall(mode="cot", prompts={"c1": prompts.load("c1")}, model="teacher", sampling=SamplingConfig(max_tokens=3))
+    plain = asyncio.run(run_mode(teacher_engine, row, call))
+    text = plain["c1_texts"][0]
+    assert plain["c1_scores"][0]["extraction"] is None and plain["c1_scores"][0]["method"] == "none"
+    extract = prompts.load("extract")
+    extracted = asyncio.run(run_mode(teacher_engine, row, replace(call, extractor=extract)))
+    assert extracted["c1_texts"] == [text] and extracted["c1_output_tokens"] == plain["c1_output_tokens"]  # extraction is not the answer's cost
+    reply = teacher_engine.chat([extraction_conversation(text, row, extract)], SamplingConfig(temperature=0.0, max_tokens=32))[0][0]
+    expected = parse_extraction(reply.text)
+    assert expected is not None  # the tiny teacher always says something
+    assert extracted["c1_scores"][0] == scored_dict(score(text, row, extraction=expected, method="model"))

@@ -89,6 +89,10 @@ def test_missing_input_paths_are_named(good_file, tmp_path):
     assert f"student.model: model directory not found: {tmp_path}/no-model" in problems
     # A hub id is not a local path and is not checked here.
     assert C.check_inputs(C.load_config(good_file, ["teacher.model=Qwen/Qwen2-VL-7B-Instruct"])) == []
+    # a mistyped relative folder is no hub id either: named before any work, not after a minute of Ray
+    typo = C.check_inputs(C.load_config(good_file, ["teacher.model=out/tiny/models/teachr"]))
+    assert typo == ["teacher.model: model directory not found: out/tiny/models/teachr (nor is it a hub id such as Qwen/Qwen2-VL-2B-Instruct)"]
+    assert [C.is_hub_id(r) for r in ("Qwen/Qwen2-VL-2B-Instruct", "gpt2", "a/b/c", "a/../b", "org/-x")] == [True, True, False, False, False]
     judged = C.load_config(good_file, ["ddf_labeled.judge.enabled=true", f"ddf_labeled.judge.model={tmp_path}/no-judge"])
     assert C.check_inputs(judged) == [f"ddf_labeled.judge.model: model directory not found: {tmp_path}/no-judge"]
 
