@@ -183,9 +183,9 @@ class LabelStage:
         self.processor = AutoProcessor.from_pretrained(cfg.student.model)
 
     def count_tokens(self, sample: dict) -> int:
-        from casseat_ray.train.collate import encode
+        from casseat_ray.train.collate import count_tokens
 
-        return len(encode(sample, self.processor, "all_assistant"))
+        return count_tokens(sample, self.processor)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

@@ -133,6 +133,28 @@ def encode(row: dict, processor, label_mode: str = "last_assistant") -> Encoded:
     return Encoded(ids, labels, pixel_values, grid, types if has_types else None)
 
 
+def count_tokens(row: dict, processor) -> int:
+    """``len(encode(row, processor))`` without preparing a pixel: the same segments through the
+    tokenizer, each image counted as the placeholder tokens the processor expands it to, from
+    its size alone (what the length budget needs, at a fraction of the cost)."""
+    from PIL import Image
+
+    messages = list(row["messages"])
+    sizes = [Image.open(io.BytesIO(data)).size for data in row.get("images") or []]  # the header only
+    if sum(m["content"].count(IMAGE_TOKEN) for m in messages) != len(sizes):
+        raise ValueError(f"{sum(m['content'].count(IMAGE_TOKEN) for m in messages)} {IMAGE_TOKEN} markers but {len(sizes)} images")
+    image_token = getattr(processor, "image_token", None)
+    per_image = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in sizes])["num_image_tokens"] if sizes else []
+    trained = label_turns(messages, row.get("loss_on") or "all", "all_assistant")
+    total, seen = 0, 0
+    for text, _ in segments(messages, processor, trained):
+        total += len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        n_here = text.count(image_token) if image_token else 0
+        total += sum(n - 1 for n in per_image[seen:seen + n_here])  # one placeholder each is in the text already
+        seen += n_here
+    return total
+
+
 def encode_responses(row: dict, processor) -> list[Encoded]:
     """AFT candidates of a CoT (or SEAT) row: every teacher response to the row's first user
     turn, labelled on the response. Self-evaluation rows give none, so each question's

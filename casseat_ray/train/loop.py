@@ -46,6 +46,30 @@ def total_steps(epochs: float, per_epoch: int, max_steps: int | None) -> int:
     return min(total, max_steps) if max_steps else total
 
 
+def worker_samples(unit_ids: list[str], sizes: list[int], seed: int, per_epoch: int, total: int, rank: int,
+                   batch_size: int, grad_accum: int, world: int) -> int:
+    """The samples one worker trains on over the whole run (``sizes``: samples per unit)."""
+    n = 0
+    for step in range(total):
+        epoch, pos = divmod(step, per_epoch)
+        if pos == 0:
+            order = epoch_order(unit_ids, seed, epoch)
+        n += sum(sizes[u] for idx in step_rows(order, pos, rank, batch_size, grad_accum, world) for u in idx)
+    return n
+
+
+def peak_memory_mb(device) -> dict:
+    """This process's peak resident memory (and the device's peak allocation on a GPU), in MiB."""
+    import resource
+
+    import torch
+
+    out = {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    if device.type == "cuda":
+        out["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
 def step_rows(order: list[int], step_in_epoch: int, rank: int, batch_size: int, grad_accum: int, world: int) -> list[list[int]]:
     """Row indices of this worker's micro-batches for one optimizer step."""
     per_worker = batch_size * grad_accum
@@ -92,6 +116,24 @@ def lora_targets(model, lora: LoraConfig) -> str | list[str]:
     return rf"^(?!.*\b({vision})\b).*\.({'|'.join(sorted(leaves))})$"
 
 
+def load_adapter(model, path: Path) -> None:
+    """Set the peft model's LoRA weights from an adapter folder; every tensor of the file must
+    land on a LoRA weight of the model and every LoRA weight must get one."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from casseat_ray.adapters import adapter_weights
+
+    weights = adapter_weights(path)
+    state = load_file(str(weights)) if weights.suffix == ".safetensors" else torch.load(weights, weights_only=True)
+    result = set_peft_model_state_dict(model, state)
+    lora = [n for n, p in model.named_parameters() if "lora_" in n]
+    if result.unexpected_keys or len(state) != len(lora):
+        raise ValueError(f"train.init_adapter: {path} does not fit the student's LoRA layers "
+                         f"({len(state)} tensors for {len(lora)} LoRA weights; unexpected: {list(result.unexpected_keys)[:3]})")
+
+
 def build_model(cfg: Config, dtype):
     """The student with LoRA on its language model; vision tower frozen unless configured."""
     from peft import LoraConfig as PeftLora, get_peft_model
@@ -105,6 +147,8 @@ def build_model(cfg: Config, dtype):
         modules_to_save=[n.rsplit(".", 1)[-1] for n in projector] or None, task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_cfg)
+    if cfg.train.init_adapter:
+        load_adapter(model, Path(cfg.train.init_adapter))
     if not lora.freeze_vision:
         for name, p in model.named_parameters():
             if any(part in name.split(".") for part in VISION_PARTS):
@@ -290,10 +334,18 @@ def train_loop_per_worker(config: dict) -> None:
         epoch, pos = divmod(step, per_epoch)
         order = order_cache.setdefault(epoch, epoch_order(unit_ids, t.seed, epoch))
         torch.manual_seed(hash((t.seed, rank, step)) % 2**31)  # dropout: same draws after a resume
-        micro = step_rows(order, pos, rank, t.batch_size, t.grad_accum, world)
+        micro = [[[encoded[i] for i in units[u]] for u in idx] for idx in step_rows(order, pos, rank, t.batch_size, t.grad_accum, world)]
+        # The step's loss is normalised by its label tokens (and AFT questions) on every worker:
+        # each token weighs the same however the step's samples fall into micro-batches and
+        # workers. Gradients are averaged over workers, so each worker's share is scaled back up.
+        counts = torch.tensor([float(sum(e.n_label_tokens for members in micro for m in members for _, e, _ in m)),
+                               float(sum(g is not None for members in micro for m in members for _, _, g in m) if aft and not t.packing else 0)],
+                              device=device)
+        if distributed:
+            dist.all_reduce(counts)
+        num_tokens, num_groups = counts[0], counts[1].clamp_min(1)
         losses, aligns, tokens, samples = [], [], 0, 0
-        for k, idx in enumerate(micro):
-            members = [[encoded[i] for i in units[u]] for u in idx]
+        for k, members in enumerate(micro):
             refs = [e for m in members for _, e, _ in m]
             groups = []
             if t.packing:
@@ -311,18 +363,18 @@ def train_loop_per_worker(config: dict) -> None:
                 if groups:
                     labels = batch.pop("labels")
                     logits = model(**batch, use_cache=False).logits
-                    loss, align = aft_loss(logits, labels, len(refs), groups, t.aft.variant, t.aft.tau, t.aft.weight)
+                    loss, align = aft_loss(logits, labels, len(refs), groups, t.aft.variant, t.aft.tau, t.aft.weight, num_tokens, num_groups)
                     aligns.append(align.detach().float())
                 else:
-                    loss = model(**batch, use_cache=False).loss
-                (loss / len(micro)).backward()
+                    loss = model(**batch, use_cache=False, num_items_in_batch=num_tokens).loss
+                (loss * world).backward()
             losses.append(loss.detach().float())
             tokens += sum(len(e) for e in refs)
             samples += len(refs)
-        step_loss = torch.stack(losses).mean()
+        step_loss = torch.stack(losses).sum()  # this worker's share of the step's loss
         bad = torch.tensor([0.0 if torch.isfinite(step_loss) else 1.0], device=device)
         stats = torch.tensor([step_loss.item() if not bad.item() else 0.0, float(tokens), float(samples),
-                              float(torch.stack(aligns).sum()) if aligns else 0.0, float(len(aligns))], device=device)
+                              float(torch.stack(aligns).sum()) if aligns else 0.0], device=device)
         if distributed:
             dist.all_reduce(bad)
             dist.all_reduce(stats)
@@ -340,12 +392,12 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.step()
         seconds = time.perf_counter() - t0
         record = {
-            "step": step + 1, "epoch": round((step + 1) / per_epoch, 4), "loss": stats[0].item() / world if not bad.item() else None,
+            "step": step + 1, "epoch": round((step + 1) / per_epoch, 4), "loss": stats[0].item() if not bad.item() else None,
             "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(stats[1].item() / seconds, 1),
             "samples_per_s": round(stats[2].item() / seconds, 3), "skipped_nonfinite": skipped, "time": round(time.time(), 3),
         }
         if aft:
-            record["align_loss"] = stats[3].item() / stats[4].item() if stats[4].item() else None
+            record["align_loss"] = stats[3].item() if counts[1].item() else None  # summed shares: the step's mean
         last = step + 1 == total
         if rank == 0:
             with metrics_file.open("a") as fh:
@@ -366,12 +418,19 @@ def train_loop_per_worker(config: dict) -> None:
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(record, checkpoint=checkpoint)  # a barrier: every rank reports
     weights = trainable_state(model)
+    mine = {"rank": rank, "samples": worker_samples(unit_ids, [len(u) for u in units], t.seed, per_epoch, total, rank, t.batch_size,
+                                                     t.grad_accum, world), **peak_memory_mb(device)}
+    workers = [None] * world
+    if distributed:
+        dist.all_gather_object(workers, mine)
+    else:
+        workers = [mine]
     if rank == 0:
         adapter = out_dir / "adapter"
         _unwrap(model).save_pretrained(adapter, state_dict=weights)
         processor.save_pretrained(adapter)
         (out_dir / "summary.json").write_text(json.dumps({
-            "steps": total, "samples": len(encoded), "rows": len(units), "dropped_too_long": dropped, "workers": world,
+            "steps": total, "samples": len(encoded), "rows": len(units), "dropped_too_long": dropped, "workers": workers,
             "skipped_nonfinite": skipped, "strategy": "fsdp" if fsdp else ("ddp" if distributed else "single"),
             "trainable_params": sum(p.numel() for p in params), "trainable_params_on_rank0": held, "adapter": str(adapter),
             **({"aft_questions": aft_groups} if aft else {}),

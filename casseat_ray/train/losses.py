@@ -19,27 +19,60 @@ import torch
 IGNORE = -100
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens (what a causal LM's own
-    ``loss`` is when given ``labels``)."""
+def label_tokens(labels: torch.Tensor) -> int:
+    """The labelled next-token targets of a batch (what a causal LM's loss averages over)."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, num_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy of the labelled tokens: their mean (what a causal LM's own
+    ``loss`` is when given ``labels``), or with ``num_tokens`` their sum divided by it -- the
+    step's label-token count over all micro-batches and workers, so that every token weighs the
+    same however the step's samples are split."""
     target = labels[:, 1:]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+    if num_tokens is None:
+        return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+    total = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
+    return total / num_tokens
 
 
-def sequence_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+SCORE_CHUNK_TOKENS = 4096  # positions whose fp32 log-sum-exp is computed at once
+
+
+def _label_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each position: the target's logit minus the log-sum-exp of its row,
+    in fp32, for one chunk of positions."""
+    picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1).float()
+    return picked - torch.logsumexp(logits.float(), dim=-1)
+
+
+def sequence_scores(logits: torch.Tensor, labels: torch.Tensor, chunk: int = SCORE_CHUNK_TOKENS) -> torch.Tensor:
     """Mean log-probability of the labelled tokens of each row: ``[batch]``.
 
     ``logits`` [batch, seq, vocab] predict the next token; ``labels`` [batch, seq] hold the
-    target ids at their own positions and IGNORE elsewhere (the usual causal-LM layout).
+    target ids at their own positions and IGNORE elsewhere (the usual causal-LM layout). Each
+    row is scored over the span from its first to its last labelled position, ``chunk``
+    positions at a time (views of ``logits``, no copy), each chunk under activation
+    checkpointing: no fp32 copy of the full-vocabulary logits exists at once, in the forward
+    pass or in the backward pass (which recomputes a chunk's log-sum-exp when it needs it).
     """
-    logits = logits[:, :-1].float()
+    from torch.utils.checkpoint import checkpoint
+
     target = labels[:, 1:]
     mask = target != IGNORE
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     count = mask.sum(-1)
     if (count == 0).any():
         raise ValueError("a sequence without labelled tokens has no score")
-    return (logp * mask).sum(-1) / count
+    sums = []
+    for b in range(logits.shape[0]):
+        where = mask[b].nonzero().squeeze(-1)
+        total = logits.new_zeros((), dtype=torch.float32)
+        for j in range(int(where[0]), int(where[-1]) + 1, chunk):
+            part = (logits[b, :-1][j:j + chunk], target[b, j:j + chunk].clamp_min(0))
+            lp = checkpoint(_label_logprobs, *part, use_reentrant=False) if logits.requires_grad else _label_logprobs(*part)
+            total = total + (lp * mask[b, j:j + chunk]).sum()
+        sums.append(total)
+    return torch.stack(sums) / count
 
 
 def alignment_loss(scores: torch.Tensor, ranks: list[int], variant: str = "boundary", tau: float = 1.0) -> torch.Tensor:
@@ -67,18 +100,22 @@ def alignment_loss(scores: torch.Tensor, ranks: list[int], variant: str = "bound
 
 
 def aft_loss(logits: torch.Tensor, labels: torch.Tensor, n_refs: int, groups: list[tuple[list[int], list[int]]],
-             variant: str, tau: float, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """NLL on the first ``n_refs`` rows (the reference samples) plus ``weight`` times the mean
+             variant: str, tau: float, weight: float, num_tokens: int | torch.Tensor | None = None,
+             num_groups: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL on the first ``n_refs`` rows (the reference samples) plus ``weight`` times the
     alignment term over the questions; ``groups`` give each question's candidate rows and
-    ranks (as ``collate.aft_rows`` lays them out). Returns (loss, alignment term)."""
+    ranks (as ``collate.aft_rows`` lays them out). Both are means over this batch, or with
+    ``num_tokens`` / ``num_groups`` sums divided by the step's global counts (``token_nll``).
+    Returns (loss, alignment term)."""
     # The candidate rows after the references are scored as a slice (no copy of their logits);
     # only the references some question reuses are gathered.
     reused = sorted({r for rows, _ in groups for r in rows if r < n_refs})
     scores = dict(zip(reused, sequence_scores(logits[reused], labels[reused]))) if reused else {}
     if logits.shape[0] > n_refs:
         scores.update(zip(range(n_refs, logits.shape[0]), sequence_scores(logits[n_refs:], labels[n_refs:])))
-    align = torch.stack([alignment_loss(torch.stack([scores[r] for r in rows]), ranks, variant, tau) for rows, ranks in groups]).mean()
-    return token_nll(logits[:n_refs], labels[:n_refs]) + weight * align, align
+    terms = torch.stack([alignment_loss(torch.stack([scores[r] for r in rows]), ranks, variant, tau) for rows, ranks in groups])
+    align = terms.mean() if num_groups is None else terms.sum() / num_groups
+    return token_nll(logits[:n_refs], labels[:n_refs], num_tokens) + weight * align, align
 
 
 def ranks_from_correct(correct: list[bool]) -> list[int]:

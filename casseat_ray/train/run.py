@@ -44,6 +44,21 @@ def check_run_name(cfg: Config, resume: bool) -> str:
     return storage_root(cfg)
 
 
+def check_init_adapter(cfg: Config) -> None:
+    """``train.init_adapter`` must be a LoRA adapter of the student with the configured shape."""
+    from casseat_ray.adapters import adapter_problems
+
+    if not cfg.train.init_adapter:
+        return
+    problems, meta = adapter_problems(Path(cfg.train.init_adapter), "train.init_adapter", cfg.student.model)
+    lora = cfg.student.lora
+    if meta and not problems and (meta.get("r"), meta.get("lora_alpha")) != (lora.r, lora.alpha):
+        problems.append(f"train.init_adapter: {cfg.train.init_adapter} has rank {meta.get('r')} and alpha {meta.get('lora_alpha')}; "
+                        f"student.lora asks for rank {lora.r} and alpha {lora.alpha}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
 @storage.mirrors_run_dir
 def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> dict:
     import ray.data
@@ -55,6 +70,7 @@ def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> di
 
     if cfg.student is None:
         raise ConfigError("train needs student.model")
+    check_init_adapter(cfg)
     cfg = with_absolute_models(cfg)
     path = sft_path(cfg, data)
     root = check_run_name(cfg, resume)

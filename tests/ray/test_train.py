@@ -44,7 +44,10 @@ def two_workers(tmp_path_factory, tiny_models, sft, ray_session):
 
 def test_two_workers_lower_the_loss_and_train_only_lora(two_workers, tiny_models):
     cfg, summary = two_workers
-    assert summary["workers"] == 2 and summary["samples"] == 32 and summary["steps"] == 16  # 32 / (2 x 2) x 2 epochs
+    assert summary["samples"] == 32 and summary["steps"] == 16  # 32 / (2 x 2) x 2 epochs
+    # each worker trains on its half of every step: 16 steps x 2 samples
+    assert [w["rank"] for w in summary["workers"]] == [0, 1] and [w["samples"] for w in summary["workers"]] == [32, 32]
+    assert all(w["peak_memory_mb"] > 100 for w in summary["workers"])
     records = read_metrics(train_run.train_dir(cfg) / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 17))
     first = sum(r["loss"] for r in records[:4]) / 4
@@ -229,3 +232,21 @@ def test_aft_pulls_right_responses_above_wrong_ones(tmp_path, tiny_models, two_w
     # plain NLL on the right CoT already helps; the alignment term widens the gap further
     # (measured: base 0.05, NLL 0.96, AFT 1.07 nats per token, the boundary holding it near tau)
     assert gap["aft"] > 1.05 * gap["nll"] > 0, gap
+
+
+def test_a_run_starts_from_an_existing_adapter(tmp_path, tiny_models, sft, two_workers, ray_session):
+    trained = train_run.train_dir(two_workers[0]) / "adapter"
+    before = load_file(str(trained / "adapter_model.safetensors"))
+    # one step at a negligible learning rate: what comes out is what went in
+    cfg = _cfg(tmp_path, tiny_models, "from-adapter", max_steps=1, lr=1e-9, warmup_ratio=0.0)
+    cfg.train.init_adapter = str(trained)
+    train_run.run(cfg, data=sft)
+    after = load_file(str(train_run.train_dir(cfg) / "adapter" / "adapter_model.safetensors"))
+    assert sorted(after) == sorted(before)
+    assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-6
+    # an adapter of another shape stops the run before any work, naming both shapes
+    other = cfg.model_copy(deep=True)
+    other.name, other.student.lora.r = "other-rank", 4
+    with pytest.raises(ConfigError, match="rank 8 and alpha 16; student.lora asks for rank 4"):
+        train_run.run(other, data=sft)
+    assert not train_run.train_dir(other).exists()

@@ -150,7 +150,7 @@ def test_token_nll_is_the_models_own_loss(processor, demo_rows, tiny_models):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from casseat_ray.train.losses import token_nll
+    from casseat_ray.train.losses import label_tokens, token_nll
 
     c1 = prompts.load("c1")
     batch = collate([encode(cot_sample(r, c1, f"The answer is {r['answer']}."), processor) for r in demo_rows[:3]],
@@ -158,7 +158,12 @@ def test_token_nll_is_the_models_own_loss(processor, demo_rows, tiny_models):
     model = AutoModelForImageTextToText.from_pretrained(tiny_models["student"]).eval()
     with torch.no_grad():
         out = model(**batch)
+        # the training loop's form: the model's loss divided by the step's global label-token count
+        n = label_tokens(batch["labels"])
+        share = model(**batch, num_items_in_batch=torch.tensor(3.0 * n)).loss
     assert torch.allclose(token_nll(out.logits, batch["labels"]), out.loss, atol=1e-5)
+    assert torch.allclose(share, token_nll(out.logits, batch["labels"], 3 * n), atol=1e-6)
+    assert torch.allclose(3 * share, out.loss, atol=1e-5)
 
 
 def test_packed_rows_give_every_sample_exactly_its_own_logits(processor, demo_rows, tiny_models):
@@ -188,3 +193,17 @@ def test_packed_rows_give_every_sample_exactly_its_own_logits(processor, demo_ro
         assert torch.allclose(out[row, start:start + n], ref, atol=1e-4), (row, start)
     # the same samples, packed or padded, give the same loss
     assert torch.allclose(token_nll(out, packed["labels"]), padded.loss, atol=1e-5)
+
+
+def test_token_count_without_pixels_equals_the_encoded_length(processor, demo_rows):
+    from casseat_ray.train.collate import count_tokens
+    from tests.conftest import shared_data
+
+    c1, c2 = prompts.load("c1"), prompts.load("c2")
+    # real MATH-V images of many shapes beside the demo's
+    images = sorted(shared_data("math-v", "images").glob("*.jpg"))[:12]
+    rows = [dict(demo_rows[0], image=p.read_bytes()) for p in images] + demo_rows[:4]
+    for r in rows:
+        for s in (cot_sample(r, c1, "Step 1: count.\nThe answer is 3."),
+                  self_eval_sample(r, c1, "The answer is 4.", c2, "Evaluation: Refine\nThe answer is 5.")):
+            assert count_tokens(s, processor) == len(encode(s, processor, "all_assistant"))

@@ -66,3 +66,57 @@ def test_response_ranks_pick_the_feedback_the_config_asks_for():
     assert response_ranks(row, ranking=True) == [0, 1, 2]
     with pytest.raises(ValueError, match="3 responses but 2 ranks"):
         response_ranks({**row, "responses_rank": [0, 1]}, ranking=True)
+
+
+def _reference_scores(logits, labels):
+    """The direct computation: fp32 log-softmax over the whole vocabulary at every position."""
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1) / mask.sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_sequence_scores_equal_the_full_fp32_computation(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 40, 97) * 3).to(dtype).requires_grad_()
+    labels = torch.full((3, 40), IGNORE)
+    labels[0, 5:30] = torch.randint(0, 97, (25,))
+    labels[1, 2:4] = torch.randint(0, 97, (2,))
+    labels[1, 20:39] = torch.randint(0, 97, (19,))  # two labelled spans in one row
+    labels[2, 39] = 7
+    weights = torch.tensor([1.0, -2.0, 0.5])
+    ref = _reference_scores(logits, labels)
+    (ref * weights).sum().backward()
+    ref_grad, logits.grad = logits.grad.clone(), None
+    got = sequence_scores(logits, labels, chunk=7)  # spans cut into several chunks
+    (got * weights).sum().backward()
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert torch.allclose(logits.grad.float(), ref_grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_global_token_count_makes_micro_batches_equal_one_batch():
+    from casseat_ray.train.losses import label_tokens, token_nll
+
+    torch.manual_seed(1)
+    vocab, weight = 11, torch.randn(11, 11, requires_grad=True)
+    ids = torch.randint(0, vocab, (4, 12))
+    labels = ids.clone()
+    labels[:, :3] = IGNORE
+    labels[0, 4:] = IGNORE  # a short answer (one label token) beside long ones
+    labels[2, 9:] = IGNORE
+
+    def logits(rows):
+        return weight[ids[rows]]
+
+    token_nll(logits(slice(0, 4)), labels).backward()  # one batch: the mean over its tokens
+    one_batch, weight.grad = weight.grad.clone(), None
+    n = label_tokens(labels)
+    for r in range(4):  # four micro-batches of one sample, each divided by the step's count
+        token_nll(logits(slice(r, r + 1)), labels[r:r + 1], n).backward()
+    assert torch.allclose(weight.grad, one_batch, atol=1e-6)
+    weight.grad = None
+    for r in range(4):  # what a mean of micro-batch means gives instead: the short answer weighs more
+        (token_nll(logits(slice(r, r + 1)), labels[r:r + 1]) / 4).backward()
+    assert not torch.allclose(weight.grad, one_batch, atol=1e-3)
