@@ -9,7 +9,9 @@ sampling (tiny teacher; CPU or GPU). Prints one JSON object:
   ``max_tokens`` among short ones, where a batch barrier costs most.
 - ``vs_batch_sync``: the pipeline / the same pipeline with a batch-synchronous teacher stage (C1
   for the whole batch, then C2 for the whole batch, one batch per actor at a time).
-- ``c2_prefix_cache_speedup``: C2 seconds with the prefix cache off / on (goal >= 2.0).
+- ``c2_prefix_cache_speedup``: C2 seconds with the prefix cache off / on (goal >= 2.0); and
+  ``c2_prefill_prefix_cache_speedup``, the same for C2's prefill alone (one output token), which
+  is all a prefix cache can save.
 - ``vs_ray_data_llm``: teacher-only rows/s of the pipeline / the same cascade as two chained
   ``ray.data.llm`` processors (goal >= 1.3), after a correctness gate (greedy C1 and C2 texts
   compared per sample id; no labeling on either side).
@@ -18,7 +20,7 @@ Ray rates are steady state, engine start-up excluded. Ours: rows / (the last blo
 at the driver - the first row's first request, as the rows record it), labeling and transfer
 included. Against the peer, both sides the same way: timed on N and on 2N rows, N / (t_2N - t_N).
 
-    python bench/bench_synthesis.py [--n 96] [--batch 16] [--skip-peer]
+    python bench/bench_synthesis.py [--n 256] [--batch 64] [--skip-peer]
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ import pyarrow as pa
 MAX_TOKENS = 96
 
 
-def _cfg(root: Path, data: Path, batch: int, **engine):
+def _cfg(root: Path, data: Path, batch: int, max_tokens: int = MAX_TOKENS, **engine):
     from casseat_ray.config import Config
     from casseat_ray.demo import TINY_ENGINE
 
     return Config.model_validate(dict(
         name="bench", output_dir=str(root / "runs"),
         sources=[dict(name="demo", format="canonical", path=str(data))],
-        teacher=dict(model=str(root / "models" / "teacher"), engine=dict(TINY_ENGINE, **engine), sampling=dict(max_tokens=MAX_TOKENS),
+        teacher=dict(model=str(root / "models" / "teacher"), engine=dict(TINY_ENGINE, **engine), sampling=dict(max_tokens=max_tokens),
                      batch_size=batch),
         student=dict(model=str(root / "models" / "student"), engine=TINY_ENGINE),
         synthesis=dict(c2_after_unusable_c1=True),  # every row runs both turns, as on the engine-limit side
@@ -56,27 +58,43 @@ def _rows(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-SKEW = "Count to one hundred: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"  # the tiny teacher runs this to max_tokens
+# The format-trained tiny teacher answers a demo question in 38-60 tokens and this filler in 1-5.
+SHORT = "zzzz " * 30
+SKEW_MAX_TOKENS = 32  # so every real question's C1 runs to max_tokens
 
 
 def _skewed(rows: list[dict], every: int = 8) -> list[dict]:
-    """Every ``every``-th question is one whose C1 answer runs to max_tokens."""
-    return [dict(r, question=SKEW) if i % every == 0 else r for i, r in enumerate(rows)]
+    """Every ``every``-th row keeps its question, whose C1 runs to ``SKEW_MAX_TOKENS``; the
+    others get a question answered in a few tokens: a few long rows among short ones."""
+    return [r if i % every == 0 else dict(r, question=SHORT) for i, r in enumerate(rows)]
 
 
 # ---------------------------------------------------------------- the engine's own limit (no Ray)
-def engine_side(cfg, rows: list[dict], skewed: list[dict]) -> dict:
+def _prefill_c2(engine, ps, rows: list[dict]) -> float:
+    """Seconds for every C2 prompt's prefill alone (one output token each), right after the
+    rows' C1 turns: what the prefix cache can save (the C1 exchange is C2's prefix)."""
+    from casseat_ray.config import SamplingConfig
+    from casseat_ray.inference.turns import c1_conversation, c2_conversation
+
+    fresh = [dict(r, question=r["question"] + " (prefill)") for r in rows]  # prompts no earlier turn has cached
+    firsts = engine.chat([c1_conversation(r, ps["c1"]) for r in fresh])
+    t0 = time.perf_counter()
+    engine.chat([c2_conversation(r, ps["c1"], f[0].text, ps["teacher_c2"]) for r, f in zip(fresh, firsts)], SamplingConfig(max_tokens=1))
+    return time.perf_counter() - t0
+
+
+def engine_side(cfg, rows: list[dict], skewed: list[dict], skew_sampling) -> dict:
     from casseat_ray.engines.vllm import VLLMEngine
     from casseat_ray.inference.turns import c1_conversation, c2_conversation, run_prompts
 
     ps = run_prompts(cfg)
     engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine, cfg.teacher.sampling)
 
-    def two_phases(rs):
+    def two_phases(rs, sampling=None):
         t0 = time.perf_counter()
-        firsts = engine.chat([c1_conversation(r, ps["c1"]) for r in rs])
+        firsts = engine.chat([c1_conversation(r, ps["c1"]) for r in rs], sampling)
         t1 = time.perf_counter()
-        seconds = engine.chat([c2_conversation(r, ps["c1"], f[0].text, ps["teacher_c2"]) for r, f in zip(rs, firsts)])
+        seconds = engine.chat([c2_conversation(r, ps["c1"], f[0].text, ps["teacher_c2"]) for r, f in zip(rs, firsts)], sampling)
         t2 = time.perf_counter()
         return {"seconds": t2 - t0, "c2_seconds": t2 - t1, "c1": [f[0].text for f in firsts], "c2": [s[0].text for s in seconds],
                 "c1_tokens": [f[0].output_tokens for f in firsts]}
@@ -84,13 +102,15 @@ def engine_side(cfg, rows: list[dict], skewed: list[dict]) -> dict:
     try:
         two_phases(rows[:16])  # warm-up
         plain = two_phases(rows)
-        skew = two_phases(skewed)
+        skew = two_phases(skewed, skew_sampling)
+        prefill = _prefill_c2(engine, ps, rows)
     finally:
         engine.close()
-    return {"plain": plain, "skewed": skew}
+    return {"plain": plain, "skewed": skew, "c2_prefill_seconds": prefill}
 
 
-def c2_seconds_without_cache(cfg, rows: list[dict], c1_texts: list[str]) -> float:
+def without_cache(cfg, rows: list[dict], c1_texts: list[str]) -> dict:
+    """C2 seconds (whole turn, and prefill alone) on an engine with the prefix cache off."""
     from casseat_ray.engines.vllm import VLLMEngine
     from casseat_ray.inference.turns import c1_conversation, c2_conversation, run_prompts
 
@@ -100,7 +120,8 @@ def c2_seconds_without_cache(cfg, rows: list[dict], c1_texts: list[str]) -> floa
         engine.chat([c1_conversation(r, ps["c1"]) for r in rows[:16]])  # warm-up
         t0 = time.perf_counter()
         engine.chat([c2_conversation(r, ps["c1"], c1, ps["teacher_c2"]) for r, c1 in zip(rows, c1_texts)])
-        return time.perf_counter() - t0
+        whole = time.perf_counter() - t0
+        return {"c2_seconds": whole, "c2_prefill_seconds": _prefill_c2(engine, ps, rows)}
     finally:
         engine.close()
 
@@ -238,8 +259,8 @@ def main() -> None:
     from casseat_ray.runtime import init_ray
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=96, help="N: 2N questions are run; the peer comparison also times N (default 96)")
-    ap.add_argument("--batch", type=int, default=16, help="rows per teacher batch (default 16)")
+    ap.add_argument("--n", type=int, default=256, help="N: 2N questions are run; the peer comparison also times N (default 256)")
+    ap.add_argument("--batch", type=int, default=64, help="rows per teacher batch (default 64)")
     ap.add_argument("--root", type=Path, default=Path("out/bench-synthesis"))
     ap.add_argument("--skip-peer", action="store_true", help="leave out the ray.data.llm peer")
     args = ap.parse_args()
@@ -247,29 +268,32 @@ def main() -> None:
     ensure_tiny(args.root / "models" / "student", "student", 0)
     data = make_demo_data(args.root / "data", n=2 * args.n, seed=7)
     cfg = _cfg(args.root, data, args.batch)
+    skew_cfg = _cfg(args.root, data, args.batch, max_tokens=SKEW_MAX_TOKENS)
     rows = _rows(data)
     skewed = _skewed(rows)
 
-    eng = engine_side(cfg, rows, skewed)
-    off = c2_seconds_without_cache(cfg, rows, eng["plain"]["c1"])
+    eng = engine_side(cfg, rows, skewed, skew_cfg.teacher.sampling)
+    off = without_cache(cfg, rows, eng["plain"]["c1"])
     init_ray(cfg.ray)
     _, pipe, _ = pipeline_run(cfg, rows, "ours")
-    _, pipe_skew, _ = pipeline_run(cfg, skewed, "ours")
+    _, pipe_skew, _ = pipeline_run(skew_cfg, skewed, "ours")
     _, sync, _ = pipeline_run(cfg, rows, "batch_sync")
-    _, sync_skew, _ = pipeline_run(cfg, skewed, "batch_sync")
+    _, sync_skew, _ = pipeline_run(skew_cfg, skewed, "batch_sync")
     engine_rate = len(rows) / eng["plain"]["seconds"]
     engine_skew = len(skewed) / eng["skewed"]["seconds"]
     result = {
         "rows": len(rows), "batch_size": args.batch, "max_tokens": MAX_TOKENS,
         "engine_limit_rows_per_s": round(engine_rate, 2), "pipeline_rows_per_s": round(pipe, 2),
         "engine_limit_ratio": round(pipe / engine_rate, 3),
-        "skewed_long_rows": sum(t >= MAX_TOKENS for t in eng["skewed"]["c1_tokens"]),
+        "skewed_max_tokens": SKEW_MAX_TOKENS, "skewed_long_rows": sum(t >= SKEW_MAX_TOKENS for t in eng["skewed"]["c1_tokens"]),
+        "skewed_mean_c1_tokens": round(sum(eng["skewed"]["c1_tokens"]) / len(skewed), 1),
         "skewed_engine_limit_rows_per_s": round(engine_skew, 2), "skewed_pipeline_rows_per_s": round(pipe_skew, 2),
         "skewed_engine_limit_ratio": round(pipe_skew / engine_skew, 3),
         "batch_sync_rows_per_s": round(sync, 2), "vs_batch_sync": round(pipe / sync, 3),
         "skewed_batch_sync_rows_per_s": round(sync_skew, 2), "skewed_vs_batch_sync": round(pipe_skew / sync_skew, 3),
-        "c2_seconds_prefix_cache_on": round(eng["plain"]["c2_seconds"], 3), "c2_seconds_prefix_cache_off": round(off, 3),
-        "c2_prefix_cache_speedup": round(off / eng["plain"]["c2_seconds"], 3),
+        "c2_seconds_prefix_cache_on": round(eng["plain"]["c2_seconds"], 3), "c2_seconds_prefix_cache_off": round(off["c2_seconds"], 3),
+        "c2_prefix_cache_speedup": round(off["c2_seconds"] / eng["plain"]["c2_seconds"], 3),
+        "c2_prefill_prefix_cache_speedup": round(off["c2_prefill_seconds"] / eng["c2_prefill_seconds"], 3),
     }
     if not args.skip_peer:
         ours, ours_texts = steady(lambda rs: pipeline_run(cfg, rs, "teacher_only"), rows)

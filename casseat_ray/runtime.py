@@ -26,7 +26,11 @@ def init_ray(cfg: RayConfig, quiet: bool = True, worker_output: bool = False) ->
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus, **kwargs)
+        # Ray starts workers at nice 15 so that its own daemons stay responsive; here the workers
+        # are the engines and the trainers doing the run's work, and on a small machine nice 15
+        # hands their CPU to the driver's polling (measured: the teacher stage at 0.78 of the
+        # engine's own rate at nice 15, 0.90 at 0).
+        ray.init(num_cpus=cfg.num_cpus, _system_config={"worker_niceness": 0}, **kwargs)
     if quiet:
         from ray.data import DataContext
 
