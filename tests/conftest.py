@@ -20,6 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def casseat_cmd(*args: str) -> list[str]:
+    """The installed ``casseat`` command, or its module when the command is not on PATH."""
+    import shutil
+    import sys
+
+    exe = shutil.which("casseat")
+    return [exe, *args] if exe else [sys.executable, "-m", "casseat_ray.cli", *args]
+
+
 def shared_data(*parts: str) -> Path:
     """A file under ../shared/data, or a skip that says what is missing."""
     path = SHARED_DATA.joinpath(*parts)

@@ -3,7 +3,6 @@
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -11,9 +10,9 @@ SUBCOMMANDS = ["validate", "make-tiny", "make-demo-data", "data", "synthesize", 
 
 
 def casseat(*args, timeout=600):
-    exe = shutil.which("casseat") or sys.executable
-    cmd = [exe, *args] if exe != sys.executable else [exe, "-m", "casseat_ray.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    from tests.conftest import casseat_cmd
+
+    return subprocess.run(casseat_cmd(*args), capture_output=True, text=True, timeout=timeout)
 
 
 def test_help_reads_like_a_manual():

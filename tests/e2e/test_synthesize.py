@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, shared_data
+from tests.conftest import ROOT, casseat_cmd, shared_data
 from tests.e2e.test_cli import casseat
 
 pytestmark = pytest.mark.slow
@@ -97,8 +97,8 @@ def test_two_actor_run_writes_a_consistent_dataset(full_run):
     assert rejects.num_rows == 40 - kept
     # every sample and every reject names the source's own item: the demo's ids and MATH-V's
     mathv_ids = {json.loads(line)["id"] for line in shared_data("math-v", "testmini.jsonl").open()}
-    for r in sft + rejects.to_pylist():
-        assert r["source_id"] in mathv_ids if r["source"] == "mathv" else r["source_id"].startswith("demo-0-"), r
+    for x in sft + rejects.to_pylist():
+        assert x["source_id"] in mathv_ids if x["source"] == "mathv" else x["source_id"].startswith("demo-0-"), x
     parts = pq.read_table(run / "work" / "parts")
     assert parts.num_rows == 40 and len(set(parts["sample_id"].to_pylist())) == 40
     assert "mathv" in set(parts["source"].to_pylist()) and all(t for t in parts["c1_texts"].to_pylist())
@@ -115,9 +115,7 @@ def test_two_actor_run_writes_a_consistent_dataset(full_run):
 def test_killed_run_resumes_to_the_same_sft_set(full_run, tiny_models, demo_parquet):
     tmp, _, _ = full_run
     args = _overrides(tmp, tiny_models, demo_parquet, "resumed")
-    exe = str(Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "casseat")
-    exe = exe if Path(exe).exists() else "casseat"
-    proc = subprocess.Popen([exe, "synthesize", "--config", str(CONFIG), *args, "--no-progress"],
+    proc = subprocess.Popen(casseat_cmd("synthesize", "--config", str(CONFIG), *args, "--no-progress"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     parts = tmp / "resumed" / "work" / "parts"
     deadline = time.time() + 600

@@ -16,7 +16,7 @@ from casseat_ray.config import Config, ConfigError, to_yaml
 from casseat_ray.demo import TINY_ENGINE
 from casseat_ray.train import run as train_run
 from casseat_ray.train.run import read_metrics
-from tests.conftest import ROOT, make_sft
+from tests.conftest import casseat_cmd, make_sft
 
 pytestmark = pytest.mark.slow
 
@@ -118,9 +118,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_models, sft, ray_
     cfg = _cfg(tmp_path, tiny_models, "killed", epochs=0.75)
     path = tmp_path / "killed.yaml"
     path.write_text(to_yaml(cfg))
-    exe = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "casseat"
-    cmd = [str(exe) if exe.exists() else "casseat", "train", "--config", str(path), "--data", str(sft)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(casseat_cmd("train", "--config", str(path), "--data", str(sft)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     storage = tmp_path / "ray" / "killed"
     deadline = time.time() + 300
     while not list(storage.glob("checkpoint_*")) and time.time() < deadline and proc.poll() is None:
