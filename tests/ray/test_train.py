@@ -118,7 +118,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_models, sft, ray_
     cfg = _cfg(tmp_path, tiny_models, "killed", epochs=0.75)
     path = tmp_path / "killed.yaml"
     path.write_text(to_yaml(cfg))
-    proc = subprocess.Popen(casseat_cmd("train", "--config", str(path), "--data", str(sft)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = casseat_cmd("train", "--config", str(path), "--data", str(sft))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     storage = tmp_path / "ray" / "killed"
     deadline = time.time() + 300
     while not list(storage.glob("checkpoint_*")) and time.time() < deadline and proc.poll() is None:
