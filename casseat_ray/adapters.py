@@ -13,6 +13,7 @@ def adapter_weights(path: Path) -> Path | None:
 
 
 def adapter_config(path: Path) -> dict:
+    """An adapter folder's adapter_config.json (rank ``r``, ``lora_alpha``, ...)."""
     return json.loads((Path(path) / "adapter_config.json").read_text())
 
 
@@ -25,7 +26,7 @@ def adapter_problems(path: Path, key: str, student: str | None) -> tuple[list[st
     if not conf.is_file() or adapter_weights(path) is None:
         return [f"{key}: {path} is not a peft adapter (adapter_config.json and adapter_model.safetensors expected)"], {}
     try:
-        meta = json.loads(conf.read_text())
+        meta = adapter_config(path)
     except json.JSONDecodeError as e:
         return [f"{key}: {conf} is not valid JSON: {e}"], {}
     problems = []

@@ -477,10 +477,13 @@ def is_hub_id(ref: str) -> bool:
     return bool(_HUB_ID.match(ref)) and ".." not in ref and "--" not in ref and not ref.endswith((".", "-"))
 
 
+_PATH_FORMS = ("/", "./", "../", "~")  # how a model reference says it is a path
+
+
 def _looks_local(ref: str) -> bool:
     """A model reference meant as a folder: a path form, an existing path, or anything the hub
     could not name (``out/tiny/models/teachr`` is a mistyped folder, not a hub id)."""
-    return ref.startswith(("/", "./", "../", "~")) or os.path.exists(ref) or not is_hub_id(ref)
+    return ref.startswith(_PATH_FORMS) or os.path.exists(ref) or not is_hub_id(ref)
 
 
 def with_absolute_models(cfg: Config) -> Config:
@@ -525,7 +528,7 @@ def check_inputs(cfg: Config, parts: tuple[str, ...] = INPUT_PARTS) -> list[str]
         if role in parts and section is not None and _looks_local(section.model):
             before = len(problems)
             need(f"{role}.model", section.model, "model directory", is_dir=True)
-            if len(problems) > before and not is_hub_id(section.model) and not section.model.startswith(("/", "./", "../", "~")):
+            if len(problems) > before and not is_hub_id(section.model) and not section.model.startswith(_PATH_FORMS):
                 problems[-1] += " (nor is it a hub id such as Qwen/Qwen2-VL-2B-Instruct)"
     if "student" in parts:
         need("train.init_adapter", cfg.train.init_adapter, "adapter", is_dir=True)

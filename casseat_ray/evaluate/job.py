@@ -10,13 +10,12 @@ so a rerun skips what is done. When every row is in a part, ``report.finalize`` 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from casseat_ray import parts as partstore
 from casseat_ray import storage
-from casseat_ray.adapters import adapter_problems, adapter_weights
+from casseat_ray.adapters import adapter_config, adapter_problems, adapter_weights
 from casseat_ray.config import Config, ConfigError, PlacementConfig
 from casseat_ray.evaluate.items import expand_batch
 from casseat_ray.inference.modes import RESULT_FIELDS, ModeCall, run_mode
@@ -50,7 +49,7 @@ def student_engine(cfg: Config):
     engine = cfg.evaluate.engine or cfg.student.engine
     if "tuned" not in cfg.evaluate.models:
         return engine
-    rank = json.loads((adapter_path(cfg) / "adapter_config.json").read_text()).get("r", 8)
+    rank = adapter_config(adapter_path(cfg)).get("r", 8)
     return engine.model_copy(update={"enable_lora": True, "max_lora_rank": max(engine.max_lora_rank, _lora_rank_slot(rank))})
 
 
@@ -139,7 +138,8 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
     cfg = with_absolute_models(cfg)
     e = cfg.evaluate
     out_dir = cfg.run_dir / "eval"
-    parts = partstore.prepare(out_dir / "work", fingerprint(cfg), fresh, str(out_dir))
+    stamp = fingerprint(cfg)  # once: it stats every benchmark file and the adapter
+    parts = partstore.prepare(out_dir / "work", stamp, fresh, str(out_dir))
     init_ray(cfg.ray)
     items = data.load(cfg, sources=list(e.benchmarks), filtered=False).materialize()
     funnel = data.funnel(items)
@@ -176,7 +176,7 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
             for block in spec.apply(work).iter_batches(batch_size=None, batch_format="pyarrow"):
                 if block.num_rows == 0:
                     continue
-                partstore.record_stamp(parts, fingerprint(cfg))
+                partstore.record_stamp(parts, stamp)  # with the first part (a no-op once recorded)
                 partstore.write_part(parts, block.drop_columns(["image"]), "key")
                 written += block.num_rows
                 bars.update(block)

@@ -157,11 +157,10 @@ def failure(stats: dict, max_error_share: float) -> str | None:
         return (f"{sum(errors.values())} of {asked} questions failed with errors ({', '.join(f'{r} {n}' for r, n in sorted(errors.items()))}), "
                 f"over synthesis.max_error_share={max_error_share}; see rejects.parquet for the messages")
     if stats["sft"]["samples"] == 0:
-        reasons = {}
+        reasons: Counter = Counter()
         for st in stats["stages"].values():
-            for r, n in st["rejected"].items():
-                reasons[r] = reasons.get(r, 0) + n
-        top = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5])
+            reasons.update(st["rejected"])
+        top = ", ".join(f"{r} {n}" for r, n in reasons.most_common(5))
         return f"the SFT set is empty: no question was kept (rejects: {top or 'none'})"
     return None
 

@@ -50,9 +50,10 @@ def fingerprint(cfg: Config) -> dict:
     return partstore.fingerprint(cfg, FINGERPRINT_KEYS, SCHEDULING, extra)
 
 
-def prepare_work_dir(cfg: Config, fresh: bool):
-    """The parts folder for this run. Refuses to mix outputs of a different config into it."""
-    return partstore.prepare(cfg.run_dir / "work", fingerprint(cfg), fresh, str(cfg.run_dir))
+def prepare_work_dir(cfg: Config, fresh: bool, stamp: dict | None = None):
+    """The parts folder for this run. Refuses to mix outputs of a different config into it
+    (``stamp``: the run's ``fingerprint``, when the caller has it already)."""
+    return partstore.prepare(cfg.run_dir / "work", stamp or fingerprint(cfg), fresh, str(cfg.run_dir))
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -77,7 +78,8 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
     if cfg.teacher is None or cfg.student is None:
         raise ConfigError("synthesize needs teacher.model and student.model (the student's processor counts sample lengths)")
     run_dir = cfg.run_dir
-    parts = prepare_work_dir(cfg, fresh)
+    stamp = fingerprint(cfg)  # once: it stats every source file
+    parts = prepare_work_dir(cfg, fresh, stamp)
     partstore.atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     init_ray(cfg.ray)
     # One teacher batch per block, cut before any actor holds a CPU: each finished block then
@@ -98,7 +100,8 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
             for block in build(cfg, source, done).iter_batches(batch_size=None, batch_format="pyarrow"):
                 if block.num_rows == 0:
                     continue
-                partstore.record_stamp(parts, fingerprint(cfg))  # with the first part: a run that did nothing binds nothing
+                if not written:  # with the first part: a run that did nothing binds nothing
+                    partstore.record_stamp(parts, stamp)
                 partstore.write_part(parts, block)
                 processed += block.num_rows
                 written += 1

@@ -87,6 +87,12 @@ def segments(messages: list[dict], processor, trained: list[int]) -> list[tuple[
     return [(t, lab) for t, lab in pieces if t]
 
 
+def _check_markers(messages: list[dict], n_images: int) -> None:
+    n_markers = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if n_markers != n_images:
+        raise ValueError(f"{n_markers} {IMAGE_TOKEN} markers but {n_images} images")
+
+
 def _images(row: dict) -> list:
     from PIL import Image
 
@@ -101,9 +107,7 @@ def encode(row: dict, processor, label_mode: str = "last_assistant") -> Encoded:
     """Tokenize one SFT row; labels are the token ids inside trained assistant spans."""
     messages = list(row["messages"])
     images = _images(row)
-    n_markers = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-    if n_markers != len(images):
-        raise ValueError(f"{n_markers} {IMAGE_TOKEN} markers but {len(images)} images")
+    _check_markers(messages, len(images))
     trained = label_turns(messages, row.get("loss_on") or "all", label_mode)
     tok = processor.tokenizer
     image_token = getattr(processor, "image_token", None)
@@ -141,8 +145,7 @@ def count_tokens(row: dict, processor) -> int:
 
     messages = list(row["messages"])
     sizes = [Image.open(io.BytesIO(data)).size for data in row.get("images") or []]  # the header only
-    if sum(m["content"].count(IMAGE_TOKEN) for m in messages) != len(sizes):
-        raise ValueError(f"{sum(m['content'].count(IMAGE_TOKEN) for m in messages)} {IMAGE_TOKEN} markers but {len(sizes)} images")
+    _check_markers(messages, len(sizes))
     image_token = getattr(processor, "image_token", None)
     per_image = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in sizes])["num_image_tokens"] if sizes else []
     trained = label_turns(messages, row.get("loss_on") or "all", "all_assistant")
