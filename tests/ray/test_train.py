@@ -122,7 +122,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_models, sft, ray_
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     storage = tmp_path / "ray" / "killed"
     deadline = time.time() + 300
-    while not list(storage.glob("checkpoint_*")) and time.time() < deadline and proc.poll() is None:
+    # Killed once Ray Train has registered a checkpoint (its snapshot names it), not merely
+    # when a checkpoint folder appears: one still being copied is not resumed from.
+    snapshot = storage / "checkpoint_manager_snapshot.json"
+    while time.time() < deadline and proc.poll() is None and not (snapshot.exists() and "checkpoint_dir_name" in snapshot.read_text()):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -140,7 +143,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_models, sft, ray_
     assert worst < 1e-5, worst  # the stated tolerance: resumed weights match to 1e-5
     assert [r["step"] for r in read_metrics(train_run.train_dir(cfg) / "metrics.jsonl")] == list(range(1, 13))
     # the workers' progress lines reach the user's console: the first step, every log_every-th, the last
-    start = int(re.search(r"\[casseat train\] training: .*resuming at step (\d+)", resumed.stdout).group(1))
+    resuming = re.search(r"\[casseat train\] training: .*resuming at step (\d+)", resumed.stdout)
+    assert resuming, resumed.stdout[-2000:]
+    start = int(resuming.group(1))
+    assert start >= cfg.train.checkpoint_every and start % cfg.train.checkpoint_every == 0, start
     printed = [int(m) for m in re.findall(r"\[casseat train\] step=(\d+) ", resumed.stdout)]
     assert printed == sorted({start + 1, 12} | {s for s in range(start + 1, 13) if s % cfg.train.log_every == 0}), printed
 
