@@ -299,6 +299,9 @@ def cmd_synthesize(args) -> int:
         return EXIT_FAIL
     _print_funnel_stats(stats)
     print(f"\nSFT set: {stats['sft']['samples']} samples ({', '.join(f'{k} {v}' for k, v in stats['sft']['by_kind'].items()) or 'none'}) in {cfg.run_dir / 'sft'}")
+    if stats.get("rows_retryable"):
+        print(f"{stats['rows_retryable']} question(s) failed with engine errors or timeouts; rerun the same command to retry only those",
+              file=sys.stderr)
     if stats.get("failed"):
         print(f"synthesis failed: {stats['failed']}", file=sys.stderr)
         return EXIT_FAIL

@@ -7,6 +7,7 @@ the dotted key, where it came from (the file or the command line) and what was e
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -106,6 +107,9 @@ class EngineConfig(Section):
     max_lora_rank: int = F(16, "Largest LoRA rank the engine accepts when enable_lora is on.", ge=1)
     max_num_seqs: int | None = F(None, "Concurrent sequences per engine step (None: vLLM's default).", ge=1)
     max_in_flight: int | None = F(None, "Rows one actor keeps in flight on its engine across Ray Data batches, each running its own cascade (None: the engine's max_num_seqs).", ge=1)
+    request_timeout_s: float | None = F(None, "Seconds one request may take; a request still running then is aborted and fails its row as engine_error, which a rerun of the same command retries (None: no limit).", gt=0)
+    backend: str | None = F(None, "The engine class, as 'package.module:Class' taking (model, engine config) and answering the casseat_ray.engines.Engine interface (None: vLLM).",
+                            pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     enforce_eager: bool = F(False, "Disable CUDA graphs (faster start, slower steps).")
     seed: int = F(0, "Engine seed.")
     extra: dict[str, Any] = F({}, "Any other vllm.LLM keyword arguments, passed through unchanged.")
@@ -537,6 +541,17 @@ def check_inputs(cfg: Config, parts: tuple[str, ...] = INPUT_PARTS) -> list[str]
         need("ddf_labeled.judge.model", judge.model, "model directory", is_dir=True)
     for key, p in (("synthesis.prompts." + k, v) for k, v in cfg.synthesis.prompts):
         need(key, p, "prompt file")
+    engines = [(f"{r}.engine", getattr(cfg, r).engine) for r in ("teacher", "student") if r in parts and getattr(cfg, r) is not None]
+    if "teacher" in parts and judge.enabled and judge.engine is not None:
+        engines.append(("ddf_labeled.judge.engine", judge.engine))
+    for key, engine in engines:
+        module = engine.backend.split(":")[0] if engine.backend else None
+        try:
+            found = module is None or importlib.util.find_spec(module) is not None
+        except ImportError:  # a missing parent package
+            found = False
+        if not found:
+            problems.append(f"{key}.backend: module not found: {module}")
     return problems
 
 

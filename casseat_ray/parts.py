@@ -92,11 +92,39 @@ def record_stamp(parts: Path, stamp: dict) -> None:
         atomic_write_text(stamp_file, json.dumps(stamp, indent=2, sort_keys=True))
 
 
-def done_ids(parts: Path, id_column: str = "sample_id") -> set[str]:
+def _final(reason: str | None, retry: tuple[str, ...]) -> bool:
+    return reason is None or reason not in retry
+
+
+def done_ids(parts: Path, id_column: str = "sample_id", retry: tuple[str, ...] = ()) -> set[str]:
+    """Ids with a final row in a part. A row rejected for a reason in ``retry`` (a transient
+    failure: an engine error, a request that timed out) is not final: a rerun tries it again."""
     ids: set[str] = set()
     for f in sorted(parts.glob(PART_GLOB)):
-        ids.update(pq.read_table(f, columns=[id_column])[id_column].to_pylist())
+        t = pq.read_table(f, columns=[id_column, "reject_reason"] if retry else [id_column]).to_pydict()
+        ids.update(k for k, reason in zip(t[id_column], t.get("reject_reason", [None] * len(t[id_column]))) if _final(reason, retry))
     return ids
+
+
+def read_parts(parts: Path, columns: list[str] | None = None, id_column: str = "sample_id", retry: tuple[str, ...] = ()):
+    """Each part's table (``columns`` of it), holding one row per id over all parts: an id
+    retried by a rerun keeps its final row, not the failed attempts before it; an id that
+    failed on every attempt keeps its latest attempt."""
+    files = sorted(parts.glob(PART_GLOB), key=lambda f: (f.stat().st_mtime_ns, f.name))  # in the order written
+    keep: dict[str, tuple[int, int, bool]] = {}  # id -> (file, row, final) of the row that stands
+    for i, f in enumerate(files):
+        t = pq.read_table(f, columns=[id_column, "reject_reason"]).to_pydict()
+        for j, (key, reason) in enumerate(zip(t[id_column], t["reject_reason"])):
+            held = keep.get(key)
+            if held is None or not held[2]:  # a later attempt replaces a failed one; a final row stands
+                keep[key] = (i, j, _final(reason, retry))
+    rows: dict[int, list[int]] = {}
+    for i, j, _ in keep.values():
+        rows.setdefault(i, []).append(j)
+    for i, f in enumerate(files):
+        t = pq.read_table(f, columns=columns)
+        mine = sorted(rows.get(i, []))
+        yield t if len(mine) == t.num_rows else t.take(pa.array(mine, pa.int64()))
 
 
 def not_done(batch: pa.Table, done: set[str], id_column: str = "sample_id") -> pa.Table:

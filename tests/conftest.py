@@ -39,10 +39,13 @@ def shared_data(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from casseat_ray.tiny import make_tiny
+    """The tiny teacher and student, built for the session (a few minutes), or kept in
+    ``$CASSEAT_TEST_MODELS`` and reused while their recipe is unchanged."""
+    from casseat_ray.demo import ensure_tiny
 
-    root = tmp_path_factory.mktemp("tiny")
-    return {role: make_tiny(root / role, role=role, seed=0) for role in ("teacher", "student")}
+    kept = os.environ.get("CASSEAT_TEST_MODELS")
+    root = Path(kept) if kept else tmp_path_factory.mktemp("tiny")
+    return {role: ensure_tiny(root / role, role, 0) for role in ("teacher", "student")}
 
 
 @pytest.fixture(scope="session")
@@ -143,6 +146,19 @@ def aft_responses(row: dict) -> list[str]:
     wrong = next((c for c in row.get("choices") or [] if c != truth), None) or f"{truth}0"
     step = "Step 1: I look at the image.\nStep 2: I read the values it shows."
     return [f"{step}\nThe answer is {truth}.", f"I guess without looking.\nThe answer is {wrong}.", "I am not sure what it"]
+
+
+def train_config(tmp: Path, tiny_models, name: str, **train):
+    """A training config for the tiny student on 2 CPUs, checkpoints under ``tmp/ray``."""
+    from casseat_ray.config import Config
+    from casseat_ray.demo import TINY_ENGINE
+
+    t = dict(epochs=2, lr=2e-3, batch_size=2, grad_accum=1, num_workers=1, checkpoint_every=3, warmup_ratio=0.1)
+    t.update(train)
+    return Config.model_validate(dict(
+        name=name, output_dir=str(tmp), student=dict(model=str(tiny_models["student"]), engine=TINY_ENGINE),
+        train=t, ray=dict(num_cpus=2, storage_path=str(tmp / "ray")),
+    ))
 
 
 def make_sft(out: Path, n_rows: int = 16, seed: int = 5, aft: bool = False) -> Path:

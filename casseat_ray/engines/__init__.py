@@ -63,6 +63,18 @@ class Engine(Protocol):
         ...
 
 
+def create(model: str, engine_config) -> Engine:
+    """The engine ``engine_config.backend`` names (vLLM when None) for ``model``."""
+    if engine_config.backend is None:
+        from casseat_ray.engines.vllm import VLLMEngine
+
+        return VLLMEngine(model, engine_config)
+    import importlib
+
+    module, name = engine_config.backend.split(":")
+    return getattr(importlib.import_module(module), name)(model, engine_config)
+
+
 def text_part(text: str) -> dict:
     return {"type": "text", "text": text}
 

@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from casseat_ray.config import EngineConfig, PlacementConfig
-from casseat_ray.engines import EngineDead
+from casseat_ray.engines import Completion, EngineDead, failed
 from casseat_ray.rows import pending, reject, with_columns
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,34 @@ def in_flight_limit(engine: EngineConfig) -> int:
     return engine.max_in_flight or engine.max_num_seqs or DEFAULT_MAX_NUM_SEQS
 
 
+class TimedEngine:
+    """``engine`` whose requests fail as engine errors after ``timeout`` seconds. The timeout
+    cancels the caller's await, and the cancellation reaches the backend (vLLM aborts the
+    request), so a hung request neither holds its row nor keeps the engine busy."""
+
+    def __init__(self, engine, timeout: float):
+        self.inner, self.timeout, self.model = engine, timeout, engine.model
+
+    async def generate(self, conversation: list[dict], sampling=None, adapter: str | None = None) -> list[Completion]:
+        try:
+            return await asyncio.wait_for(self.inner.generate(conversation, sampling, adapter), self.timeout)
+        except TimeoutError:
+            return [failed(f"timeout: no reply within {self.timeout:g}s (engine.request_timeout_s)")]
+
+    def __getattr__(self, name: str):  # chat, close, max_num_seqs, ...: the engine's own
+        return getattr(self.inner, name)
+
+
 class EngineStage:
     """Owns one engine; runs ``task`` for every pending row of the batches it is handed."""
 
     def __init__(self, task, model: str, engine_config: EngineConfig, engine=None):
         if engine is None:
-            from casseat_ray.engines.vllm import VLLMEngine
+            from casseat_ray.engines import create
 
-            engine = VLLMEngine(model, engine_config)
+            engine = create(model, engine_config)
+        if engine_config.request_timeout_s:
+            engine = TimedEngine(engine, engine_config.request_timeout_s)
         self.task, self.engine = task, engine
         # the engine knows its real max_num_seqs once started; the config's value when set
         self.limit = engine_config.max_in_flight or getattr(engine, "max_num_seqs", None) or in_flight_limit(engine_config)

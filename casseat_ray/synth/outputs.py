@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from casseat_ray.config import Config
 from casseat_ray.data import is_written_reject
 from casseat_ray.inference.turns import run_prompts
-from casseat_ray.parts import PART_GLOB, atomic_write_text
+from casseat_ray.parts import atomic_write_text, read_parts
 from casseat_ray.rows import REJECT_SCHEMA
 from casseat_ray.synth.mix import cot_sample, left_out, mix_questions, seat_sample, self_eval_sample
 
@@ -93,8 +93,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict) -> dict:
     run_dir = cfg.run_dir
-    files = sorted(parts.glob(PART_GLOB))
-    light = [r for f in files for r in pq.read_table(f, columns=LIGHT).to_pylist()]
+    light = [r for t in read_parts(parts, LIGHT, retry=RETRY_REASONS) for r in t.to_pylist()]
     chosen, dropped, candidates = choose(light, cfg)
     ps = run_prompts(cfg)
 
@@ -112,8 +111,7 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
         r for b in source.select_columns(list(REJECT_SCHEMA.names)).iter_batches(batch_format="pyarrow")
         for r in b.to_pylist() if is_written_reject(r["reject_reason"], cfg.ddf_source.write_over_budget)
     ]
-    for f in files:
-        table = pq.read_table(f)
+    for table in read_parts(parts, retry=RETRY_REASONS):
         rejected = table.select(list(REJECT_SCHEMA.names)).filter(pc.is_valid(table["reject_reason"]))
         rejects += rejected.to_pylist()
         for r in table.filter(pc.is_in(table["sample_id"], value_set=mixed_out)).select(list(REJECT_SCHEMA.names)).to_pylist():
@@ -145,6 +143,10 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
 
 
 ERROR_REASONS = ("engine_error", "stage_error", "label_error", "judge_error")  # failures, not the teacher's answers
+# Failures of the moment (an engine error, a request that timed out), not of the row: a rerun
+# of the same command tries these rows again. A bug on one row (stage_error, label_error)
+# would fail the same way again.
+RETRY_REASONS = ("engine_error", "judge_error")
 
 
 def failure(stats: dict, max_error_share: float) -> str | None:
@@ -197,6 +199,7 @@ def compute_stats(cfg: Config, source_funnel: dict, light: list[dict], candidate
             "c2_skipped": dict(sorted(skipped.items())),
         },
         "too_long_samples": dict(sorted(too_long.items())),  # samples over the student budget, dropped alone
+        "rows_retryable": sum(r["reject_reason"] in RETRY_REASONS for r in light),  # a rerun retries these
         "rows_processed": timing["processed_rows"],
         "rows_resumed": timing["resumed_rows"],
         "rows_per_s": round(timing["processed_rows"] / loop, 3) if loop > 0 and timing["processed_rows"] else None,

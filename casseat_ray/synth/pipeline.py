@@ -30,9 +30,10 @@ from casseat_ray.config import Config, ConfigError, to_yaml
 # actors run, how batches are cut and how many rows are in flight are not among them (a
 # resumed run may scale out).
 FINGERPRINT_KEYS = ("sources", "images", "ddf_source", "teacher", "synthesis", "ddf_labeled", "seed")
-SCHEDULING = {"teacher": ("concurrency", "num_cpus", "num_gpus", "batch_size", "placement"), "teacher.engine": ("max_in_flight",),
+SCHEDULING = {"teacher": ("concurrency", "num_cpus", "num_gpus", "batch_size", "placement"), "teacher.engine": ("max_in_flight", "request_timeout_s"),
               "synthesis": ("max_error_share",),
-              "ddf_labeled": ("concurrency", "num_cpus"), "ddf_labeled.judge": ("concurrency", "num_cpus", "num_gpus", "batch_size")}
+              "ddf_labeled": ("concurrency", "num_cpus"), "ddf_labeled.judge": ("concurrency", "num_cpus", "num_gpus", "batch_size"),
+              "ddf_labeled.judge.engine": ("max_in_flight", "request_timeout_s")}
 # Bumped when the columns of a part change: parts of another layout cannot be resumed.
 PARTS_LAYOUT = 3
 
@@ -89,7 +90,7 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
     source_funnel = data.funnel(source)
     if source_funnel["accepted"] == 0:  # before any engine starts
         raise ConfigError(data.nothing_accepted(source_funnel))
-    done = partstore.done_ids(parts)
+    done = partstore.done_ids(parts, retry=outputs.RETRY_REASONS)  # transient failures are tried again
     accepted = source_funnel["accepted"]
     todo = accepted - len(done)
     processed, written = 0, 0

@@ -13,12 +13,12 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
 
 from casseat_ray.config import Config, LoraConfig
+from casseat_ray.train import checkpoints
 
 VISION_PARTS = ("visual", "vision_tower", "vision_model", "image_encoder")
 PROJECTOR_NAMES = ("merger", "multi_modal_projector", "mm_projector")
@@ -306,16 +306,17 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total), num_training_steps=total)
     start, skipped = 0, 0
-    ckpt = ray.train.get_checkpoint()
+    ckpt, passed_over = checkpoints.choose(ray.train.get_checkpoint())
+    if rank == 0:
+        for note in passed_over:
+            _log(note)
     if ckpt:
         with ckpt.as_directory() as d:
-            from safetensors.torch import load_file
-
-            load_trainable_state(model, load_file(os.path.join(d, "trainable.safetensors")))
-            load_optimizer_state(optimizer, torch.load(os.path.join(d, "optimizer.pt"), weights_only=False))
-            scheduler.load_state_dict(torch.load(os.path.join(d, "scheduler.pt"), weights_only=False))
-            state = json.loads(Path(d, "state.json").read_text())
-            start, skipped = state["step"], state["skipped_nonfinite"]
+            weights, opt_state, sched_state, state = checkpoints.read(d)
+        load_trainable_state(model, weights)
+        load_optimizer_state(optimizer, opt_state)
+        scheduler.load_state_dict(sched_state)
+        start, skipped = state["step"], state["skipped_nonfinite"]
 
     metrics_file = out_dir / "metrics.jsonl"
     if rank == 0:
@@ -409,12 +410,8 @@ def train_loop_per_worker(config: dict) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
                 if rank == 0:
-                    from safetensors.torch import save_file
-
-                    save_file(weights, os.path.join(tmp, "trainable.safetensors"))
-                    torch.save(opt_state, os.path.join(tmp, "optimizer.pt"))
-                    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-                    Path(tmp, "state.json").write_text(json.dumps({"step": step + 1, "epoch": epoch, "skipped_nonfinite": skipped}))
+                    checkpoints.write(tmp, weights, opt_state, scheduler.state_dict(),
+                                      {"step": step + 1, "epoch": epoch, "skipped_nonfinite": skipped})
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(record, checkpoint=checkpoint)  # a barrier: every rank reports
     weights = trainable_state(model)

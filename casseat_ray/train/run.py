@@ -32,7 +32,8 @@ def checkpoint_dir(cfg: Config) -> str:
 
 
 def has_checkpoints(cfg: Config) -> bool:
-    return any(n.startswith("checkpoint_") for n in storage.list_names(checkpoint_dir(cfg)))
+    # checkpoint folders; Ray Train's checkpoint_manager_snapshot.json shares their prefix
+    return any(n.startswith("checkpoint_") and not n.endswith(".json") for n in storage.list_names(checkpoint_dir(cfg)))
 
 
 def check_run_name(cfg: Config, resume: bool) -> str:

@@ -93,3 +93,25 @@ def test_a_reply_no_rule_parses_is_scored_on_the_model_extractor(teacher_engine,
     expected = parse_extraction(reply.text)
     assert expected is not None  # the tiny teacher always says something
     assert extracted["c1_scores"][0] == scored_dict(score(text, row, extraction=expected, method="model"))
+
+
+def test_a_request_over_its_timeout_fails_alone_and_is_aborted_in_the_engine(teacher_engine, demo_rows):
+    import asyncio
+    import time
+
+    from casseat_ray.inference.stage import TimedEngine
+
+    timed = TimedEngine(teacher_engine, 0.3)
+    convs = [c1_conversation(r, prompts.load("c1")) for r in demo_rows[:2]]
+
+    async def both():
+        return await asyncio.gather(timed.generate(convs[0], SamplingConfig(max_tokens=1500, temperature=1.0, n=4)),
+                                    teacher_engine.generate(convs[1], SamplingConfig(max_tokens=8)))
+
+    (slow,), (quick,) = asyncio.run(both())
+    assert slow.finish_reason == "error" and slow.error.startswith("timeout: no reply within 0.3s")
+    assert quick.error is None and quick.text  # its neighbour is unaffected
+    deadline = time.time() + 10
+    while teacher_engine.llm.output_processor.has_unfinished_requests() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not teacher_engine.llm.output_processor.has_unfinished_requests()  # the timed-out request was aborted

@@ -1,33 +1,19 @@
 """Student LoRA training on real Ray Train with the tiny student on CPU."""
 
-import json
-import os
-import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from casseat_ray.config import Config, ConfigError, to_yaml
+from casseat_ray.config import ConfigError
 from casseat_ray.demo import TINY_ENGINE
 from casseat_ray.train import run as train_run
 from casseat_ray.train.run import read_metrics
-from tests.conftest import casseat_cmd, make_sft
+from tests.conftest import make_sft
+from tests.conftest import train_config as _cfg
 
 pytestmark = pytest.mark.slow
-
-
-def _cfg(tmp: Path, tiny_models, name: str, **train) -> Config:
-    t = dict(epochs=2, lr=2e-3, batch_size=2, grad_accum=1, num_workers=1, checkpoint_every=3, warmup_ratio=0.1)
-    t.update(train)
-    return Config.model_validate(dict(
-        name=name, output_dir=str(tmp), student=dict(model=str(tiny_models["student"]), engine=TINY_ENGINE),
-        train=t, ray=dict(num_cpus=2, storage_path=str(tmp / "ray")),
-    ))
 
 
 @pytest.fixture(scope="module")
@@ -109,46 +95,6 @@ def test_packed_rows_with_a_trainable_projector(tmp_path, tiny_models, sft, ray_
     for name, value in merger.items():
         original = next(v for k, v in base.items() if k.endswith(name.split("merger.", 1)[1]) and "merger" in k)
         assert not torch.equal(value, original), name
-
-
-def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_models, sft, ray_session):
-    whole = _cfg(tmp_path, tiny_models, "whole", epochs=0.75)
-    train_run.run(whole, data=sft)
-    # the same run, killed after its first checkpoint, then resumed from the command line
-    cfg = _cfg(tmp_path, tiny_models, "killed", epochs=0.75)
-    path = tmp_path / "killed.yaml"
-    path.write_text(to_yaml(cfg))
-    cmd = casseat_cmd("train", "--config", str(path), "--data", str(sft))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    storage = tmp_path / "ray" / "killed"
-    deadline = time.time() + 300
-    # Killed once Ray Train has registered a checkpoint (its snapshot names it), not merely
-    # when a checkpoint folder appears: one still being copied is not resumed from.
-    snapshot = storage / "checkpoint_manager_snapshot.json"
-    while time.time() < deadline and proc.poll() is None and not (snapshot.exists() and "checkpoint_dir_name" in snapshot.read_text()):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert list(storage.glob("checkpoint_*")) and not (train_run.train_dir(cfg) / "summary.json").exists()
-    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "pass --resume" in refused.stderr
-    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = json.loads((train_run.train_dir(whole) / "summary.json").read_text())
-    b = json.loads((train_run.train_dir(cfg) / "summary.json").read_text())
-    assert a["steps"] == b["steps"] == 12
-    wa = load_file(str(train_run.train_dir(whole) / "adapter" / "adapter_model.safetensors"))
-    wb = load_file(str(train_run.train_dir(cfg) / "adapter" / "adapter_model.safetensors"))
-    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    assert worst < 1e-5, worst  # the stated tolerance: resumed weights match to 1e-5
-    assert [r["step"] for r in read_metrics(train_run.train_dir(cfg) / "metrics.jsonl")] == list(range(1, 13))
-    # the workers' progress lines reach the user's console: the first step, every log_every-th, the last
-    resuming = re.search(r"\[casseat train\] training: .*resuming at step (\d+)", resumed.stdout)
-    assert resuming, resumed.stdout[-2000:]
-    start = int(resuming.group(1))
-    assert start >= cfg.train.checkpoint_every and start % cfg.train.checkpoint_every == 0, start
-    printed = [int(m) for m in re.findall(r"\[casseat train\] step=(\d+) ", resumed.stdout)]
-    assert printed == sorted({start + 1, 12} | {s for s in range(start + 1, 13) if s % cfg.train.log_every == 0}), printed
 
 
 def test_adapter_loads_in_transformers_merges_and_changes_vllm_output(two_workers, tiny_models, demo_rows, tmp_path):

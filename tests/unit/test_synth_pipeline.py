@@ -51,6 +51,30 @@ def test_parts_are_named_by_content_and_written_whole(tmp_path):
     assert parts.done_ids(tmp_path) == {"a", "b"}
 
 
+def test_a_transient_failure_is_retried_and_its_final_row_stands(tmp_path):
+    import os
+
+    retry = ("engine_error",)
+    first = parts.write_part(tmp_path, pa.table({"sample_id": ["a", "b", "c"], "reject_reason": [None, "engine_error", "wrong_answer"],
+                                                 "x": [1, 2, 3]}))
+    assert parts.done_ids(tmp_path) == {"a", "b", "c"}  # without retry every row is final
+    assert parts.done_ids(tmp_path, retry=retry) == {"a", "c"}  # b's engine error is tried again
+    os.utime(first, ns=(1, 1))  # written before the retry's part
+    parts.write_part(tmp_path, pa.table({"sample_id": ["b"], "reject_reason": [None], "x": [20]}))
+    assert parts.done_ids(tmp_path, retry=retry) == {"a", "b", "c"}
+    rows = [r for t in parts.read_parts(tmp_path, retry=retry) for r in t.to_pylist()]
+    assert sorted((r["sample_id"], r["x"]) for r in rows) == [("a", 1), ("b", 20), ("c", 3)]  # one row per id: b's retry
+    # an id that failed on every attempt keeps its latest attempt
+    for f in tmp_path.glob("part-*.parquet"):
+        os.utime(f, ns=(2, 2))
+    late = parts.write_part(tmp_path, pa.table({"sample_id": ["d"], "reject_reason": ["engine_error"], "x": [4]}))
+    os.utime(late, ns=(3, 3))
+    again = parts.write_part(tmp_path, pa.table({"sample_id": ["d"], "reject_reason": ["engine_error"], "x": [40]}))
+    os.utime(again, ns=(4, 4))
+    rows = [r for t in parts.read_parts(tmp_path, columns=["sample_id", "x"], retry=retry) for r in t.to_pylist()]
+    assert sorted((r["sample_id"], r["x"]) for r in rows) == [("a", 1), ("b", 20), ("c", 3), ("d", 40)]
+
+
 def test_work_dir_refuses_a_changed_config_and_fresh_starts_over(tmp_path):
     cfg = _cfg(tmp_path)
     folder = pipeline.prepare_work_dir(cfg, fresh=False)

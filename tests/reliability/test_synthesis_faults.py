@@ -1,0 +1,60 @@
+"""Synthesis faults on real Ray Data and the real vLLM engine (tiny teacher), faults injected
+by tests/reliability/fault_engine.py through the config every teacher actor receives."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+
+from casseat_ray.config import load_config
+from casseat_ray.parts import read_parts
+from casseat_ray.synth import pipeline
+from casseat_ray.synth.outputs import RETRY_REASONS
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+CONFIG = ROOT / "jobs" / "configs" / "tiny-cpu.yaml"
+N = 8
+TIMEOUT = 15  # seconds; a tiny-teacher request takes about one
+
+
+def _config(tmp, tiny_models, demo_parquet, name: str, *extra: str):
+    return load_config(CONFIG, [f"sources=[{{name: demo, format: canonical, path: {demo_parquet}, max_samples: {N}}}]",
+                                f"name={name}", f"output_dir={tmp}", f"ray.storage_path={tmp / 'ray'}",
+                                f"teacher.model={tiny_models['teacher']}", f"student.model={tiny_models['student']}",
+                                "teacher.batch_size=4", *extra])
+
+
+def test_b9_a_hung_request_times_out_as_a_retryable_reject_and_a_rerun_retries_only_it(
+        tmp_path, tiny_models, demo_parquet, demo_rows, ray_session, figures):
+    counts = Counter(r["question"] for r in demo_rows[:N])
+    hung = [r["question"] for r in demo_rows[:N] if counts[r["question"]] == 1][:2]
+    assert len(hung) == 2
+    (tmp_path / "markers").mkdir()
+    cfg = _config(tmp_path, tiny_models, demo_parquet, "hang", "teacher.engine.backend=fault_engine:FaultEngine",
+                  f"teacher.engine.request_timeout_s={TIMEOUT}", "synthesis.max_error_share=0.5",
+                  f"teacher.engine.extra={{faults: {{hang_once: {json.dumps(hung)}, marker_dir: {tmp_path / 'markers'}}}}}")
+    first = pipeline.run(cfg, progress=False)
+    rejects = pq.read_table(cfg.run_dir / "rejects.parquet").to_pylist()
+    timed_out = [r for r in rejects if r["reject_reason"] == "engine_error"]
+    figures.update(rows=N, hung=len(hung), timeout_s=TIMEOUT, first_run_retryable=first["rows_retryable"],
+                   first_run_failed=first["failed"], first_run_seconds=first["wall_seconds"])
+    assert first["failed"] is None and first["rows_retryable"] == 2  # the job finished; the two rows wait for a retry
+    assert sorted(r["question"] for r in timed_out) == sorted(hung)
+    assert all(r["reject_stage"] == "ddf_labeled" and "C1: timeout: no reply within 15s" in r["reject_detail"] for r in timed_out)
+    assert first["stages"]["ddf_labeled"]["in"] == N
+
+    again = pipeline.run(cfg, progress=False)  # the same command: only the two rows run again
+    rejects = pq.read_table(cfg.run_dir / "rejects.parquet").to_pylist()
+    kept = [r for t in read_parts(cfg.run_dir / "work" / "parts", ["sample_id", "reject_reason"], retry=RETRY_REASONS) for r in t.to_pylist()]
+    raw = pq.read_table(cfg.run_dir / "work" / "parts", columns=["sample_id"]).num_rows
+    figures.update(rerun_processed=again["rows_processed"], rerun_resumed=again["rows_resumed"],
+                   rerun_retryable=again["rows_retryable"], parts_rows=raw, final_rows=len(kept), rerun_seconds=again["wall_seconds"])
+    assert again["rows_processed"] == 2 and again["rows_resumed"] == N - 2
+    assert again["rows_retryable"] == 0 and not any(r["reject_reason"] in RETRY_REASONS for r in rejects)
+    assert len(kept) == len({r["sample_id"] for r in kept}) == N and raw == N + 2  # each id once; the failed attempts superseded
+    stage = again["stages"]["ddf_labeled"]
+    assert stage["in"] == N and stage["out"] + sum(stage["rejected"].values()) == N and "engine_error" not in stage["rejected"]
