@@ -14,7 +14,7 @@ from tests.e2e.test_cli import casseat
 pytestmark = pytest.mark.slow
 CONFIG = ROOT / "jobs" / "configs" / "tiny-cpu.yaml"
 MODES = ["direct", "cot", "seat", "cascade", "best_of_n"]
-N = 96  # of the 304 testmini items
+N = 48  # of the 304 testmini items
 
 
 def _args(tmp, student, adapter, *extra):
@@ -56,7 +56,7 @@ def test_every_mode_scores_every_item_for_base_and_tuned(evaluated):
         bon = {i["sample_id"]: i["prediction"] for i in items if i["model"] == model and i["mode"] == "best_of_n"}
         assert bon == cot
     base = {(i["mode"], i["sample_id"]): i["prediction"] for i in items if i["model"] == "base"}
-    assert sum(base[(i["mode"], i["sample_id"])] != i["prediction"] for i in items if i["model"] == "tuned") > 20  # the adapter is applied
+    assert sum(base[(i["mode"], i["sample_id"])] != i["prediction"] for i in items if i["model"] == "tuned") > 10  # the adapter is applied
     assert f"| mathv | tuned | cascade | {N} |" in r.stdout  # the console summary table
 
 

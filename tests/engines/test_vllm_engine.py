@@ -101,15 +101,18 @@ def test_a_request_over_its_timeout_fails_alone_and_is_aborted_in_the_engine(tea
 
     from casseat_ray.inference.stage import TimedEngine
 
-    timed = TimedEngine(teacher_engine, 0.3)
     convs = [c1_conversation(r, prompts.load("c1")) for r in demo_rows[:2]]
+    long = SamplingConfig(max_tokens=1500, temperature=1.0, n=4)  # seeded: the same length every time
+    t0 = time.perf_counter()
+    assert len(teacher_engine.chat([convs[0]], long)[0]) == 4
+    took = time.perf_counter() - t0
+    timed = TimedEngine(teacher_engine, took / 3)  # the same request again cannot finish in time
 
     async def both():
-        return await asyncio.gather(timed.generate(convs[0], SamplingConfig(max_tokens=1500, temperature=1.0, n=4)),
-                                    teacher_engine.generate(convs[1], SamplingConfig(max_tokens=8)))
+        return await asyncio.gather(timed.generate(convs[0], long), teacher_engine.generate(convs[1], SamplingConfig(max_tokens=8)))
 
-    (slow,), (quick,) = asyncio.run(both())
-    assert slow.finish_reason == "error" and slow.error.startswith("timeout: no reply within 0.3s")
+    slow, (quick,) = asyncio.run(both())
+    assert len(slow) == 1 and slow[0].finish_reason == "error" and slow[0].error.startswith("timeout: no reply within"), slow[0]
     assert quick.error is None and quick.text  # its neighbour is unaffected
     deadline = time.time() + 10
     while teacher_engine.llm.output_processor.has_unfinished_requests() and time.time() < deadline:

@@ -4,6 +4,7 @@ by tests/reliability/fault_engine.py through the config every teacher actor rece
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -58,3 +59,25 @@ def test_b9_a_hung_request_times_out_as_a_retryable_reject_and_a_rerun_retries_o
     assert len(kept) == len({r["sample_id"] for r in kept}) == N and raw == N + 2  # each id once; the failed attempts superseded
     stage = again["stages"]["ddf_labeled"]
     assert stage["in"] == N and stage["out"] + sum(stage["rejected"].values()) == N and "engine_error" not in stage["rejected"]
+
+
+@pytest.mark.extended
+@pytest.mark.timeout(1200)  # the failure this guards against is a hang
+def test_f3_the_engine_killed_inside_a_live_actor_is_replaced_and_the_run_completes(
+        tmp_path, tiny_models, demo_parquet, demo_rows, ray_session, figures):
+    victim = next(r["question"] for r in demo_rows[:N] if sum(x["question"] == r["question"] for x in demo_rows[:N]) == 1)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    cfg = _config(tmp_path, tiny_models, demo_parquet, "die", "teacher.engine.backend=fault_engine:FaultEngine",
+                  f"teacher.engine.extra={{faults: {{die_once: {json.dumps([victim])}, marker_dir: {markers}}}}}")
+    t0 = time.time()
+    stats = pipeline.run(cfg, progress=False)
+    starts = len(list(markers.glob("start-*")))
+    raw = pq.read_table(cfg.run_dir / "work" / "parts", columns=["sample_id", "reject_reason"]).to_pylist()
+    figures.update(rows=N, engine_starts=starts, killed=len(list(markers.glob("die-*"))), seconds=round(time.time() - t0, 1),
+                   parts_rows=len(raw), rejected=dict(Counter(r["reject_reason"] for r in raw if r["reject_reason"])))
+    assert len(list(markers.glob("die-*"))) == 1  # the engine was killed once, mid-run
+    assert starts == 2  # the actor exited and Ray built one replacement: no retry storm against the dead engine
+    assert stats["failed"] is None and stats["stages"]["ddf_labeled"]["in"] == N
+    assert len(raw) == len({r["sample_id"] for r in raw}) == N  # every row once: the lost batch was redone, nothing twice
+    assert not any(r["reject_reason"] in RETRY_REASONS for r in raw)  # the killed engine's rows were retried whole, not failed
