@@ -273,8 +273,9 @@ and self-evaluation samples. Writes under OUTPUT_DIR/NAME:
   work/               finished teacher outputs, one part file per block
 
 Stopping (Ctrl-C, a killed driver, a lost node) loses only the blocks in flight: rerun the
-same command and it continues where it stopped, without duplicates. A rerun with a changed
-config is refused unless --fresh is given.
+same command and it continues where it stopped, without duplicates. Questions that failed
+with an engine error or ran past teacher.engine.request_timeout_s are sent again by the same
+rerun; nothing else is redone. A rerun with a changed config is refused unless --fresh is given.
 """
 
 
@@ -328,8 +329,9 @@ what an uninterrupted one does. Writes under OUTPUT_DIR/NAME/train:
   loss.png          the loss curve;  summary.json  steps, samples, dropped, workers
 
 Checkpoints (adapter, optimizer, scheduler, step) go to RAY.STORAGE_PATH/NAME every
-train.checkpoint_every steps. A killed run continues with --resume; reusing a name that has
-checkpoints without --resume is refused.
+train.checkpoint_every steps. A killed run continues with --resume, from the newest complete
+checkpoint (a torn one, cut short by the kill or a full disk, is passed over, and the log says
+so); reusing a name that has checkpoints without --resume is refused.
 """
 
 EXPORT_HELP = """\
