@@ -544,6 +544,8 @@ def check_inputs(cfg: Config, parts: tuple[str, ...] = INPUT_PARTS) -> list[str]
     engines = [(f"{r}.engine", getattr(cfg, r).engine) for r in ("teacher", "student") if r in parts and getattr(cfg, r) is not None]
     if "teacher" in parts and judge.enabled and judge.engine is not None:
         engines.append(("ddf_labeled.judge.engine", judge.engine))
+    if "evaluate" in parts and cfg.evaluate.engine is not None:
+        engines.append(("evaluate.engine", cfg.evaluate.engine))
     for key, engine in engines:
         module = engine.backend.split(":")[0] if engine.backend else None
         try:

@@ -148,6 +148,12 @@ def aft_responses(row: dict) -> list[str]:
     return [f"{step}\nThe answer is {truth}.", f"I guess without looking.\nThe answer is {wrong}.", "I am not sure what it"]
 
 
+@pytest.fixture(scope="session")
+def sft(tmp_path_factory) -> Path:
+    """The small scripted SFT set the training tests share (read-only)."""
+    return make_sft(tmp_path_factory.mktemp("sft") / "sft")
+
+
 def train_config(tmp: Path, tiny_models, name: str, **train):
     """A training config for the tiny student on 2 CPUs, checkpoints under ``tmp/ray``."""
     from casseat_ray.config import Config

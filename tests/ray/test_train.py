@@ -17,11 +17,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory):
-    return make_sft(tmp_path_factory.mktemp("sft") / "sft")
-
-
-@pytest.fixture(scope="module")
 def two_workers(tmp_path_factory, tiny_models, sft, ray_session):
     tmp = tmp_path_factory.mktemp("train2")
     cfg = _cfg(tmp, tiny_models, "two", num_workers=2)

@@ -18,15 +18,10 @@ from safetensors.torch import load_file
 from casseat_ray.config import to_yaml
 from casseat_ray.train import run as train_run
 from casseat_ray.train.run import read_metrics
-from tests.conftest import casseat_cmd, make_sft, train_config
+from tests.conftest import casseat_cmd, train_config
 
 pytestmark = pytest.mark.slow
 STEPS = 12  # 0.75 of an epoch of 32 samples at batch 2; checkpoints every 3 steps, the last 2 kept
-
-
-@pytest.fixture(scope="module")
-def sft(tmp_path_factory):
-    return make_sft(tmp_path_factory.mktemp("sft") / "sft")
 
 
 @pytest.fixture(scope="module")

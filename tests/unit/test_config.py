@@ -97,6 +97,16 @@ def test_missing_input_paths_are_named(good_file, tmp_path):
     assert C.check_inputs(judged) == [f"ddf_labeled.judge.model: model directory not found: {tmp_path}/no-judge"]
 
 
+def test_an_engine_backend_is_named_and_checked_before_any_work(good_file):
+    with pytest.raises(C.ConfigError, match="teacher.engine.backend"):
+        C.load_config(good_file, ["teacher.engine.backend=no colon here"])
+    ok = C.load_config(good_file, ["teacher.engine.backend=casseat_ray.engines.vllm:VLLMEngine"])
+    assert C.check_inputs(ok) == []
+    bad = C.load_config(good_file, ["teacher.engine.backend=nowhere.engines:Fast", "evaluate.engine.backend=gone:Engine"])
+    assert C.check_inputs(bad) == ["teacher.engine.backend: module not found: nowhere.engines",
+                                   "evaluate.engine.backend: module not found: gone"]
+
+
 def test_not_yaml_and_not_mapping(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("name: [unclosed\n")
