@@ -15,6 +15,11 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 # Workers share the test interpreter, also under `uv run pytest` (see casseat_ray.runtime).
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# vLLM's CPU build otherwise starts a separate worker process under each engine core (one more
+# vLLM import, about 20 s of every engine start here); with this the engine core runs the model
+# itself, as vLLM does by default on one GPU. Inherited by the commands, Ray heads and Ray
+# workers the tests start.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
