@@ -584,6 +584,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # found once the run has looked at its inputs; nothing expensive ran
         print(f"config errors:\n{e}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as e:
+        from casseat_ray.storage import disk_full
+
+        if not disk_full(e):
+            raise
+        # Every file is written under a temporary name and renamed, so nothing finished is torn.
+        print(f"error: no space left on device ({str(e).splitlines()[0][:300]})\n"
+              "what finished is kept (parts, checkpoints): free some space and rerun the same command to resume "
+              "(casseat train: with --resume)", file=sys.stderr)
+        return EXIT_FAIL
     if code == EXIT_OK and args.command not in ("validate",):
         print(f"done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return code

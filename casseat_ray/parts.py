@@ -8,6 +8,7 @@ rerun with a different one is refused, naming the keys that changed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -137,8 +138,19 @@ def not_done(batch: pa.Table, done: set[str], id_column: str = "sample_id") -> p
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with _naming(tmp):
+        tmp.write_text(text)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """An OSError raised while writing ``path`` names it (a full disk's error otherwise may not)."""
+    try:
+        yield
+    except OSError as e:
+        e.filename = e.filename or str(path)
+        raise
 
 
 def write_part(parts: Path, table: pa.Table, id_column: str = "sample_id") -> Path:
@@ -146,6 +158,7 @@ def write_part(parts: Path, table: pa.Table, id_column: str = "sample_id") -> Pa
     ids = "\n".join(sorted(table[id_column].to_pylist()))
     path = parts / f"part-{hashlib.sha256(ids.encode()).hexdigest()[:16]}.parquet"
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
+    with _naming(tmp):
+        pq.write_table(table, tmp)
     os.replace(tmp, path)
     return path

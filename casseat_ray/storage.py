@@ -11,9 +11,26 @@ lost. Settings of an S3-compatible store go in the URI's query, as pyarrow reads
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 from pathlib import Path
+
+
+_NO_SPACE = ("No space left on device", "Disk quota exceeded")
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or what raised it is a full disk or an exhausted quota: Python's own
+    OSError, pyarrow's (whose errno may be unset; its message names the cause) or a Ray task
+    error wrapping either."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(m in str(exc) for m in _NO_SPACE):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def is_uri(path: str | Path) -> bool:

@@ -49,6 +49,18 @@ def test_bad_inputs_stop_before_any_work(tmp_path, tiny_models, demo_parquet):
     assert r.returncode == 2 and "synthesis.mode" in r.stderr
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, the device every write to fails with ENOSPC")
+def test_a_full_disk_says_what_failed_and_that_a_rerun_resumes(tmp_path, tiny_models, demo_parquet):
+    # the run's first write (config.yaml, through its temporary name) lands on a full device
+    args = _overrides(tmp_path, tiny_models, demo_parquet, "full-disk")
+    (tmp_path / "full-disk").mkdir()
+    (tmp_path / "full-disk" / "config.yaml.tmp").symlink_to("/dev/full")
+    r = casseat("synthesize", "--config", str(CONFIG), *args, "--no-progress")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "error: no space left on device ([Errno 28] No space left on device: " in r.stderr and "config.yaml.tmp" in r.stderr
+    assert "free some space and rerun the same command to resume" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_a_source_that_rejects_every_row_stops_before_any_engine(tmp_path, tiny_models):
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps({"q": f"How many {i}?", "answer": "3", "image": "x.png"}) + "\n" for i in range(3)))

@@ -60,3 +60,26 @@ def test_a_job_refuses_relative_outputs_and_says_where_they_would_go(monkeypatch
     assert "ray.storage_path" in problems[1] and "s3://" in problems[1]
     shared = Config.model_validate({"output_dir": "s3://bucket/runs", "ray": {"storage_path": str(tmp_path / "ckpt")}})
     assert job_output_problems(shared) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, the device every write to fails with ENOSPC")
+def test_a_full_disk_is_recognised_from_python_pyarrow_and_wrapped_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    full = tmp_path / "out.parquet"
+    full.symlink_to("/dev/full")  # through a link: pyarrow removes the file a failed write leaves
+    with pytest.raises(OSError) as python_error:
+        full.write_text("x" * 100_000)
+    with pytest.raises(OSError) as arrow_error:
+        pq.write_table(pa.table({"x": list(range(100_000))}), str(full))
+    assert Path("/dev/full").exists()
+    assert storage.disk_full(python_error.value) and storage.disk_full(arrow_error.value)
+    try:  # a step that re-raises it as something else still counts
+        try:
+            raise arrow_error.value
+        except OSError as e:
+            raise RuntimeError("writing part failed") from e
+    except RuntimeError as wrapped:
+        assert storage.disk_full(wrapped)
+    assert not storage.disk_full(FileNotFoundError(2, "No such file or directory", "x")) and not storage.disk_full(None)
