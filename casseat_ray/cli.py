@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not disk_full(e):
             raise
-        # Every file is written under a temporary name and renamed, so nothing finished is torn.
+        # Parts and outputs are written under a temporary name and renamed; a torn checkpoint is passed over.
         print(f"error: no space left on device ({str(e).splitlines()[0][:300]})\n"
               "what finished is kept (parts, checkpoints): free some space and rerun the same command to resume "
               "(casseat train: with --resume)", file=sys.stderr)
