@@ -29,6 +29,7 @@ def _config(tmp, tiny_models, demo_parquet, name: str, *extra: str):
                                 "teacher.batch_size=4", *extra])
 
 
+@pytest.mark.extended  # about 3 minutes; the timeout (test_vllm_engine) and the retry rule (test_synth_pipeline) run by default
 def test_b9_a_hung_request_times_out_as_a_retryable_reject_and_a_rerun_retries_only_it(
         tmp_path, tiny_models, demo_parquet, demo_rows, ray_session, figures):
     counts = Counter(r["question"] for r in demo_rows[:N])

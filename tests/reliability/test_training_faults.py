@@ -59,6 +59,7 @@ def _resumed_at(stdout: str) -> int:
     return int(found.group(1))
 
 
+@pytest.mark.extended  # about 3 minutes; resuming from a checkpoint runs by default in F12
 def test_f11_a_killed_training_run_resumes_to_the_same_weights(whole, tmp_path, tiny_models, sft, figures):
     # SIGKILL to the command's whole process group (driver, Ray, workers): harder than SIGTERM,
     # nothing gets to clean up. Killed once Ray Train has registered a checkpoint (its
