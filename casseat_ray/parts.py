@@ -93,32 +93,33 @@ def record_stamp(parts: Path, stamp: dict) -> None:
         atomic_write_text(stamp_file, json.dumps(stamp, indent=2, sort_keys=True))
 
 
-def _final(reason: str | None, retry: tuple[str, ...]) -> bool:
-    return reason is None or reason not in retry
+def _standing(parts: Path, id_column: str, retry: tuple[str, ...]) -> tuple[list[Path], dict[str, tuple[int, int, bool]]]:
+    """The part files in the order written, and for each id the row that stands: ``(file,
+    row, final)``. A row rejected for a reason in ``retry`` (a transient failure: an engine
+    error, a request that timed out) is not final; a later attempt replaces it, a final row
+    stands whatever comes after it."""
+    files = sorted(parts.glob(PART_GLOB), key=lambda f: (f.stat().st_mtime_ns, f.name))
+    keep: dict[str, tuple[int, int, bool]] = {}
+    for i, f in enumerate(files):
+        t = pq.read_table(f, columns=[id_column, "reject_reason"] if retry else [id_column]).to_pydict()
+        reasons = t.get("reject_reason") or [None] * len(t[id_column])
+        for j, (key, reason) in enumerate(zip(t[id_column], reasons)):
+            held = keep.get(key)
+            if held is None or not held[2]:
+                keep[key] = (i, j, reason is None or reason not in retry)
+    return files, keep
 
 
 def done_ids(parts: Path, id_column: str = "sample_id", retry: tuple[str, ...] = ()) -> set[str]:
-    """Ids with a final row in a part. A row rejected for a reason in ``retry`` (a transient
-    failure: an engine error, a request that timed out) is not final: a rerun tries it again."""
-    ids: set[str] = set()
-    for f in sorted(parts.glob(PART_GLOB)):
-        t = pq.read_table(f, columns=[id_column, "reject_reason"] if retry else [id_column]).to_pydict()
-        ids.update(k for k, reason in zip(t[id_column], t.get("reject_reason", [None] * len(t[id_column]))) if _final(reason, retry))
-    return ids
+    """Ids with a final row in a part; a rerun tries the others again."""
+    return {key for key, (_, _, final) in _standing(parts, id_column, retry)[1].items() if final}
 
 
 def read_parts(parts: Path, columns: list[str] | None = None, id_column: str = "sample_id", retry: tuple[str, ...] = ()):
     """Each part's table (``columns`` of it), holding one row per id over all parts: an id
     retried by a rerun keeps its final row, not the failed attempts before it; an id that
     failed on every attempt keeps its latest attempt."""
-    files = sorted(parts.glob(PART_GLOB), key=lambda f: (f.stat().st_mtime_ns, f.name))  # in the order written
-    keep: dict[str, tuple[int, int, bool]] = {}  # id -> (file, row, final) of the row that stands
-    for i, f in enumerate(files):
-        t = pq.read_table(f, columns=[id_column, "reject_reason"]).to_pydict()
-        for j, (key, reason) in enumerate(zip(t[id_column], t["reject_reason"])):
-            held = keep.get(key)
-            if held is None or not held[2]:  # a later attempt replaces a failed one; a final row stands
-                keep[key] = (i, j, _final(reason, retry))
+    files, keep = _standing(parts, id_column, retry)
     rows: dict[int, list[int]] = {}
     for i, j, _ in keep.values():
         rows.setdefault(i, []).append(j)
