@@ -186,15 +186,23 @@ def pipeline_run(cfg, rows: list[dict], variant: str) -> tuple[float, float, dic
     t0 = time.perf_counter()
     for spec in specs:
         ds = spec.apply(ds)
+    rate, texts = _drain(ds, len(rows), ("c1_texts", "c2_texts"), "started_at")
+    return time.perf_counter() - t0, rate, texts
+
+
+def _drain(ds, n: int, turns: tuple[str, str], sent: str) -> tuple[float, dict]:
+    """Steady rows/s of a running pipeline from its rows' own stamps (``n`` rows / (the last
+    block's arrival - the earliest ``sent`` stamp)) and its (C1, C2) texts by sample id, from
+    the ``turns`` columns (a list per row, or one text). Whole blocks, as the synthesis job
+    takes them: a select_columns here would be one more Ray Data task asking for a whole CPU,
+    which waits for an engine actor's CPU on 2 cores."""
     texts, first, last = {}, float("inf"), 0.0
-    # Whole blocks, as the synthesis job takes them: a select_columns here would be one more
-    # Ray Data task asking for a whole CPU, which waits for the teacher actor's CPU on 2 cores.
     for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         last = time.time()
-        for r in b.select(["sample_id", "c1_texts", "c2_texts", "started_at"]).to_pylist():
-            texts[r["sample_id"]] = (r["c1_texts"][0], r["c2_texts"][0])
-            first = min(first, r["started_at"])
-    return time.perf_counter() - t0, len(rows) / (last - first), texts
+        for r in b.select(["sample_id", *turns, sent]).to_pylist():
+            texts[r["sample_id"]] = tuple(t[0] if isinstance(t, list) else t for t in (r[c] for c in turns))
+            first = min(first, r[sent])
+    return n / (last - first), texts
 
 
 # ---------------------------------------------------------------- the peer: ray.data.llm
@@ -244,13 +252,8 @@ def peer_run(cfg, rows: list[dict]) -> tuple[float, float, dict]:
         preprocess_map_kwargs=small, postprocess_map_kwargs=small)
     ds = ray.data.from_items([{k: r[k] for k in KEEP} for r in rows])
     t0 = time.perf_counter()
-    texts, first_sent, last = {}, float("inf"), 0.0
-    for b in second(first(ds)).iter_batches(batch_format="pyarrow", batch_size=None):
-        last = time.time()
-        for r in b.to_pylist():
-            texts[r["sample_id"]] = (r["c1_text"], r["c2_text"])
-            first_sent = min(first_sent, r["sent_by"])
-    return time.perf_counter() - t0, len(rows) / (last - first_sent), texts
+    rate, texts = _drain(second(first(ds)), len(rows), ("c1_text", "c2_text"), "sent_by")
+    return time.perf_counter() - t0, rate, texts
 
 
 KEEP = ("sample_id", "image", "question", "choices", "answer")
