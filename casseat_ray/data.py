@@ -354,7 +354,7 @@ def load(cfg: Config, sources: list[SourceConfig] | None = None, filtered: bool 
     ds = ds.materialize()
     light = [
         r
-        for b in ds.select_columns(["_key", "_uid", "_content", "sample_id", "source_id", "source", "answer_type"]).iter_batches(batch_format="pyarrow")
+        for b in columns(ds, ["_key", "_uid", "_content", "sample_id", "source_id", "source", "answer_type"])
         for r in b.to_pylist()
         if r["_key"] is not None
     ]
@@ -388,6 +388,14 @@ def nothing_accepted(f: dict) -> str:
     return "\n".join(lines)
 
 
+def columns(ds, names: list[str]):
+    """``names`` of every block of ``ds``, selected here on the driver: for a materialized
+    dataset no Ray task runs (``select_columns`` would be one, waiting for a free CPU while
+    engine actors hold them)."""
+    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        yield block.select(names)
+
+
 def funnel(ds) -> dict:
     """Counts from one pass over the light columns: totals, per stage, per source and type."""
     total, accepted = 0, 0
@@ -397,7 +405,7 @@ def funnel(ds) -> dict:
     by_type: Counter = Counter()
     examples: dict[str, str] = {}  # one detail per reason, to say what went wrong
     cols = ["source", "answer_type", "reject_stage", "reject_reason", "reject_detail"]
-    for batch in ds.select_columns(cols).iter_batches(batch_format="pyarrow"):
+    for batch in columns(ds, cols):
         for r in batch.to_pylist():
             total += 1
             if r["reject_reason"] is None:

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from casseat_ray.config import Config
-from casseat_ray.data import is_written_reject
+from casseat_ray.data import columns, is_written_reject
 from casseat_ray.inference.turns import run_prompts
 from casseat_ray.parts import atomic_write_text, read_parts
 from casseat_ray.rows import REJECT_SCHEMA
@@ -108,7 +108,7 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
     wanted = pa.array(sorted(chosen), pa.string())
     mixed_out = pa.array(sorted(dropped), pa.string())
     rejects = [  # the source's own rejects (no image bytes)
-        r for b in source.select_columns(list(REJECT_SCHEMA.names)).iter_batches(batch_format="pyarrow")
+        r for b in columns(source, list(REJECT_SCHEMA.names))
         for r in b.to_pylist() if is_written_reject(r["reject_reason"], cfg.ddf_source.write_over_budget)
     ]
     for table in read_parts(parts, retry=RETRY_REASONS):
