@@ -585,8 +585,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config errors:\n{e}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:
+        from casseat_ray.runtime import actor_start_failure
         from casseat_ray.storage import disk_full
 
+        cause = actor_start_failure(e)
+        if cause is not None:
+            from ray.data import DataContext
+
+            retries = DataContext.get_current().max_consecutive_actor_init_deaths
+            print(f"error: an actor could not start, {retries + 1} times in a row (ray.actor_init_retries={retries}): {cause[:500]}\n"
+                  "what finished is kept: fix the cause and rerun the same command to resume", file=sys.stderr)
+            return EXIT_FAIL
         if not disk_full(e):
             raise
         # Parts and outputs are written under a temporary name and renamed; a torn checkpoint is passed over.

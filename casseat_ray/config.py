@@ -298,6 +298,9 @@ class RayConfig(Section):
     num_cpus: int | None = F(None, "CPUs for a local Ray started by this run (None: all).", ge=1)
     storage_path: str = F("runs/ray", "Ray Train checkpoints: a path all nodes see (NFS) or a URI (s3://bucket/ckpt, gs://...; "
                                       "S3-compatible stores: s3://bucket/ckpt?endpoint_override=host:9000&scheme=http).")
+    actor_init_retries: int = F(2, "Times an engine actor whose start fails (its constructor raises, or its process dies while starting) "
+                                   "is tried again before the run fails with that error; a start that fails every time ends the run "
+                                   "after this many retries.", ge=0)
 
 
 class Config(Section):

@@ -18,6 +18,7 @@ def init_ray(cfg: RayConfig, quiet: bool = True, worker_output: bool = False) ->
         _share_this_interpreter()
     import ray
 
+    _data_context(cfg)
     if ray.is_initialized():
         return
     kwargs = dict(include_dashboard=False, ignore_reinit_error=True)
@@ -34,9 +35,32 @@ def init_ray(cfg: RayConfig, quiet: bool = True, worker_output: bool = False) ->
     if quiet:
         from ray.data import DataContext
 
-        ctx = DataContext.get_current()
-        ctx.print_on_execution_start = False
+        DataContext.get_current().print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _data_context(cfg: RayConfig) -> None:
+    """Ray Data's own replacement of actors whose start fails, from the config. A constructor
+    that raises (or a process that dies while starting) ends that actor; a fresh one, in a
+    fresh process (no half-started engine left over), takes its place, up to
+    ``actor_init_retries`` times in a row; then the run fails with the start's last error
+    (see ``actor_start_failure``)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.actor_init_retry_on_errors = False  # retried in place, a start that always fails would cost retries squared
+    ctx.max_consecutive_actor_init_deaths = cfg.actor_init_retries
+
+
+def actor_start_failure(exc: BaseException) -> str | None:
+    """What made an actor's start fail for good (the original error's last line), when ``exc``
+    is Ray's report of such a failure; None for any other error."""
+    from ray.exceptions import RayActorError
+
+    if not (isinstance(exc, RayActorError) and getattr(exc, "actor_init_failed", False)):
+        return None
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _share_this_interpreter() -> None:
