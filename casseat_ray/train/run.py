@@ -11,6 +11,12 @@ from casseat_ray.config import Config, ConfigError, with_absolute_models
 
 def sft_path(cfg: Config, override: str | Path | None = None) -> Path:
     path = Path(override) if override else cfg.run_dir / "sft"
+    stats = cfg.run_dir / "stats.json"
+    if not override and stats.exists():  # the run's own set: not one its synthesis called a failure
+        failed = json.loads(stats.read_text()).get("failed")
+        if failed:
+            raise ConfigError(f"{path}: written by a synthesis that failed ({failed}); fix the cause and rerun "
+                              "`casseat synthesize`, or pass --data to train on it anyway")
     if not path.exists() or not (path.is_file() or list(path.glob("*.parquet"))):
         raise ConfigError(f"{path}: no SFT Parquet found (run `casseat synthesize` first, or pass --data)")
     return path
