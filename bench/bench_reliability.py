@@ -44,8 +44,6 @@ ELSEWHERE = {
     "B2": "tests/ray/test_data_layer.py::test_every_bad_input_gets_its_reason",
     "B3": "tests/ray/test_data_layer.py::test_every_bad_input_gets_its_reason (bomb.png header)",
     "B5": "tests/ray/test_data_layer.py (empty question, non-UTF-8 and broken lines)",
-    "B8": "tests/engines/test_teacher_stage.py::test_a_failing_row_in_the_in_flight_window_is_a_reject_and_the_rest_complete",
-    "B10": "tests/e2e/test_synthesize.py::test_a_source_that_rejects_every_row_stops_before_any_engine",
     "F7": "tests/e2e/test_synthesize.py::test_killed_run_resumes_to_the_same_sft_set",
 }
 

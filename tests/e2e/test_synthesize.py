@@ -61,20 +61,6 @@ def test_a_full_disk_says_what_failed_and_that_a_rerun_resumes(tmp_path, tiny_mo
     assert "free some space and rerun the same command to resume" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_a_source_that_rejects_every_row_stops_before_any_engine(tmp_path, tiny_models):
-    data = tmp_path / "mine.jsonl"
-    data.write_text("".join(json.dumps({"q": f"How many {i}?", "answer": "3", "image": "x.png"}) + "\n" for i in range(3)))
-    args = [f"sources=[{{name: mine, format: generic, path: {data}}}]", "name=mine", f"output_dir={tmp_path}",
-            f"teacher.model={tiny_models['teacher']}", f"student.model={tiny_models['student']}", f"ray.storage_path={tmp_path / 'ray'}"]
-    r = casseat("synthesize", "--config", str(CONFIG), *args, "--no-progress")
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "no source row was accepted: all 3 rows were rejected" in r.stderr
-    assert "missing_field: 3 (e.g. column 'question' not in row (columns: ['answer', 'image', 'q']))" in r.stderr
-    assert "EngineStage" not in r.stderr  # no engine was started
-    # nothing was written that would refuse the corrected rerun
-    assert not (tmp_path / "mine" / "work" / "fingerprint.json").exists()
-
-
 def test_two_actor_run_writes_a_consistent_dataset(full_run):
     tmp, _, r = full_run
     run = tmp / "full"

@@ -9,7 +9,16 @@ restarts through marker files.
 - ``die_once``: question substrings; the first request whose conversation contains one kills
   the engine's own processes (vLLM's engine core, found among this process's children) with
   SIGKILL, as an out-of-memory kill or a crashed kernel would, then waits for its answer.
-- ``marker_dir``: where the once-markers live.
+- ``error``: question substrings; every request containing one fails as the backend fails a
+  request it rejects (``engines.failed``), the engine itself unharmed.
+- ``reply``: ``{substring: {c1|c2: {text: str | null, finish: stop|length}}}``; that turn of
+  the row gets the engine's real answer with its text replaced (``text``; null keeps the first
+  half of the real text) and its finish reason set: empty, unparsable or cut-off output.
+- ``fail_init``: ``once`` or ``always``; the engine's start raises before vLLM is touched (the
+  first start only, or every start).
+- ``no_engine``: true: no vLLM at all; every request fails (a backend that answers nothing).
+- ``marker_dir``: where the once-markers and the per-start markers (``attempt-*`` for every
+  start, ``start-*`` for every engine built) live.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import os
 import time
 from pathlib import Path
 
+from casseat_ray.engines import failed
 from casseat_ray.engines.vllm import VLLMEngine
 
 
@@ -35,17 +45,32 @@ def _kill_engine_processes() -> None:
             pass
 
 
+INJECTED_ERROR = "injected: the backend rejected this request"
+
+
 class FaultEngine:
-    def __init__(self, model: str, engine_config):
+    def __init__(self, model: str, engine_config, inner=None):
+        """``inner``: an engine already running (a test's shared one) to put the faults in front of."""
         extra = dict(engine_config.extra)
         faults = extra.pop("faults", {})
         self.hang_once = list(faults.get("hang_once", []))
         self.die_once = list(faults.get("die_once", []))
+        self.error = list(faults.get("error", []))
+        self.reply = dict(faults.get("reply", {}))
         self.markers = Path(faults.get("marker_dir", "."))
-        if "marker_dir" in faults:  # one file per engine start: how often actors built one
+        counted = "marker_dir" in faults
+        if counted:
+            (self.markers / f"attempt-{os.getpid()}-{time.time_ns()}").touch()
+        fail = faults.get("fail_init")
+        if fail == "always" or (fail == "once" and self._first_time("fail_init", "")):
+            raise RuntimeError(f"injected: the engine failed to start (fail_init={fail})")
+        self.inner = inner
+        if inner is None and not faults.get("no_engine"):
+            self.inner = VLLMEngine(model, engine_config.model_copy(update={"extra": extra, "backend": None}))
+        self.model = model if self.inner is None else self.inner.model
+        self.max_num_seqs = None if self.inner is None else self.inner.max_num_seqs
+        if counted:  # one file per engine built: how often actors built one
             (self.markers / f"start-{os.getpid()}-{time.time_ns()}").touch()
-        self.inner = VLLMEngine(model, engine_config.model_copy(update={"extra": extra, "backend": None}))
-        self.model, self.max_num_seqs = self.inner.model, self.inner.max_num_seqs
 
     def _first_time(self, kind: str, key: str) -> bool:
         marker = self.markers / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -57,16 +82,27 @@ class FaultEngine:
 
     async def generate(self, conversation: list[dict], sampling=None, adapter: str | None = None):
         text = " ".join(p.get("text", "") for m in conversation for p in m["content"] if isinstance(p, dict))
+        turn = "c1" if len(conversation) == 1 else "c2"
         for key in self.hang_once:
             if key in text and self._first_time("hang", key):
                 await asyncio.Event().wait()  # hangs until the caller gives up on it
         for key in self.die_once:
             if key in text and self._first_time("die", key):
                 _kill_engine_processes()
-        return await self.inner.generate(conversation, sampling, adapter)
+        if self.inner is None or any(key in text for key in self.error):
+            return [failed(INJECTED_ERROR)]
+        out = await self.inner.generate(conversation, sampling, adapter)
+        for key, turns in self.reply.items():
+            fault = turns.get(turn) if key in text else None
+            if fault:
+                for c in out:
+                    c.text = c.text[: len(c.text) // 2] if fault.get("text") is None else fault["text"]
+                    c.finish_reason = fault.get("finish", "stop")
+        return out
 
     def chat(self, conversations, sampling=None, adapter=None):
         return self.inner.chat(conversations, sampling, adapter)
 
     def close(self) -> None:
-        self.inner.close()
+        if self.inner is not None:
+            self.inner.close()
