@@ -41,9 +41,6 @@ CASES = {
 }
 # Cases exercised elsewhere in the test suite, without figures of their own yet.
 ELSEWHERE = {
-    "B2": "tests/ray/test_data_layer.py::test_every_bad_input_gets_its_reason",
-    "B3": "tests/ray/test_data_layer.py::test_every_bad_input_gets_its_reason (bomb.png header)",
-    "B5": "tests/ray/test_data_layer.py (empty question, non-UTF-8 and broken lines)",
     "F7": "tests/e2e/test_synthesize.py::test_killed_run_resumes_to_the_same_sft_set",
 }
 

@@ -353,7 +353,8 @@ def cmd_train(args) -> int:
         print(f"\ninterrupted: rerun with --resume to continue from the last checkpoint in {cfg.ray.storage_path}", file=sys.stderr)
         return 130
     print(f"trained {summary['steps']} steps on {summary['samples']} samples "
-          f"({summary['dropped_too_long']} too long, {summary['skipped_nonfinite']} non-finite steps skipped); adapter: {summary['adapter']}")
+          f"({summary['dropped_too_long']} too long, {summary['dropped_no_labels']} without labels and {summary['dropped_malformed']} "
+          f"malformed dropped; {summary['skipped_nonfinite']} non-finite steps skipped); adapter: {summary['adapter']}")
     return EXIT_OK
 
 

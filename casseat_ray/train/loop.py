@@ -1,8 +1,9 @@
 """The student's LoRA training loop, run by every Ray Train worker.
 
 Reads top to bottom: load the student and wrap it with LoRA, read the SFT rows from the
-worker's dataset shard, encode them with the student's processor (over-long rows dropped and
-counted), then optimizer steps over a (seed, epoch)-determined order, checkpointing every
+worker's dataset shard, encode them with the student's processor (over-long, label-less and
+malformed rows dropped and counted), then optimizer steps over a (seed, epoch)-determined
+order, checkpointing every
 ``checkpoint_every`` steps. Every step's randomness (dropout) is seeded from (seed, rank,
 step), so a resumed run replays exactly what an uninterrupted one would have done.
 """
@@ -15,6 +16,7 @@ import json
 import math
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from casseat_ray.config import Config, LoraConfig
@@ -277,11 +279,17 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     rows = sorted((r for b in shard.iter_batches(batch_format="pyarrow") for r in b.to_pylist()), key=lambda r: r["id"])
     aft = t.loss == "aft"
-    encoded, dropped = [], 0
+    encoded, dropped, why = [], Counter(), {}
     for r in rows:
-        e = encode(r, processor, t.label_mode)
-        if len(e) > t.cutoff_len or e.n_label_tokens == 0:
-            dropped += 1
+        try:
+            e = encode(r, processor, t.label_mode)
+        except ValueError as exc:  # a sample with no assistant turn, or image markers that do not match its images
+            e, reason = None, "malformed" if "no assistant turn" not in str(exc) else "no_labels"
+            why.setdefault(reason, f"{r['id']}: {exc}")
+        else:
+            reason = "no_labels" if e.n_label_tokens == 0 else "too_long" if len(e) > t.cutoff_len else None
+        if reason:  # dropped and counted, never truncated nor trained on without labels
+            dropped[reason] += 1
             continue
         group = None
         if aft:  # the row's teacher responses with their ranks
@@ -323,7 +331,10 @@ def train_loop_per_worker(config: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         if start == 0:
             metrics_file.unlink(missing_ok=True)
-        _log(f"training: {len(encoded)} samples ({dropped} over {t.cutoff_len} tokens dropped), {world} worker(s), "
+        for reason, example in why.items():
+            _log(f"dropped {dropped[reason]} {reason} sample(s), e.g. {example}")
+        _log(f"training: {len(encoded)} samples ({dropped['too_long']} over {t.cutoff_len} tokens, {dropped['no_labels']} without labels "
+             f"and {dropped['malformed']} malformed dropped), {world} worker(s), "
              + (f"packed into {len(units)} rows of at most {t.cutoff_len} tokens, " if t.packing else "")
              + (f"AFT on {aft_groups} questions with right and wrong responses, " if aft else "")
              + f"{per_epoch} steps/epoch, {total} steps" + (f", resuming at step {start}" if start else ""))
@@ -427,7 +438,8 @@ def train_loop_per_worker(config: dict) -> None:
         _unwrap(model).save_pretrained(adapter, state_dict=weights)
         processor.save_pretrained(adapter)
         (out_dir / "summary.json").write_text(json.dumps({
-            "steps": total, "samples": len(encoded), "rows": len(units), "dropped_too_long": dropped, "workers": workers,
+            "steps": total, "samples": len(encoded), "rows": len(units), "dropped_too_long": dropped["too_long"],
+            "dropped_no_labels": dropped["no_labels"], "dropped_malformed": dropped["malformed"], "workers": workers,
             "skipped_nonfinite": skipped, "strategy": "fsdp" if fsdp else ("ddp" if distributed else "single"),
             "trainable_params": sum(p.numel() for p in params), "trainable_params_on_rank0": held, "adapter": str(adapter),
             **({"aft_questions": aft_groups} if aft else {}),

@@ -1,69 +1,16 @@
-"""The source data layer on real Ray Data: every bad input gets its reason, nothing is lost."""
+"""The source data layer on real Ray Data: duplicates, real benchmark files, caps and formats
+(every bad input and its reason: tests/reliability/test_bad_input.py)."""
 
-import io
 import json
-import struct
-import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from casseat_ray import data
 from casseat_ray.config import load_config
 from tests.conftest import shared_data
-
-
-def encode(img, fmt="PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def png_header(w, h) -> bytes:
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-
-
-BAD_CASES = [
-    # (image file name, file bytes or None, question, answer, choices, expected reason or None)
-    ("good1.png", encode(Image.new("RGB", (64, 64), (1, 2, 3))), "How many circles?", "3", None, None),
-    ("good2.png", encode(Image.new("RGB", (80, 64), (9, 9, 9))), "Which is longer?", "B", "A. 3 cm;B. 4 cm", None),
-    ("cmyk.jpg", encode(Image.new("CMYK", (64, 64), (0, 255, 0, 0)), "JPEG"), "What colour?", "red", None, None),
-    ("palette.png", encode(Image.new("P", (64, 64), 7)), "How many dots?", "2", None, None),
-    ("rgba.png", encode(Image.new("RGBA", (64, 64), (0, 0, 255, 128))), "How many lines?", "4", None, None),
-    ("sixteen.png", encode(Image.new("I;16", (64, 64), 30000)), "How bright?", "1.5", None, None),
-    ("corrupt.jpg", encode(Image.new("RGB", (300, 300), (5, 5, 5)), "JPEG")[:400], "Q corrupt?", "1", None, "corrupt_image"),
-    ("zero.jpg", b"", "Q zero?", "1", None, "empty_image"),
-    ("text.jpg", b"just some text, not a picture\n", "Q text?", "1", None, "not_an_image"),
-    ("absent.png", None, "Q absent?", "1", None, "missing_image"),
-    (None, None, "Q none?", "1", None, "missing_image"),
-    ("bomb.png", png_header(20000, 20000), "Q bomb?", "1", None, "image_too_large"),
-    ("strip.png", encode(Image.new("RGB", (1, 300))), "Q strip?", "1", None, "image_too_small"),
-    ("good1.png", None, "   ", "1", None, "empty_question"),
-    ("good2.png", None, "Pick one", "A", "A. 3", "bad_choices"),
-]
-
-
-@pytest.fixture(scope="module")
-def bad_source(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad")
-    (root / "images").mkdir()
-    lines = []
-    for i, (name, blob, question, answer, choices, _) in enumerate(BAD_CASES):
-        if name and blob is not None:
-            (root / "images" / name).write_bytes(blob)
-        item = {"id": f"row{i}", "question": question, "answer": answer, "image": f"images/{name}" if name else None}
-        if choices:
-            item["choices"] = choices
-        lines.append(json.dumps(item).encode())
-    lines.append(lines[0].replace(b'"row0"', b'"row0-copy"'))  # a duplicate of the first row under its own id
-    lines.append(b'{"question": "caf\xe9 latin-1 text", "answer": "1", "image": "images/good1.png"}')  # not UTF-8
-    lines.append(b'{"question": "broken json", ')
-    (root / "data.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    return root / "data.jsonl"
+from tests.reliability.test_bad_input import bad_source, encode  # noqa: F401  (bad_source: a fixture)
 
 
 def _load(ray_session, *overrides):
@@ -72,31 +19,6 @@ def _load(ray_session, *overrides):
     return ds.to_pandas(), data.funnel(ds)
 
 
-def test_every_bad_input_gets_its_reason(ray_session, bad_source):
-    rows, f = _load(ray_session, f"sources=[{{name: bad, format: generic, path: {bad_source}}}]")
-    expected = {q: reason for _, _, q, _, _, reason in BAD_CASES}
-    by_question = {}
-    for r in rows.to_dict("records"):
-        if r["reject_stage"] != "read":  # unreadable lines have no question to look up
-            by_question.setdefault(r["question"], []).append(r)
-    for question, reason in expected.items():
-        got = by_question[question.strip()]
-        if question == "How many circles?":  # the row and its duplicate, which names it by its id
-            assert sorted(str(r["reject_reason"]) for r in got) == ["None", "duplicate"]
-            dup = next(r for r in got if r["reject_reason"] == "duplicate")
-            assert dup["source_id"] == "row0-copy" and dup["reject_detail"].startswith("same image and question as bad item row0 ")
-            continue
-        assert len(got) == 1 and got[0]["reject_reason"] == reason, (question, got[0]["reject_reason"], got[0]["reject_detail"])
-        assert got[0]["source_id"] == f"row{[c[2] for c in BAD_CASES].index(question)}"  # rejects at every stage keep the id
-    assert f["rejected"]["not_utf8"] == 1 and f["rejected"]["bad_json"] == 1
-    assert f["in"] == len(BAD_CASES) + 3
-    assert f["accepted"] == 6
-    assert f["in"] == f["accepted"] + sum(f["rejected"].values())
-    for name, stage in f["stages"].items():
-        assert stage["in"] == stage["out"] + sum(stage["rejected"].values()), name
-    ok = rows[rows.reject_reason.isna()]
-    assert set(ok.answer_type) == {"integer", "multi_choice", "text", "float"}
-    assert all(Image.open(io.BytesIO(b)).mode == "RGB" for b in ok.image)
 
 
 def test_duplicates_kept_on_purpose_get_ids_of_their_own(ray_session, bad_source):
