@@ -129,12 +129,14 @@ def test_b2_broken_and_missing_images_are_rejected_at_validation(loaded, figures
         assert stage["in"] == stage["out"] + sum(stage["rejected"].values()), name
 
 
+# VmHWM (the peak resident set of this process image; getrusage's ru_maxrss would also count
+# the forking parent's peak, kept across exec)
 DECODE = """
-import resource, sys
+import re, sys
 from casseat_ray.images import check_image
 out = check_image(open(sys.argv[1], "rb").read())
-print(type(out).__name__, getattr(out, "reason", ""), getattr(out, "width", ""), getattr(out, "height", ""),
-      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+peak_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+print(type(out).__name__, getattr(out, "reason", ""), getattr(out, "width", ""), getattr(out, "height", ""), peak_kb // 1024)
 """
 
 

@@ -103,6 +103,7 @@ def test_f11_a_killed_training_run_resumes_to_the_same_weights(whole, tmp_path, 
     assert printed == sorted({start + 1, STEPS} | {s for s in range(start + 1, STEPS + 1) if s % cfg.train.log_every == 0}), printed
 
 
+@pytest.mark.extended  # about 75 s; the torn-checkpoint rule is unit-tested, resuming runs by default in F10
 def test_f12_a_torn_newest_checkpoint_falls_back_to_the_previous_one(whole, tmp_path, tiny_models, sft, figures):
     # The finished run's storage under another name, its newest checkpoint cut short as a
     # worker killed mid-copy (or a full disk) leaves it; then `casseat train --resume`.
@@ -231,6 +232,7 @@ def test_f13_a_worker_failing_every_attempt_ends_the_run_after_max_failures_plus
     assert "SafetensorError" in text or "deserializing" in text, text[-2000:]  # the worker's own error, not a generic one
 
 
+@pytest.mark.extended  # about 65 s
 def test_b11_bad_samples_are_dropped_and_non_finite_steps_skipped_with_counters(tmp_path, tiny_models, ray_session, figures):
     from transformers import AutoProcessor
 
