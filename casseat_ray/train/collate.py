@@ -17,6 +17,15 @@ IMAGE_TOKEN = "<image>"
 IGNORE = -100
 
 
+class BadSample(ValueError):
+    """A sample that cannot be trained on as it is (its images and markers disagree); the loop
+    drops and counts it, where a problem of the template or model stops the run."""
+
+
+class NoLabels(BadSample):
+    """A sample without an assistant turn: nothing to put the loss on."""
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
@@ -56,7 +65,7 @@ def label_turns(messages: list[dict], loss_on: str, label_mode: str) -> list[int
     """
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
-        raise ValueError("sample has no assistant turn")
+        raise NoLabels("sample has no assistant turn")
     if loss_on == "last" or label_mode == "last_assistant":
         return turns[-1:]
     return turns
@@ -90,7 +99,7 @@ def segments(messages: list[dict], processor, trained: list[int]) -> list[tuple[
 def _check_markers(messages: list[dict], n_images: int) -> None:
     n_markers = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
     if n_markers != n_images:
-        raise ValueError(f"{n_markers} {IMAGE_TOKEN} markers but {n_images} images")
+        raise BadSample(f"{n_markers} {IMAGE_TOKEN} markers but {n_images} images")
 
 
 def _images(row: dict) -> list:

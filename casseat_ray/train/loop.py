@@ -252,7 +252,8 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from transformers import AutoProcessor, get_scheduler
 
-    from casseat_ray.train.collate import aft_group, aft_rows, collate, collate_packed, encode, encode_responses, rope_positions
+    from casseat_ray.train.collate import (BadSample, NoLabels, aft_group, aft_rows, collate, collate_packed, encode, encode_responses,
+                                           rope_positions)
     from casseat_ray.train.losses import aft_loss, response_ranks
 
     cfg = Config.model_validate(config["cfg"])
@@ -283,8 +284,8 @@ def train_loop_per_worker(config: dict) -> None:
     for r in rows:
         try:
             e = encode(r, processor, t.label_mode)
-        except ValueError as exc:  # a sample with no assistant turn, or image markers that do not match its images
-            e, reason = None, "malformed" if "no assistant turn" not in str(exc) else "no_labels"
+        except BadSample as exc:
+            reason = "no_labels" if isinstance(exc, NoLabels) else "malformed"
             why.setdefault(reason, f"{r['id']}: {exc}")
         else:
             reason = "no_labels" if e.n_label_tokens == 0 else "too_long" if len(e) > t.cutoff_len else None

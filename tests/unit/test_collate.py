@@ -4,7 +4,7 @@ import pytest
 
 from casseat_ray import prompts
 from casseat_ray.synth.mix import cot_sample, self_eval_sample
-from casseat_ray.train.collate import IGNORE, collate, encode, label_turns
+from casseat_ray.train.collate import IGNORE, BadSample, NoLabels, collate, encode, label_turns
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +71,12 @@ def test_image_tokens_are_whole_and_never_labelled(processor, demo_rows):
 
 
 def test_marker_image_mismatch_is_an_error(processor, demo_rows):
+    # the sample's own defects (the training loop drops and counts them), ValueErrors as well
     s = cot_sample(demo_rows[0], prompts.load("c1"), "x")
     s["images"] = []
-    with pytest.raises(ValueError, match="markers but 0 images"):
+    with pytest.raises(BadSample, match="markers but 0 images"):
         encode(s, processor)
-    with pytest.raises(ValueError, match="no assistant turn"):
+    with pytest.raises(NoLabels, match="no assistant turn"):
         encode({"messages": [{"role": "user", "content": "hi"}], "images": []}, processor)
 
 
