@@ -15,6 +15,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+CONFIG = ROOT / "jobs" / "configs" / "tiny-cpu.yaml"
+
 
 def figures_dir() -> Path:
     return Path(os.environ.get("CASSEAT_RELIABILITY_DIR", ROOT / "out" / "reliability"))
@@ -44,3 +46,16 @@ def figures(request):
     out = figures_dir()
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{case}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def fault_config(tmp: Path, tiny_models, source: Path, name: str, faults: dict, *extra: str):
+    """The tiny CPU config on ``source`` under ``tmp`` (teacher batches of 4), its teacher the
+    fault engine of tests/reliability/fault_engine.py with ``faults``; ``extra`` overrides last."""
+    from casseat_ray.config import load_config
+
+    cfg = load_config(CONFIG, [f"sources=[{{name: demo, format: canonical, path: {source}}}]", f"name={name}", f"output_dir={tmp}",
+                               f"ray.storage_path={tmp / 'ray'}", f"teacher.model={tiny_models['teacher']}",
+                               f"student.model={tiny_models['student']}", "teacher.batch_size=4",
+                               "teacher.engine.backend=fault_engine:FaultEngine", *extra])
+    engine = cfg.teacher.engine.model_copy(update={"extra": {**cfg.teacher.engine.extra, "faults": faults}})
+    return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"engine": engine})})

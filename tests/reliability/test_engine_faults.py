@@ -27,11 +27,10 @@ from casseat_ray.inference.stage import EngineStage
 from casseat_ray.synth.stages import LabelStage, TeacherTask
 from casseat_ray.synth.outputs import ERROR_REASONS
 from casseat_ray.tiny import scripted_targets
-from tests.conftest import ROOT
+from tests.reliability.conftest import CONFIG, fault_config
 from tests.reliability.fault_engine import INJECTED_ERROR, FaultEngine
 
 pytestmark = pytest.mark.slow
-CONFIG = ROOT / "jobs" / "configs" / "tiny-cpu.yaml"
 ERRORS = [0, 1, 2, 3, 4]  # B8: the backend fails every request of these rows
 GARBAGE = "%%% ### ??? ~~~"
 C1_FAULTS = {5: ("", "stop"), 6: (GARBAGE, "stop"), 7: (None, "length")}  # B7 at C1: empty, unparsable, cut off
@@ -57,14 +56,8 @@ def tagged(tmp_path_factory, demo_parquet, demo_rows) -> tuple[Path, list[dict]]
 
 def synthesize(tmp: Path, tiny_models, source: Path, name: str, faults: dict, *extra: str) -> tuple[int, str, float]:
     """`casseat synthesize` with the fault engine as the teacher; (exit code, stderr, seconds)."""
-    cfg = load_config(CONFIG, [f"sources=[{{name: demo, format: canonical, path: {source}}}]", f"name={name}", f"output_dir={tmp}",
-                               f"ray.storage_path={tmp / 'ray'}", f"teacher.model={tiny_models['teacher']}",
-                               f"student.model={tiny_models['student']}", "teacher.batch_size=4",
-                               "teacher.engine.backend=fault_engine:FaultEngine", *extra])
-    engine = cfg.teacher.engine.model_copy(update={"extra": {"faults": faults}})
-    cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"engine": engine})})
     path = tmp / f"{name}.yaml"
-    path.write_text(to_yaml(cfg))
+    path.write_text(to_yaml(fault_config(tmp, tiny_models, source, name, faults, *extra)))
     t0 = time.time()
     code, err = casseat("synthesize", "--config", str(path), "--no-progress")
     return code, err, time.time() - t0

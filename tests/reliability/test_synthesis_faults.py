@@ -3,30 +3,24 @@ by tests/reliability/fault_engine.py through the config every teacher actor rece
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
 
-from casseat_ray.config import load_config
 from casseat_ray.parts import read_parts
 from casseat_ray.synth import pipeline
 from casseat_ray.synth.outputs import RETRY_REASONS
-from tests.conftest import ROOT
+from tests.reliability.conftest import fault_config
 
 pytestmark = pytest.mark.slow
-CONFIG = ROOT / "jobs" / "configs" / "tiny-cpu.yaml"
 N = 8
 TIMEOUT = 15  # seconds; a tiny-teacher request takes about one
 
 
-def _config(tmp, tiny_models, demo_parquet, name: str, *extra: str):
-    return load_config(CONFIG, [f"sources=[{{name: demo, format: canonical, path: {demo_parquet}, max_samples: {N}}}]",
-                                f"name={name}", f"output_dir={tmp}", f"ray.storage_path={tmp / 'ray'}",
-                                f"teacher.model={tiny_models['teacher']}", f"student.model={tiny_models['student']}",
-                                "teacher.batch_size=4", *extra])
+def _config(tmp, tiny_models, demo_parquet, name: str, faults: dict, *extra: str):
+    return fault_config(tmp, tiny_models, demo_parquet, name, faults, f"sources.0.max_samples={N}", *extra)
 
 
 @pytest.mark.extended  # about 3 minutes; the timeout (test_vllm_engine) and the retry rule (test_synth_pipeline) run by default
@@ -36,9 +30,8 @@ def test_b9_a_hung_request_times_out_as_a_retryable_reject_and_a_rerun_retries_o
     hung = [r["question"] for r in demo_rows[:N] if counts[r["question"]] == 1][:2]
     assert len(hung) == 2
     (tmp_path / "markers").mkdir()
-    cfg = _config(tmp_path, tiny_models, demo_parquet, "hang", "teacher.engine.backend=fault_engine:FaultEngine",
-                  f"teacher.engine.request_timeout_s={TIMEOUT}", "synthesis.max_error_share=0.5",
-                  f"teacher.engine.extra={{faults: {{hang_once: {json.dumps(hung)}, marker_dir: {tmp_path / 'markers'}}}}}")
+    cfg = _config(tmp_path, tiny_models, demo_parquet, "hang", {"hang_once": hung, "marker_dir": str(tmp_path / "markers")},
+                  f"teacher.engine.request_timeout_s={TIMEOUT}", "synthesis.max_error_share=0.5")
     first = pipeline.run(cfg, progress=False)
     rejects = pq.read_table(cfg.run_dir / "rejects.parquet").to_pylist()
     timed_out = [r for r in rejects if r["reject_reason"] == "engine_error"]
@@ -69,8 +62,7 @@ def test_f3_the_engine_killed_inside_a_live_actor_is_replaced_and_the_run_comple
     victim = next(r["question"] for r in demo_rows[:N] if sum(x["question"] == r["question"] for x in demo_rows[:N]) == 1)
     markers = tmp_path / "markers"
     markers.mkdir()
-    cfg = _config(tmp_path, tiny_models, demo_parquet, "die", "teacher.engine.backend=fault_engine:FaultEngine",
-                  f"teacher.engine.extra={{faults: {{die_once: {json.dumps([victim])}, marker_dir: {markers}}}}}")
+    cfg = _config(tmp_path, tiny_models, demo_parquet, "die", {"die_once": [victim], "marker_dir": str(markers)})
     t0 = time.time()
     stats = pipeline.run(cfg, progress=False)
     starts = len(list(markers.glob("start-*")))

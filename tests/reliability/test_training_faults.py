@@ -18,9 +18,8 @@ from pathlib import Path
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from casseat_ray.config import to_yaml
@@ -67,7 +66,7 @@ def _resumed_at(stdout: str) -> int:
     return int(found.group(1))
 
 
-@pytest.mark.extended  # about 3 minutes; resuming from a checkpoint runs by default in F12
+@pytest.mark.extended  # about 3 minutes; resuming from a checkpoint runs by default in F10
 def test_f11_a_killed_training_run_resumes_to_the_same_weights(whole, tmp_path, tiny_models, sft, figures):
     # SIGKILL to the command's whole process group (driver, Ray, workers): harder than SIGTERM,
     # nothing gets to clean up. Killed once Ray Train has registered a checkpoint (its
@@ -127,6 +126,15 @@ def test_f12_a_torn_newest_checkpoint_falls_back_to_the_previous_one(whole, tmp_
     assert worst < 1e-5, worst
 
 
+def _records(metrics: Path) -> list[dict]:
+    """Every metrics record as written, a resumed attempt's repeats included (``read_metrics``
+    keeps the last per step)."""
+    try:
+        return [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    except FileNotFoundError:  # not written yet, or removed as a run starts over from step 0
+        return []
+
+
 def train_workers() -> set[int]:
     """Process ids of the Ray Train workers of this test session's Ray (its processes are this
     process's descendants; a worker's title names its actor class)."""
@@ -154,10 +162,8 @@ class Watcher(threading.Thread):
         self.done = threading.Event()
 
     def _step(self) -> int:
-        if not (self.metrics and self.metrics.exists()):
-            return 0
-        lines = [json.loads(x) for x in self.metrics.read_text().splitlines() if x.strip()]
-        return lines[-1]["step"] if lines else 0
+        records = _records(self.metrics) if self.metrics else []
+        return records[-1]["step"] if records else 0
 
     def _registered(self) -> int | None:
         try:
@@ -194,7 +200,7 @@ def test_f10_a_training_worker_killed_mid_run_resumes_from_the_last_checkpoint(w
     finally:
         watcher.done.set()
         watcher.join()
-    records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    records = _records(metrics)
     before = [r["step"] for r in records if r["time"] < watcher.killed_at]
     after = [r for r in records if r["time"] > watcher.killed_at]
     restart = after[0]["step"] - 1  # the step the second worker resumed from
