@@ -118,8 +118,8 @@ def cmd_make_tiny(args) -> int:
     if args.format_steps is not None and args.format_steps < 0:
         print(f"casseat make-tiny: --format-steps must be 0 or more, got {args.format_steps}", file=sys.stderr)
         return EXIT_USAGE
-    path = make_tiny(args.out, role=args.role, seed=args.seed, format_steps=args.format_steps)
-    print(f"tiny {args.role} written to {path} (fingerprint {fingerprint(path)[:12]})")
+    path = make_tiny(args.out, role=args.role, seed=args.seed, format_steps=args.format_steps, family=args.family)
+    print(f"tiny {args.family} {args.role} written to {path} (fingerprint {fingerprint(path)[:12]})")
     return EXIT_OK
 
 
@@ -472,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "node type and its maximum size; says what does not fit (exit 2)")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("make-tiny", help="build a tiny Qwen2-VL model offline", formatter_class=fmt,
+    from casseat_ray.tiny import FAMILIES  # stdlib only at import
+
+    p = sub.add_parser("make-tiny", help="build a tiny vision-language model offline", formatter_class=fmt,
                        description="Build a tiny Qwen2-VL (random weights, locally trained byte-level BPE tokenizer with the\n"
                                    "real special tokens, Qwen chat template, image and video processors) in OUT. It loads\n"
                                    "with transformers' AutoModelForImageTextToText / AutoProcessor and with vLLM.\n"
@@ -481,11 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "C1 mistakes included, so it writes well-formed reasoning, verdicts (Accept when a second\n"
                                    "reading agrees, Refine when not) and final answers, right for about half of those\n"
                                    "questions; it knows nothing beyond them. The student stays untrained. The same role,\n"
-                                   "seed and steps give identical files.")
+                                   "seed and steps give identical files. --family builds a Qwen2.5-VL or a LLaVA-1.5 of the same\n"
+                                   "size instead (what training is tested with for every student family the method names).")
     p.add_argument("out", type=Path, help="output directory")
     p.add_argument("--role", choices=["teacher", "student"], required=True, help="which size to build")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and tokenizer corpus (default 0)")
     p.add_argument("--format-steps", type=int, default=None, metavar="N", help="training steps on scripted answers (default: 400 for the teacher, 0 for the student)")
+    p.add_argument("--family", choices=list(FAMILIES), default="qwen2_vl",
+                   help="architecture: qwen2_vl (default), qwen2_5_vl, or llava (LLaVA-1.5:\n"
+                        "CLIP tower, Llama language model, SentencePiece-style tokenizer, LLaVA's chat template)")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("make-demo-data", help="draw synthetic image math questions", formatter_class=fmt,

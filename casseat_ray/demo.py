@@ -31,14 +31,14 @@ def demo_config(out: Path, config: Path = TINY_CONFIG, overrides: list[str] = ()
     return load_config(config, [*moved, *overrides])
 
 
-def ensure_tiny(path: Path, role: str, seed: int) -> Path:
-    """Build the tiny model unless the same role and seed are already there."""
+def ensure_tiny(path: Path, role: str, seed: int, family: str = "qwen2_vl") -> Path:
+    """Build the tiny model unless the same role, seed and family are already there."""
     from casseat_ray.tiny import make_tiny, tiny_marker
 
     marker = path / "casseat_tiny.json"
-    if marker.is_file() and json.loads(marker.read_text()) == tiny_marker(role, seed):
+    if marker.is_file() and json.loads(marker.read_text()) == tiny_marker(role, seed, family=family):
         return path
-    return make_tiny(path, role=role, seed=seed)
+    return make_tiny(path, role=role, seed=seed, family=family)
 
 
 def run(out: str | Path = "out/demo", n: int = 32, heldout: int = 32, overrides: list[str] = (), progress: bool = True) -> dict:

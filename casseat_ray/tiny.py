@@ -1,10 +1,15 @@
-"""Tiny Qwen2-VL models with a real architecture, built offline.
+"""Tiny vision-language models with a real architecture, built offline.
 
 Nothing can be downloaded in tests or in the demo, so we build the whole model directory
-ourselves: config + random weights (seeded), a byte-level BPE tokenizer trained locally on
-math-reasoning text with the real Qwen2-VL special tokens, a Qwen-style multi-turn chat
-template, and image/video processors with small pixel bounds. The result loads with
-``AutoModelForImageTextToText`` / ``AutoProcessor`` and with vLLM's CPU build.
+ourselves: config + random weights (seeded), a tokenizer trained locally on math-reasoning
+text with the family's real special tokens and chat template, and image processors with
+small pixel bounds. The result loads with ``AutoModelForImageTextToText`` / ``AutoProcessor``.
+
+Families (``FAMILIES``), each loading in vLLM's CPU build too: ``qwen2_vl`` (the project's
+default teacher and student), ``qwen2_5_vl`` (same tokenizer and template, Qwen2.5-VL's windowed
+vision tower) and ``llava`` (LLaVA-1.5: a CLIP vision tower, a two-layer projector, a
+Llama language model with a SentencePiece-style tokenizer and LLaVA-1.5's own chat template,
+which ends an assistant turn with a space and no end-of-turn token).
 
 Shape limits found on vLLM's CPU backend: head_dim must be 64 (16 is rejected), and the
 M-RoPE sections must sum to head_dim / 2.
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,13 +199,93 @@ def build_processor(tokenizer):
     )
 
 
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
+
+# LLaVA-1.5's tokens and its Hugging Face chat template (llava-hf/llava-1.5-7b-hf), verbatim but
+# for the {% generation %} markers: images first, then text, each turn closed by a space.
+LLAVA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+LLAVA_IMAGE_SIZE = 56  # CLIP input side: (56 / 14)^2 = 16 image tokens
+
+
+def build_llava_tokenizer(seed: int = 0):
+    """A SentencePiece-style BPE, as Llama's: spaces become a word-boundary piece and one is
+    prepended to the text, so a text tokenized in pieces differs from the whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    corpus = _tokenizer_corpus(seed) + ["USER: ASSISTANT:"] * 50  # the template's own words
+    alphabet = sorted(set(string.printable.strip()) | set("".join(corpus)) | {"\u2581"})  # every ASCII character has a piece
+    # the special tokens take the first ids (<unk> 0, <s> 1, </s> 2, as Llama's)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=LLAVA_SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_special_tokens(LLAVA_SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                   chat_template=LLAVA_CHAT_TEMPLATE, model_max_length=MAX_POSITIONS, padding_side="left")
+
+
+def build_family(family: str, role: str, seed: int):
+    """(model class, config, processor) of a tiny ``family`` model of ``role``'s size."""
+    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, Qwen2_5_VLConfig,
+                              Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    s = SHAPES[role]
+    if family == "qwen2_vl":
+        tokenizer = build_tokenizer(seed)
+        return Qwen2VLForConditionalGeneration, build_config(role, tokenizer), build_processor(tokenizer)
+    if family == "qwen2_5_vl":
+        tokenizer = build_tokenizer(seed)
+        qwen2 = build_config(role, tokenizer).to_dict()
+        vision = dict(depth=s.vision_depth, hidden_size=s.vision_dim, intermediate_size=2 * s.vision_dim, num_heads=s.vision_heads,
+                      out_hidden_size=s.hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[s.vision_depth - 1])
+        ids = {k: qwen2[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+        config = Qwen2_5_VLConfig(text_config=qwen2["text_config"], vision_config=vision, tie_word_embeddings=False, **ids)
+        processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS), tokenizer=tokenizer,
+                                        video_processor=Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
+                                        chat_template=CHAT_TEMPLATE)
+        return Qwen2_5_VLForConditionalGeneration, config, processor
+    if family == "llava":
+        tokenizer = build_llava_tokenizer(seed)
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
+        text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=s.hidden, intermediate_size=s.intermediate,
+                    num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                    max_position_embeddings=MAX_POSITIONS, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
+                    tie_word_embeddings=False)
+        vision = dict(model_type="clip_vision_model", hidden_size=s.vision_dim, intermediate_size=2 * s.vision_dim,
+                      num_hidden_layers=s.vision_depth, num_attention_heads=s.vision_heads, image_size=LLAVA_IMAGE_SIZE, patch_size=14,
+                      projection_dim=s.vision_dim)
+        config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
+                             image_seq_length=(LLAVA_IMAGE_SIZE // 14) ** 2, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", tie_word_embeddings=False)
+        image_processor = CLIPImageProcessor(size={"shortest_edge": LLAVA_IMAGE_SIZE},
+                                             crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE})
+        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=LLAVA_CHAT_TEMPLATE)
+        return LlavaForConditionalGeneration, config, processor
+    raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+
+
 DEFAULT_FORMAT_STEPS = {"teacher": 400, "student": 0}
 TEACH_QUESTIONS = 32  # the teacher learns scripted solutions of make_rows(32, seed): the demo's questions
-RECIPE = 2  # bumped when the scripted solutions or the training recipe change (old builds are redone)
+RECIPE = 3  # bumped when the scripted solutions or the training recipe change (old builds are redone)
 
 
-def make_tiny(out: str | Path, role: str = "student", seed: int = 0, format_steps: int | None = None) -> Path:
-    """Build and save a tiny Qwen2-VL for ``role`` in ``out``; returns the directory.
+def make_tiny(out: str | Path, role: str = "student", seed: int = 0, format_steps: int | None = None, family: str = "qwen2_vl") -> Path:
+    """Build and save a tiny ``family`` model (Qwen2-VL by default) of ``role``'s size in
+    ``out``; returns the directory.
 
     ``format_steps`` > 0 then trains it briefly on scripted answers (``teach_format``); by
     default the teacher gets 400 steps (two to three minutes on a laptop CPU) and the student none, so
@@ -207,29 +293,32 @@ def make_tiny(out: str | Path, role: str = "student", seed: int = 0, format_step
     byte-identical weights and tokenizer.
     """
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
 
     if role not in SHAPES:
         raise ValueError(f"role must be one of {sorted(SHAPES)}, got {role!r}")
+    model_class, config, processor = build_family(family, role, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(seed)
-    config = build_config(role, tokenizer)
     torch.manual_seed(seed + (0 if role == "student" else 1))
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+    model = model_class(config).to(torch.float32).eval()
     with torch.no_grad():
         # Wider init than the default 0.02 so different inputs give visibly different outputs.
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    text = config.get_text_config()
+    model.generation_config.eos_token_id = text.eos_token_id
+    model.generation_config.pad_token_id = text.pad_token_id
     model.save_pretrained(out)
-    build_processor(tokenizer).save_pretrained(out)
+    processor.save_pretrained(out)
+    if family == "llava":
+        from casseat_ray.train.run import hub_layout
+
+        hub_layout(out)  # what vLLM loads
     steps = DEFAULT_FORMAT_STEPS[role] if format_steps is None else format_steps
     if steps:
         teach_format(out, steps=steps, seed=seed)
-    (out / "casseat_tiny.json").write_text(json.dumps(tiny_marker(role, seed, steps), indent=2) + "\n")
+    (out / "casseat_tiny.json").write_text(json.dumps(tiny_marker(role, seed, steps, family), indent=2) + "\n")
     return out
 
 
@@ -247,10 +336,11 @@ def make_tiny_adapter(model_dir: str | Path, out: str | Path, seed: int = 0, r: 
     return Path(out)
 
 
-def tiny_marker(role: str, seed: int, format_steps: int | None = None) -> dict:
+def tiny_marker(role: str, seed: int, format_steps: int | None = None, family: str = "qwen2_vl") -> dict:
     """What ``casseat_tiny.json`` records, so a rebuild can be skipped when nothing changed."""
     steps = DEFAULT_FORMAT_STEPS[role] if format_steps is None else format_steps
-    return {"role": role, "seed": seed, "format_steps": steps, "recipe": RECIPE if steps else None}
+    return {"role": role, "seed": seed, "format_steps": steps, "recipe": RECIPE if steps else None,
+            **({"family": family} if family != "qwen2_vl" else {})}
 
 
 def fingerprint(path: str | Path) -> str:

@@ -2,10 +2,15 @@
 
 An SFT row holds ``messages`` (role/content strings, ``<image>`` marking where the image goes
 in the first user turn), ``images`` (encoded bytes) and ``loss_on`` ("all" or "last"). The
-rendered conversation is cut into segments at assistant-turn boundaries; each segment is
-tokenized on its own (the processor expands the image placeholder into the image's exact
-number of tokens), and only assistant segments get labels. Nothing is ever truncated: a
-sample over the length budget is reported by the caller, so image token runs stay whole.
+whole conversation is rendered with the student's chat template and tokenized once, as the
+model reads it at inference (no special tokens added: the template writes its own); a
+trained assistant turn's labels are the tokens whose characters lie inside that turn's
+span, cut from the token offsets. A turn's labels are what the model must generate: its
+text and the end-of-turn token where the template writes one (Qwen's ``<|im_end|>``), the
+tokenizer's end-of-sequence token inserted where it writes none (LLaVA-1.5 closes a turn
+with a space), and nothing after it. The processor then expands each image placeholder into
+the image's exact number of tokens. Nothing is ever truncated: a sample over the length
+budget is reported by the caller, so image token runs stay whole.
 """
 
 from __future__ import annotations
@@ -30,13 +35,20 @@ class NoLabels(BadSample):
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    pixel_values: object | None  # torch.Tensor [patches, dim], or None without images
-    image_grid_thw: object | None  # torch.Tensor [n_images, 3]
+    images: dict  # the processor's image inputs (pixel_values, image_grid_thw, ...), {} without images
     token_types: list[int] | None = None  # mm_token_type_ids where the processor makes them (M-RoPE)
     positions: object | None = None  # torch.Tensor [3, len] of M-RoPE positions, set for packing
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def pixel_values(self):
+        return self.images.get("pixel_values")
+
+    @property
+    def image_grid_thw(self):
+        return self.images.get("image_grid_thw")
 
     @property
     def n_label_tokens(self) -> int:
@@ -71,29 +83,52 @@ def label_turns(messages: list[dict], loss_on: str, label_mode: str) -> list[int
     return turns
 
 
-def segments(messages: list[dict], processor, trained: list[int]) -> list[tuple[str, bool]]:
-    """The rendered conversation as ``(text, carries_loss)`` pieces, in order.
+def label_spans(messages: list[dict], processor, trained: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The whole rendered conversation and the character span of each trained assistant turn.
 
-    An assistant turn's span is what rendering up to and including it adds after the
-    generation prompt: its content and the end-of-turn marker, so the student learns to stop.
+    A turn's span is what rendering up to and including it adds after the generation prompt,
+    less trailing whitespace (the template's line or space after the turn, never generated).
     """
     render = processor.apply_chat_template
-    pieces: list[tuple[str, bool]] = []
-    done = ""
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
+    full = render(to_conversation(messages), tokenize=False)
+    spans = []
+    for i in trained:
         prompt = render(to_conversation(messages[:i]), tokenize=False, add_generation_prompt=True)
-        full = render(to_conversation(messages[: i + 1]), tokenize=False)
-        if not (prompt.startswith(done) and full.startswith(prompt)):
+        upto = render(to_conversation(messages[: i + 1]), tokenize=False)
+        if not (full.startswith(upto) and upto.startswith(prompt)):
             raise ValueError("the chat template does not render turns as prefixes of each other; cannot find assistant spans")
-        pieces.append((prompt[len(done):], False))
-        pieces.append((full[len(prompt):], i in trained))
-        done = full
-    tail = render(to_conversation(messages), tokenize=False)[len(done):]
-    if tail:
-        pieces.append((tail, False))
-    return [(t, lab) for t, lab in pieces if t]
+        spans.append((len(prompt), len(upto.rstrip())))
+    return full, spans
+
+
+def text_tokens(messages: list[dict], processor, trained: list[int]) -> tuple[str, list[int], list[int]]:
+    """(rendered text, token ids, labels) of a conversation before image expansion.
+
+    Tokenized once as a whole; a token is labelled when its characters lie inside a trained
+    span, up to the first end-of-sequence token; a span without one gets it inserted after
+    its last token.
+    """
+    full, spans = label_spans(messages, processor, trained)
+    tok = processor.tokenizer
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    eos = tok.eos_token_id
+    labelled, close = set(), set()
+    for s, e in spans:
+        inside = [k for k, (a, b) in enumerate(offsets) if s <= a < b <= e]
+        if eos in (ids[k] for k in inside):
+            inside = inside[: [ids[k] for k in inside].index(eos) + 1]
+        elif inside:
+            close.add(inside[-1])
+        labelled.update(inside)
+    out_ids, labels = [], []
+    for k, t in enumerate(ids):
+        out_ids.append(t)
+        labels.append(t if k in labelled else IGNORE)
+        if k in close:
+            out_ids.append(eos)
+            labels.append(eos)
+    return full, out_ids, labels
 
 
 def _check_markers(messages: list[dict], n_images: int) -> None:
@@ -112,59 +147,73 @@ def _images(row: dict) -> list:
     return out
 
 
+def _expand(ids: list[int], labels: list[int], expanded: list[int], types: list[int] | None, image_id: int,
+            eos: int) -> tuple[list[int], list[int], list[int]]:
+    """``ids`` with each image placeholder replaced by its run in the processor's ``expanded``
+    ids (the two agree elsewhere, but for the end-of-sequence tokens ``text_tokens`` inserted)."""
+    out_ids, out_labels, out_types, j = [], [], [], 0
+    for k, (t, lab) in enumerate(zip(ids, labels)):
+        if t == image_id:
+            if k and ids[k - 1] == image_id:
+                continue  # adjacent placeholders: the run below covers them all
+            n = 0
+            while j + n < len(expanded) and expanded[j + n] == image_id:
+                n += 1
+            out_ids += expanded[j:j + n]
+            out_labels += [IGNORE] * n
+            out_types += types[j:j + n] if types else [0] * n
+            j += n
+        elif j < len(expanded) and expanded[j] == t:
+            out_ids.append(t)
+            out_labels.append(lab)
+            out_types.append(types[j] if types else 0)
+            j += 1
+        elif t == eos and lab == eos:  # an end-of-sequence token text_tokens inserted
+            out_ids.append(t)
+            out_labels.append(lab)
+            out_types.append(0)
+        else:
+            raise ValueError(f"the processor's tokens differ from its tokenizer's at token {k}; cannot place the labels")
+    if j != len(expanded):
+        raise ValueError(f"the processor made {len(expanded)} tokens, {j} of them placed; cannot place the labels")
+    return out_ids, out_labels, out_types
+
+
 def encode(row: dict, processor, label_mode: str = "last_assistant") -> Encoded:
-    """Tokenize one SFT row; labels are the token ids inside trained assistant spans."""
+    """Tokenize one SFT row; labels are the tokens the student must generate in its trained
+    assistant turns."""
     messages = list(row["messages"])
     images = _images(row)
     _check_markers(messages, len(images))
     trained = label_turns(messages, row.get("loss_on") or "all", label_mode)
+    full, ids, labels = text_tokens(messages, processor, trained)
+    if not images:
+        return Encoded(ids, labels, {})
+    enc = processor(text=[full], images=images, return_tensors="pt", add_special_tokens=False)
+    types = enc["mm_token_type_ids"][0].tolist() if "mm_token_type_ids" in enc else None
     tok = processor.tokenizer
-    image_token = getattr(processor, "image_token", None)
-    ids: list[int] = []
-    labels: list[int] = []
-    types: list[int] = []
-    has_types = False
-    pixel_values = grid = None
-    pending = list(images)
-    for text, carries_loss in segments(messages, processor, trained):
-        n_here = text.count(image_token) if image_token else 0
-        if n_here:
-            enc = processor(text=[text], images=pending[:n_here], return_tensors="pt")
-            pending = pending[n_here:]
-            piece = enc["input_ids"][0].tolist()
-            if "mm_token_type_ids" in enc:
-                has_types = True
-                types.extend(enc["mm_token_type_ids"][0].tolist())
-            else:
-                types.extend([0] * len(piece))
-            pixel_values, grid = _cat(pixel_values, enc["pixel_values"]), _cat(grid, enc["image_grid_thw"])
-        else:
-            piece = tok(text, add_special_tokens=False)["input_ids"]
-            types.extend([0] * len(piece))
-        ids.extend(piece)
-        labels.extend(piece if carries_loss else [IGNORE] * len(piece))
-    return Encoded(ids, labels, pixel_values, grid, types if has_types else None)
+    ids, labels, token_types = _expand(ids, labels, enc["input_ids"][0].tolist(), types, tok.convert_tokens_to_ids(processor.image_token),
+                                       tok.eos_token_id)
+    inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    return Encoded(ids, labels, inputs, token_types if types is not None else None)
 
 
 def count_tokens(row: dict, processor) -> int:
-    """``len(encode(row, processor))`` without preparing a pixel: the same segments through the
+    """``len(encode(row, processor))`` without preparing a pixel: the conversation through the
     tokenizer, each image counted as the placeholder tokens the processor expands it to, from
-    its size alone (what the length budget needs, at a fraction of the cost)."""
+    its size alone (what the length budget needs, at a fraction of the cost). Counts with
+    every assistant turn trained: the most end-of-sequence tokens ``encode`` can insert."""
     from PIL import Image
 
     messages = list(row["messages"])
     sizes = [Image.open(io.BytesIO(data)).size for data in row.get("images") or []]  # the header only
     _check_markers(messages, len(sizes))
-    image_token = getattr(processor, "image_token", None)
-    per_image = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in sizes])["num_image_tokens"] if sizes else []
     trained = label_turns(messages, row.get("loss_on") or "all", "all_assistant")
-    total, seen = 0, 0
-    for text, _ in segments(messages, processor, trained):
-        total += len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-        n_here = text.count(image_token) if image_token else 0
-        total += sum(n - 1 for n in per_image[seen:seen + n_here])  # one placeholder each is in the text already
-        seen += n_here
-    return total
+    _, ids, _ = text_tokens(messages, processor, trained)
+    if not sizes:
+        return len(ids)
+    per_image = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in sizes])["num_image_tokens"]
+    return len(ids) + sum(per_image) - len(per_image)  # one placeholder each is in the text already
 
 
 def encode_responses(row: dict, processor) -> list[Encoded]:
@@ -206,12 +255,6 @@ def aft_rows(samples: list[tuple[Encoded, list | None]]) -> tuple[list[Encoded],
                     rows.append(c)
             groups.append((at, [k for _, k in group]))
     return rows, groups
-
-
-def _cat(a, b):
-    import torch
-
-    return b if a is None else torch.cat([a, b])
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict:
@@ -290,11 +333,9 @@ def collate_packed(rows: list[list[Encoded]], pad_id: int) -> dict:
 
 
 def _image_inputs(samples: list[Encoded]) -> dict:
-    """Image patches and grids of ``samples``, concatenated in the order their image tokens appear."""
+    """The samples' image inputs (patches, grids, ...), each concatenated in the order their
+    image tokens appear."""
     import torch
 
-    pixels = [e.pixel_values for e in samples if e.pixel_values is not None]
-    if not pixels:
-        return {}
-    return {"pixel_values": torch.cat(pixels),
-            "image_grid_thw": torch.cat([e.image_grid_thw for e in samples if e.image_grid_thw is not None])}
+    with_images = [e.images for e in samples if e.images]
+    return {k: torch.cat([im[k] for im in with_images]) for k in with_images[0]} if with_images else {}

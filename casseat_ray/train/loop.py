@@ -102,20 +102,26 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def lora_targets(model, lora: LoraConfig) -> str | list[str]:
-    """A pattern matching the language model's linear layers (never the vision tower or the
-    output head) when ``all-linear``, else the configured module names."""
+    """With ``all-linear``, a pattern matching the language model's linear layers only: the
+    vision tower, the projector and the output head stay frozen, as the method keeps them.
+    Every family here (Qwen2-VL, Qwen2.5-VL, LLaVA-1.5/NeXT) has its language model under a
+    ``language_model`` module; a model without one gets every linear layer outside the
+    vision parts and projectors. Else the configured module names."""
     import torch
 
     if lora.target_modules != "all-linear":
         return list(lora.target_modules)
-    leaves = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not any(p in name.split(".") for p in VISION_PARTS) and not name.endswith("lm_head"):
-            leaves.add(name.rsplit(".", 1)[-1])
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    language = [n for n in linear if "language_model" in n.split(".")]
+    if language:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in language})
+        return rf"^(.*\.)?language_model\..*\.({'|'.join(leaves)})$"
+    frozen = VISION_PARTS + PROJECTOR_NAMES
+    leaves = {n.rsplit(".", 1)[-1] for n in linear if not any(p in n.split(".") for p in frozen) and not n.endswith("lm_head")}
     if not leaves:
-        raise ValueError("no linear layers found outside the vision tower")
-    vision = "|".join(VISION_PARTS)
-    return rf"^(?!.*\b({vision})\b).*\.({'|'.join(sorted(leaves))})$"
+        raise ValueError("no linear layers found outside the vision tower and projector")
+    parts = "|".join(frozen)
+    return rf"^(?!.*\b({parts})\b).*\.({'|'.join(sorted(leaves))})$"
 
 
 def load_adapter(model, path: Path) -> None:

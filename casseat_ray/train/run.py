@@ -158,6 +158,36 @@ def export(cfg: Config, adapter: str | Path | None = None, merged: str | Path | 
         base = AutoModelForImageTextToText.from_pretrained(cfg.student.model, dtype=torch.float32)
         model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
         model.save_pretrained(merged)
+        hub_layout(merged)
         AutoProcessor.from_pretrained(cfg.student.model).save_pretrained(merged)
         out["merged"] = str(merged)
     return out
+
+
+def hub_layout(model_dir: str | Path) -> None:
+    """Rename a saved LLaVA's vision-tower weights to the layout of the hub's LLaVA checkpoints.
+
+    transformers 5 saves the CLIP tower as ``vision_tower.*``; the hub's checkpoints, and vLLM's
+    loader, name it ``vision_tower.vision_model.*`` (vLLM refuses the former). transformers loads
+    either. In place; other models are left as they are."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def renamed(key: str) -> str:
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            return "vision_tower.vision_model." + key[len("vision_tower."):]
+        return key
+
+    model_dir = Path(model_dir)
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            keys, meta = list(fh.keys()), fh.metadata()
+            if all(renamed(k) == k for k in keys):
+                continue
+            tensors = {renamed(k): fh.get_tensor(k) for k in keys}
+        save_file(tensors, str(f), metadata=meta)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {renamed(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2) + "\n")

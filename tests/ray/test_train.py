@@ -72,8 +72,10 @@ def test_fsdp_shards_the_student_and_matches_ddp(tmp_path, tiny_models, sft, two
     assert all(torch.equal(again[k], fsdp[k]) for k in fsdp)
 
 
-def test_packed_rows_with_a_trainable_projector(tmp_path, tiny_models, sft, ray_session):
-    cfg = _cfg(tmp_path, tiny_models, "packed", packing=True, cutoff_len=1024, batch_size=1, epochs=2)
+def test_packed_rows_with_a_trainable_projector(tmp_path, family_students, sft, ray_session):
+    # A LLaVA-1.5 student (the default Qwen2-VL's M-RoPE packing is checked in test_collate):
+    # plain 1-D positions restarting per packed sample, EOS inserted after each trained turn.
+    cfg = _cfg(tmp_path, {"student": family_students["llava"]}, "packed", packing=True, cutoff_len=1024, batch_size=1, epochs=2)
     cfg.student.lora.train_projector = True
     summary = train_run.run(cfg, data=sft)
     assert summary["samples"] == 32 and summary["rows"] < 16  # several samples share each row
@@ -84,12 +86,14 @@ def test_packed_rows_with_a_trainable_projector(tmp_path, tiny_models, sft, ray_
     saved = load_file(str(train_run.train_dir(cfg) / "adapter" / "adapter_model.safetensors"))
     from transformers import AutoModelForImageTextToText
 
-    base = AutoModelForImageTextToText.from_pretrained(tiny_models["student"]).state_dict()
-    merger = {k: v for k, v in saved.items() if ".merger." in k}
-    assert merger, sorted(saved)[:5]  # the projector is saved whole with the adapter, and it trained
-    for name, value in merger.items():
-        original = next(v for k, v in base.items() if k.endswith(name.split("merger.", 1)[1]) and "merger" in k)
+    base = AutoModelForImageTextToText.from_pretrained(family_students["llava"]).state_dict()
+    projector = {k: v for k, v in saved.items() if ".multi_modal_projector." in k}
+    assert projector, sorted(saved)[:5]  # the projector is saved whole with the adapter, and it trained
+    for name, value in projector.items():
+        original = next(v for k, v in base.items() if k.endswith(name.split("multi_modal_projector.", 1)[1]) and "multi_modal_projector" in k)
         assert not torch.equal(value, original), name
+    # LoRA on the language model only: the vision tower has nothing in the adapter
+    assert all(".language_model." in k for k in saved if k not in projector) and not any("vision_tower" in k for k in saved)
 
 
 def test_adapter_loads_in_transformers_merges_and_changes_vllm_output(two_workers, tiny_models, demo_rows, tmp_path):

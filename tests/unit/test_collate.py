@@ -33,10 +33,10 @@ def test_self_eval_trains_on_the_last_turn_only(processor, demo_rows):
     s = self_eval_sample(demo_rows[0], c1, "Step 1: count.\nThe answer is 3.", c2, "Evaluation: Accept\nThe answer is 3.")
     for mode in ("last_assistant", "all_assistant"):  # self-evaluation rows ignore the mode
         enc = encode(s, processor, mode)
-        assert _labelled_text(enc, processor) == "Evaluation: Accept\nThe answer is 3.<|im_end|>\n"
+        assert _labelled_text(enc, processor) == "Evaluation: Accept\nThe answer is 3.<|im_end|>"
         assert _spans(enc) == 1
     full = processor.tokenizer.decode(enc.input_ids)
-    assert "Step 1: count." in full and full.endswith("The answer is 3.<|im_end|>\n")
+    assert "Step 1: count." in full and full.endswith("The answer is 3.<|im_end|>\n")  # the template's newline stays, untrained
 
 
 def test_all_assistant_mode_labels_every_turn_of_a_multi_turn_row(processor, demo_rows):
@@ -49,9 +49,9 @@ def test_all_assistant_mode_labels_every_turn_of_a_multi_turn_row(processor, dem
     row = {"messages": messages, "images": [demo_rows[0]["image"]], "loss_on": "all"}
     both = encode(row, processor, "all_assistant")
     assert _spans(both) == 2
-    assert _labelled_text(both, processor) == "Shapes.<|im_end|>\nThree.<|im_end|>\n"
+    assert _labelled_text(both, processor) == "Shapes.<|im_end|>Three.<|im_end|>"
     last = encode(row, processor, "last_assistant")
-    assert _labelled_text(last, processor) == "Three.<|im_end|>\n"
+    assert _labelled_text(last, processor) == "Three.<|im_end|>"
     assert both.input_ids == last.input_ids
     assert label_turns(messages, "all", "all_assistant") == [1, 3]
 
@@ -102,7 +102,7 @@ def test_aft_candidates_share_the_prompt_and_label_only_the_response(processor, 
     texts = ["Step 1.\nThe answer is 3.", "The answer is 5."]
     cot = {**cot_sample(demo_rows[0], c1, texts[0]), "responses": texts, "responses_correct": [True, False], "responses_rank": [0, 1]}
     cands = encode_responses(cot, processor)
-    assert [_labelled_text(e, processor) for e in cands] == [t + "<|im_end|>\n" for t in texts]
+    assert [_labelled_text(e, processor) for e in cands] == [t + "<|im_end|>" for t in texts]
     ref = encode(cot, processor)
     prompt_len = ref.labels.index(next(t for t in ref.labels if t != IGNORE))
     assert all(e.input_ids[:prompt_len] == ref.input_ids[:prompt_len] for e in cands)  # same image + question
@@ -165,35 +165,6 @@ def test_token_nll_is_the_models_own_loss(processor, demo_rows, tiny_models):
     assert torch.allclose(token_nll(out.logits, batch["labels"]), out.loss, atol=1e-5)
     assert torch.allclose(share, token_nll(out.logits, batch["labels"], 3 * n), atol=1e-6)
     assert torch.allclose(3 * share, out.loss, atol=1e-5)
-
-
-def test_packed_rows_give_every_sample_exactly_its_own_logits(processor, demo_rows, tiny_models):
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    from casseat_ray.train.collate import collate_packed, rope_positions
-    from casseat_ray.train.losses import token_nll
-
-    c1, c2 = prompts.load("c1"), prompts.load("c2")
-    samples = [cot_sample(demo_rows[0], c1, "Step 1: count.\nThe answer is 3."),
-               self_eval_sample(demo_rows[1], c1, "The answer is 4.", c2, "Evaluation: Refine\nThe answer is 5."),
-               cot_sample(demo_rows[2], c1, f"The answer is {demo_rows[2]['answer']}.")]
-    model = AutoModelForImageTextToText.from_pretrained(tiny_models["student"]).eval()
-    enc = [encode(s, processor) for s in samples]
-    for e in enc:
-        e.positions = rope_positions(e, model.model.get_rope_index)
-    pad = processor.tokenizer.pad_token_id
-    packed = collate_packed([[enc[0], enc[1]], [enc[2]]], pad)  # the second row closes with padding
-    assert "attention_mask" not in packed and packed["position_ids"].shape == (4, 2, len(enc[0]) + len(enc[1]))
-    with torch.no_grad():
-        out = model(**packed, use_cache=False).logits  # a cache would hide the sample boundaries
-        alone = [model(**collate([e], pad)).logits[0] for e in enc]
-        padded = model(**collate(enc, pad))
-    spans = [(0, 0, len(enc[0])), (0, len(enc[0]), len(enc[1])), (1, 0, len(enc[2]))]
-    for (row, start, n), ref in zip(spans, alone):
-        assert torch.allclose(out[row, start:start + n], ref, atol=1e-4), (row, start)
-    # the same samples, packed or padded, give the same loss
-    assert torch.allclose(token_nll(out, packed["labels"]), padded.loss, atol=1e-5)
 
 
 def test_token_count_without_pixels_equals_the_encoded_length(processor, demo_rows):

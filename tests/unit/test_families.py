@@ -1,0 +1,149 @@
+"""Every student family the method names -- Qwen2-VL, Qwen2.5-VL, LLaVA-1.5 -- tokenized as the
+model sees it at inference, trained on exactly what it must generate, LoRA on its language
+model only. Tiny models of each architecture, built offline."""
+
+import pytest
+import torch
+
+from casseat_ray import prompts
+from casseat_ray.synth.mix import cot_sample, self_eval_sample
+from casseat_ray.train.collate import IGNORE, _images, collate, count_tokens, encode, to_conversation
+from casseat_ray.train.loop import build_model
+from tests.conftest import train_config
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava"]
+ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                 "llava": "LlavaForConditionalGeneration"}
+
+
+def _sample(row, kind: str) -> dict:
+    c1, c2 = prompts.load("c1"), prompts.load("c2")
+    if kind == "cot":
+        return cot_sample(row, c1, "Step 1: count the shapes.\nThe answer is 3.")
+    return self_eval_sample(row, c1, "Step 1: count.\nThe answer is 4.", c2, "Evaluation: Refine\nThe answer is 3.")
+
+
+def _inference_prompt(sample: dict, processor):
+    """What the inference layer sends for the sample's last turn: the conversation before it,
+    rendered with the generation prompt, no special tokens added."""
+    text = processor.apply_chat_template(to_conversation(sample["messages"][:-1]), tokenize=False, add_generation_prompt=True)
+    return processor(text=[text], images=_images(sample), return_tensors="pt", add_special_tokens=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_are_the_tokens_the_student_generates(family, family_students, demo_rows):
+    from transformers import AutoProcessor
+
+    path = family_students[family]
+    processor = AutoProcessor.from_pretrained(path)
+    tok = processor.tokenizer
+    samples = [_sample(demo_rows[0], "cot"), _sample(demo_rows[1], "self_eval")]
+    for s in samples:
+        enc = encode(s, processor)
+        start = next(i for i, t in enumerate(enc.labels) if t != IGNORE)
+        prompt = _inference_prompt(s, processor)["input_ids"][0].tolist()
+        assert enc.input_ids[:start] == prompt  # the labels start where the model starts generating
+        labels = [t for t in enc.labels if t != IGNORE]
+        assert labels == enc.input_ids[start:start + len(labels)]  # one run, the last turn's
+        # the turn's own text, then the end-of-sequence token the generation stops on
+        assert labels[-1] == tok.eos_token_id and labels.count(tok.eos_token_id) == 1
+        assert tok.decode(labels[:-1]).strip() == s["messages"][-1]["content"]
+        assert count_tokens(s, processor) == len(enc)
+    if family == "llava":  # the template closes a turn with a space and no end token: EOS inserted
+        s = samples[0]
+        text = processor.apply_chat_template(to_conversation(s["messages"]), tokenize=False)
+        assert text.endswith("The answer is 3. ") and tok.eos_token not in text
+        assert len(encode(s, processor)) == len(processor(text=[text], images=_images(s), add_special_tokens=False)["input_ids"][0]) + 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_trains_the_language_model_and_the_student_learns_to_stop(family, family_students, demo_rows, tmp_path):
+    from transformers import AutoProcessor
+
+    path = family_students[family]
+    processor = AutoProcessor.from_pretrained(path)
+    cfg = train_config(tmp_path, {"student": path}, family)
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.float32)
+    assert type(model.get_base_model()).__name__ == ARCHITECTURES[family]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".language_model." in n for n in trainable)  # vision tower, projector frozen
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} >= {"q_proj", "v_proj", "down_proj"}
+    # trained on one self-evaluation sample until it knows it, the student's greedy answer at
+    # inference is exactly the label tokens: the same text, the end token, then it stops
+    s = _sample(demo_rows[1], "self_eval")
+    enc = encode(s, processor)
+    batch = collate([enc], processor.tokenizer.pad_token_id)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(60):
+        model(**batch, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    prompt = _inference_prompt(s, processor)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=40, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
+    assert out == [t for t in enc.labels if t != IGNORE]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_rows_give_every_sample_exactly_its_own_logits(family, family_students, demo_rows):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from casseat_ray.train.collate import collate_packed, rope_positions
+    from casseat_ray.train.losses import token_nll
+
+    processor = AutoProcessor.from_pretrained(family_students[family])
+    model = AutoModelForImageTextToText.from_pretrained(family_students[family]).eval()
+    samples = [_sample(demo_rows[0], "cot"), _sample(demo_rows[1], "self_eval"),
+               cot_sample(demo_rows[2], prompts.load("c1"), f"The answer is {demo_rows[2]['answer']}.")]
+    enc = [encode(s, processor) for s in samples]
+    for e in enc:  # M-RoPE positions (Qwen); LLaVA's are plain 0..len-1
+        e.positions = rope_positions(e, getattr(model.model, "get_rope_index", None))
+    pad = processor.tokenizer.pad_token_id
+    packed = collate_packed([[enc[0], enc[1]], [enc[2]]], pad)  # the second row closes with padding
+    width = len(enc[0]) + len(enc[1])
+    assert "attention_mask" not in packed
+    assert packed["position_ids"].shape == ((2, width) if family == "llava" else (4, 2, width))
+    with torch.no_grad():
+        out = model(**packed, use_cache=False).logits  # a cache would hide the sample boundaries
+        alone = [model(**collate([e], pad)).logits[0] for e in enc]
+        padded = model(**collate(enc, pad))
+    spans = [(0, 0, len(enc[0])), (0, len(enc[0]), len(enc[1])), (1, 0, len(enc[2]))]
+    for (row, start, n), ref in zip(spans, alone):
+        assert torch.allclose(out[row, start:start + n], ref, atol=1e-4), (row, start)
+    # the same samples, packed or padded, give the same loss
+    assert torch.allclose(token_nll(out, packed["labels"]), padded.loss, atol=1e-5)
+
+
+def test_a_saved_llava_has_the_hub_layout_vllm_loads(family_students, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText
+
+    from casseat_ray.train.run import hub_layout
+
+    with safe_open(str(family_students["llava"] / "model.safetensors"), "pt") as fh:
+        towers = [k for k in fh.keys() if k.startswith("vision_tower.")]
+    assert towers and all(k.startswith("vision_tower.vision_model.") for k in towers)
+    # what transformers 5 writes for a LLaVA built from its config (loaded from a checkpoint, it
+    # keeps that checkpoint's layout): renamed in place, the index too
+    model = AutoModelForImageTextToText.from_config(AutoModelForImageTextToText.from_pretrained(family_students["llava"]).config)
+    model.save_pretrained(tmp_path / "m")
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as fh:
+        assert any(k.startswith("vision_tower.embeddings.") for k in fh.keys())
+    hub_layout(tmp_path / "m")
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as fh:
+        assert sorted(fh.keys()) == sorted(safe_open(str(family_students["llava"] / "model.safetensors"), "pt").keys())
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "m").state_dict()
+    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+    shard = tmp_path / "s"
+    shard.mkdir()
+    save_file({"vision_tower.encoder.w": torch.ones(1), "language_model.model.w": torch.ones(1)}, str(shard / "a.safetensors"))
+    (shard / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"vision_tower.encoder.w": "a.safetensors",
+                                                                                   "language_model.model.w": "a.safetensors"}}))
+    hub_layout(shard)
+    assert sorted(json.loads((shard / "model.safetensors.index.json").read_text())["weight_map"]) == [
+        "language_model.model.w", "vision_tower.vision_model.encoder.w"]
