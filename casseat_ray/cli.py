@@ -352,6 +352,9 @@ def cmd_train(args) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: rerun with --resume to continue from the last checkpoint in {cfg.ray.storage_path}", file=sys.stderr)
         return 130
+    except train_run.TrainingFailed as e:  # the workers' own traceback is above, in their output
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAIL
     print(f"trained {summary['steps']} steps on {summary['samples']} samples "
           f"({summary['dropped_too_long']} too long, {summary['dropped_no_labels']} without labels and {summary['dropped_malformed']} "
           f"malformed dropped; {summary['skipped_nonfinite']} non-finite steps skipped); adapter: {summary['adapter']}")

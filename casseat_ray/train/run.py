@@ -9,6 +9,25 @@ from casseat_ray import storage
 from casseat_ray.config import Config, ConfigError, with_absolute_models
 
 
+class TrainingFailed(RuntimeError):
+    """Ray Train gave up on the run: its workers failed on every attempt it was allowed."""
+
+
+def training_failure(error: BaseException, max_failures: int, checkpoint: str | None) -> BaseException:
+    """``error`` from ``trainer.fit()`` as one line a person can act on when it is the workers'
+    (the lowest failing rank's own error, its last line); any other error as it is."""
+    from ray.train import WorkerGroupError
+
+    if not isinstance(error, WorkerGroupError) or not error.worker_failures:
+        return error
+    rank = min(error.worker_failures)
+    lines = [line.strip() for line in str(error.worker_failures[rank]).splitlines() if line.strip()]
+    cause = lines[-1] if lines else type(error.worker_failures[rank]).__name__
+    return TrainingFailed(f"training failed on worker {rank}, {max_failures + 1} time(s) in a row (train.max_failures={max_failures}): "
+                          f"{cause[:500]}; " + (f"the last checkpoint is kept ({checkpoint}): fix the cause and rerun with --resume"
+                                                 if checkpoint else "no checkpoint was written: fix the cause and rerun"))
+
+
 def sft_path(cfg: Config, override: str | Path | None = None) -> Path:
     path = Path(override) if override else cfg.run_dir / "sft"
     stats = cfg.run_dir / "stats.json"
@@ -101,7 +120,7 @@ def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> di
     )
     result = trainer.fit()
     if result.error:
-        raise result.error
+        raise training_failure(result.error, t.max_failures, result.checkpoint.path if result.checkpoint else None) from result.error
     if out_uri:
         storage.copy_tree(out_uri, out)
     summary = json.loads((out / "summary.json").read_text())

@@ -236,6 +236,7 @@ def test_f13_a_worker_failing_every_attempt_ends_the_run_after_max_failures_plus
     figures.update(max_failures=1, attempts=len(watcher.seen), seconds=round(time.time() - t0, 1), error=text.strip().splitlines()[-1][:200])
     assert len(watcher.seen) == 2  # max_failures + 1 worker groups, then no more
     assert "SafetensorError" in text or "deserializing" in text, text[-2000:]  # the worker's own error, not a generic one
+    assert isinstance(failed.value, train_run.TrainingFailed) and "2 time(s) in a row (train.max_failures=1)" in text  # one line
 
 
 @pytest.mark.extended  # about 65 s

@@ -106,3 +106,19 @@ def test_max_steps_caps_the_epochs():
     from casseat_ray.config import Config
 
     assert Config.model_validate({"train": {"max_steps": 5}}).train.max_steps == 5
+
+
+def test_a_failed_training_run_reads_as_its_workers_own_error_in_one_line():
+    from ray.train import WorkerGroupError
+
+    from casseat_ray.train.run import TrainingFailed, training_failure
+
+    tb = "Traceback (most recent call last):\n  File \"loop.py\", line 1\nsafetensors_rust.SafetensorError: Error while deserializing header"
+    error = WorkerGroupError("2 workers failed", {1: RuntimeError("ValueError: rank 1"), 0: RuntimeError(tb)})
+    failed = training_failure(error, 1, None)
+    assert isinstance(failed, TrainingFailed) and "\n" not in str(failed)
+    assert str(failed) == ("training failed on worker 0, 2 time(s) in a row (train.max_failures=1): safetensors_rust.SafetensorError: "
+                           "Error while deserializing header; no checkpoint was written: fix the cause and rerun")
+    assert "kept (/ckpt/checkpoint_3): fix the cause and rerun with --resume" in str(training_failure(error, 0, "/ckpt/checkpoint_3"))
+    other = KeyError("not the workers'")
+    assert training_failure(other, 0, None) is other
