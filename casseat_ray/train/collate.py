@@ -5,10 +5,10 @@ in the first user turn), ``images`` (encoded bytes) and ``loss_on`` ("all" or "l
 whole conversation is rendered with the student's chat template and tokenized once, as the
 model reads it at inference (no special tokens added: the template writes its own); a
 trained assistant turn's labels are the tokens whose characters lie inside that turn's
-span, cut from the token offsets. A turn's labels are what the model must generate: its
-text and the end-of-turn token where the template writes one (Qwen's ``<|im_end|>``), the
-tokenizer's end-of-sequence token inserted where it writes none (LLaVA-1.5 closes a turn
-with a space), and nothing after it. The processor then expands each image placeholder into
+span, cut from the token offsets: its text and the template's closing where that holds the
+end-of-sequence token (Qwen's ``<|im_end|>`` and line), else its text and the tokenizer's
+end-of-sequence token inserted after it (LLaVA-1.5 closes a turn with a space), so the
+student learns to stop. The processor then expands each image placeholder into
 the image's exact number of tokens. Nothing is ever truncated: a sample over the length
 budget is reported by the caller, so image token runs stay whole.
 """
@@ -83,11 +83,11 @@ def label_turns(messages: list[dict], loss_on: str, label_mode: str) -> list[int
     return turns
 
 
-def label_spans(messages: list[dict], processor, trained: list[int]) -> tuple[str, list[tuple[int, int]]]:
-    """The whole rendered conversation and the character span of each trained assistant turn.
+def label_spans(messages: list[dict], processor, trained: list[int]) -> tuple[str, list[tuple[int, int, int]]]:
+    """The whole rendered conversation and, per trained assistant turn, where its span starts,
+    where its text ends (trailing whitespace left out) and where the rendered turn ends.
 
-    A turn's span is what rendering up to and including it adds after the generation prompt,
-    less trailing whitespace (the template's line or space after the turn, never generated).
+    A turn's span is what rendering up to and including it adds after the generation prompt.
     """
     render = processor.apply_chat_template
     full = render(to_conversation(messages), tokenize=False)
@@ -97,7 +97,7 @@ def label_spans(messages: list[dict], processor, trained: list[int]) -> tuple[st
         upto = render(to_conversation(messages[: i + 1]), tokenize=False)
         if not (full.startswith(upto) and upto.startswith(prompt)):
             raise ValueError("the chat template does not render turns as prefixes of each other; cannot find assistant spans")
-        spans.append((len(prompt), len(upto.rstrip())))
+        spans.append((len(prompt), len(upto.rstrip()), len(upto)))
     return full, spans
 
 
@@ -105,8 +105,10 @@ def text_tokens(messages: list[dict], processor, trained: list[int]) -> tuple[st
     """(rendered text, token ids, labels) of a conversation before image expansion.
 
     Tokenized once as a whole; a token is labelled when its characters lie inside a trained
-    span, up to the first end-of-sequence token; a span without one gets it inserted after
-    its last token.
+    span. A span holding the end-of-sequence token is labelled whole (the template's own
+    closing, Qwen's ``<|im_end|>`` and its line, as the large fine-tuning frameworks do; the
+    model stops at the token and never reaches the line); a span without one (LLaVA-1.5 closes
+    a turn with a space) is labelled up to its text's end and gets the token inserted there.
     """
     full, spans = label_spans(messages, processor, trained)
     tok = processor.tokenizer
@@ -114,12 +116,12 @@ def text_tokens(messages: list[dict], processor, trained: list[int]) -> tuple[st
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     eos = tok.eos_token_id
     labelled, close = set(), set()
-    for s, e in spans:
-        inside = [k for k, (a, b) in enumerate(offsets) if s <= a < b <= e]
-        if eos in (ids[k] for k in inside):
-            inside = inside[: [ids[k] for k in inside].index(eos) + 1]
-        elif inside:
-            close.add(inside[-1])
+    for s, text_end, turn_end in spans:
+        inside = [k for k, (a, b) in enumerate(offsets) if s <= a < b <= turn_end]
+        if eos not in (ids[k] for k in inside):
+            inside = [k for k in inside if offsets[k][1] <= text_end]
+            if inside:
+                close.add(inside[-1])
         labelled.update(inside)
     out_ids, labels = [], []
     for k, t in enumerate(ids):

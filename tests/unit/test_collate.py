@@ -33,10 +33,10 @@ def test_self_eval_trains_on_the_last_turn_only(processor, demo_rows):
     s = self_eval_sample(demo_rows[0], c1, "Step 1: count.\nThe answer is 3.", c2, "Evaluation: Accept\nThe answer is 3.")
     for mode in ("last_assistant", "all_assistant"):  # self-evaluation rows ignore the mode
         enc = encode(s, processor, mode)
-        assert _labelled_text(enc, processor) == "Evaluation: Accept\nThe answer is 3.<|im_end|>"
+        assert _labelled_text(enc, processor) == "Evaluation: Accept\nThe answer is 3.<|im_end|>\n"
         assert _spans(enc) == 1
     full = processor.tokenizer.decode(enc.input_ids)
-    assert "Step 1: count." in full and full.endswith("The answer is 3.<|im_end|>\n")  # the template's newline stays, untrained
+    assert "Step 1: count." in full and full.endswith("The answer is 3.<|im_end|>\n")
 
 
 def test_all_assistant_mode_labels_every_turn_of_a_multi_turn_row(processor, demo_rows):
@@ -49,9 +49,9 @@ def test_all_assistant_mode_labels_every_turn_of_a_multi_turn_row(processor, dem
     row = {"messages": messages, "images": [demo_rows[0]["image"]], "loss_on": "all"}
     both = encode(row, processor, "all_assistant")
     assert _spans(both) == 2
-    assert _labelled_text(both, processor) == "Shapes.<|im_end|>Three.<|im_end|>"
+    assert _labelled_text(both, processor) == "Shapes.<|im_end|>\nThree.<|im_end|>\n"
     last = encode(row, processor, "last_assistant")
-    assert _labelled_text(last, processor) == "Three.<|im_end|>"
+    assert _labelled_text(last, processor) == "Three.<|im_end|>\n"
     assert both.input_ids == last.input_ids
     assert label_turns(messages, "all", "all_assistant") == [1, 3]
 
@@ -102,7 +102,7 @@ def test_aft_candidates_share_the_prompt_and_label_only_the_response(processor, 
     texts = ["Step 1.\nThe answer is 3.", "The answer is 5."]
     cot = {**cot_sample(demo_rows[0], c1, texts[0]), "responses": texts, "responses_correct": [True, False], "responses_rank": [0, 1]}
     cands = encode_responses(cot, processor)
-    assert [_labelled_text(e, processor) for e in cands] == [t + "<|im_end|>" for t in texts]
+    assert [_labelled_text(e, processor) for e in cands] == [t + "<|im_end|>\n" for t in texts]
     ref = encode(cot, processor)
     prompt_len = ref.labels.index(next(t for t in ref.labels if t != IGNORE))
     assert all(e.input_ids[:prompt_len] == ref.input_ids[:prompt_len] for e in cands)  # same image + question

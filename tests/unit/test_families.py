@@ -1,5 +1,5 @@
 """Every student family the method names -- Qwen2-VL, Qwen2.5-VL, LLaVA-1.5 -- tokenized as the
-model sees it at inference, trained on exactly what it must generate, LoRA on its language
+model sees it at inference, trained on what it must generate and where it stops, LoRA on its language
 model only. Tiny models of each architecture, built offline."""
 
 import pytest
@@ -23,6 +23,10 @@ def _sample(row, kind: str) -> dict:
     return self_eval_sample(row, c1, "Step 1: count.\nThe answer is 4.", c2, "Evaluation: Refine\nThe answer is 3.")
 
 
+def _labels(enc) -> list[int]:
+    return [t for t in enc.labels if t != IGNORE]
+
+
 def _inference_prompt(sample: dict, processor):
     """What the inference layer sends for the sample's last turn: the conversation before it,
     rendered with the generation prompt, no special tokens added."""
@@ -43,11 +47,13 @@ def test_labels_are_the_tokens_the_student_generates(family, family_students, de
         start = next(i for i, t in enumerate(enc.labels) if t != IGNORE)
         prompt = _inference_prompt(s, processor)["input_ids"][0].tolist()
         assert enc.input_ids[:start] == prompt  # the labels start where the model starts generating
-        labels = [t for t in enc.labels if t != IGNORE]
+        labels = _labels(enc)
         assert labels == enc.input_ids[start:start + len(labels)]  # one run, the last turn's
-        # the turn's own text, then the end-of-sequence token the generation stops on
-        assert labels[-1] == tok.eos_token_id and labels.count(tok.eos_token_id) == 1
-        assert tok.decode(labels[:-1]).strip() == s["messages"][-1]["content"]
+        # the turn's own text, then the end-of-sequence token the generation stops on (and
+        # Qwen's line after it, as its template renders the turn)
+        stop = labels.index(tok.eos_token_id)
+        assert tok.decode(labels[:stop]).strip() == s["messages"][-1]["content"]
+        assert tok.decode(labels[stop + 1:]) == ("" if family == "llava" else "\n")
         assert count_tokens(s, processor) == len(enc)
     if family == "llava":  # the template closes a turn with a space and no end token: EOS inserted
         s = samples[0]
@@ -83,7 +89,8 @@ def test_lora_trains_the_language_model_and_the_student_learns_to_stop(family, f
     prompt = _inference_prompt(s, processor)
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=40, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
-    assert out == [t for t in enc.labels if t != IGNORE]
+    labels = _labels(enc)
+    assert out == labels[:labels.index(processor.tokenizer.eos_token_id) + 1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
