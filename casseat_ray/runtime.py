@@ -59,6 +59,12 @@ def actor_start_failure(exc: BaseException) -> str | None:
 
     if not (isinstance(exc, RayActorError) and getattr(exc, "actor_init_failed", False)):
         return None
+    return last_line(exc)
+
+
+def last_line(exc: BaseException) -> str:
+    """The last non-blank line of an error's text (where a remote traceback names its cause),
+    or its type's name when it has no text."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
 

@@ -54,13 +54,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def family_students(tiny_models, tmp_path_factory) -> dict[str, Path]:
+def family_students(tiny_models) -> dict[str, Path]:
     """A tiny student of every family the method names (random weights, seconds to build),
     kept beside the tiny models like them."""
     from casseat_ray.demo import ensure_tiny
 
-    kept = os.environ.get("CASSEAT_TEST_MODELS")
-    root = Path(kept) if kept else tmp_path_factory.mktemp("families")
+    root = tiny_models["student"].parent
     return {"qwen2_vl": tiny_models["student"],
             **{f: ensure_tiny(root / f"student-{f}", "student", 0, family=f) for f in ("qwen2_5_vl", "llava")}}
 

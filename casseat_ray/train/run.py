@@ -18,11 +18,12 @@ def training_failure(error: BaseException, max_failures: int, checkpoint: str | 
     (the lowest failing rank's own error, its last line); any other error as it is."""
     from ray.train import WorkerGroupError
 
+    from casseat_ray.runtime import last_line
+
     if not isinstance(error, WorkerGroupError) or not error.worker_failures:
         return error
     rank = min(error.worker_failures)
-    lines = [line.strip() for line in str(error.worker_failures[rank]).splitlines() if line.strip()]
-    cause = lines[-1] if lines else type(error.worker_failures[rank]).__name__
+    cause = last_line(error.worker_failures[rank])
     return TrainingFailed(f"training failed on worker {rank}, {max_failures + 1} time(s) in a row (train.max_failures={max_failures}): "
                           f"{cause[:500]}; " + (f"the last checkpoint is kept ({checkpoint}): fix the cause and rerun with --resume"
                                                  if checkpoint else "no checkpoint was written: fix the cause and rerun"))
