@@ -94,11 +94,13 @@ def teacher_engine(tiny_models):
 def ray_session():
     import ray
 
+    from casseat_ray.runtime import LOCAL_SYSTEM_CONFIG
+
     # Workers unpickle functions defined in test modules by module name, so they need the
     # test directories on their path (pytest put them on the driver's).
     test_dirs = [str(ROOT / "tests")] + [str(p) for p in (ROOT / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "_"))]
     env = {"PYTHONPATH": os.pathsep.join(test_dirs + [os.environ.get("PYTHONPATH", "")])}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env}, _system_config=LOCAL_SYSTEM_CONFIG)
     yield ray
     ray.shutdown()
 
@@ -175,7 +177,8 @@ def train_config(tmp: Path, tiny_models, name: str, **train):
     from casseat_ray.config import Config
     from casseat_ray.demo import TINY_ENGINE
 
-    t = dict(epochs=2, lr=2e-3, batch_size=2, grad_accum=1, num_workers=1, checkpoint_every=3, warmup_ratio=0.1)
+    # two 0.5-CPU workers leave one of the 2 CPUs to two 0.5-CPU Ray Data tasks that encode their samples
+    t = dict(epochs=2, lr=2e-3, batch_size=2, grad_accum=1, num_workers=1, checkpoint_every=3, warmup_ratio=0.1, cpus_per_worker=0.5, data_cpus=0.5)
     t.update(train)
     return Config.model_validate(dict(
         name=name, output_dir=str(tmp), student=dict(model=str(tiny_models["student"]), engine=TINY_ENGINE),
