@@ -80,6 +80,8 @@ def demands(cfg: Config) -> list[Demand]:
     tr = cfg.train
     worker = {"CPU": tr.cpus_per_worker, **({"GPU": 1.0} if tr.use_gpu else {})}
     out.append(Demand("train: Ray Train worker", worker, max(tr.num_workers, 1)))
+    if tr.data_cpus:  # each worker's rows are read and encoded by Ray Data tasks beside it
+        out.append(Demand("train: Ray Data encoding task", {"CPU": tr.data_cpus}, max(tr.num_workers, 1)))
     e = cfg.evaluate
     if e.benchmarks and cfg.student and any(m in e.models for m in ("base", "tuned")):
         out.append(Demand("evaluate: student engine actor", _engine_unit(e.engine or cfg.student.engine, e.num_cpus, e.num_gpus, placement), e.concurrency))

@@ -200,22 +200,29 @@ def encode(row: dict, processor, label_mode: str = "last_assistant") -> Encoded:
     return Encoded(ids, labels, inputs, token_types if types is not None else None)
 
 
-def count_tokens(row: dict, processor) -> int:
-    """``len(encode(row, processor))`` without preparing a pixel: the conversation through the
-    tokenizer, each image counted as the placeholder tokens the processor expands it to, from
-    its size alone (what the length budget needs, at a fraction of the cost). Counts with
-    every assistant turn trained: the most end-of-sequence tokens ``encode`` can insert."""
+def measure(row: dict, processor, label_mode: str = "last_assistant") -> tuple[int, int]:
+    """(``len(encode(...))``, its label tokens) without preparing a pixel: the conversation
+    through the tokenizer, each image counted as the placeholder tokens the processor expands
+    it to, from its size alone (what planning and the length budget need, at a fraction of the
+    cost)."""
     from PIL import Image
 
     messages = list(row["messages"])
     sizes = [Image.open(io.BytesIO(data)).size for data in row.get("images") or []]  # the header only
     _check_markers(messages, len(sizes))
-    trained = label_turns(messages, row.get("loss_on") or "all", "all_assistant")
-    _, ids, _ = text_tokens(messages, processor, trained)
+    trained = label_turns(messages, row.get("loss_on") or "all", label_mode)
+    _, ids, labels = text_tokens(messages, processor, trained)
+    n_labels = sum(1 for t in labels if t != IGNORE)
     if not sizes:
-        return len(ids)
+        return len(ids), n_labels
     per_image = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in sizes])["num_image_tokens"]
-    return len(ids) + sum(per_image) - len(per_image)  # one placeholder each is in the text already
+    return len(ids) + sum(per_image) - len(per_image), n_labels  # one placeholder each is in the text already
+
+
+def count_tokens(row: dict, processor) -> int:
+    """``len(encode(row, processor))`` from :func:`measure`, with every assistant turn trained:
+    the most end-of-sequence tokens ``encode`` can insert."""
+    return measure(row, processor, "all_assistant")[0]
 
 
 def encode_responses(row: dict, processor) -> list[Encoded]:

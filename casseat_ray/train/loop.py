@@ -1,9 +1,8 @@
 """The student's LoRA training loop, run by every Ray Train worker.
 
-Reads top to bottom: load the student and wrap it with LoRA, read the SFT rows from the
-worker's dataset shard, encode them with the student's processor (over-long, label-less and
-malformed rows dropped and counted), then optimizer steps over a (seed, epoch)-determined
-order, checkpointing every
+Reads top to bottom: load the student and wrap it with LoRA, then optimizer steps over the
+run's plan (``train.stream``): each step's samples stream in from the worker's dataset
+shard, encoded by Ray Data, in the (seed, epoch)-determined order; a checkpoint every
 ``checkpoint_every`` steps. Every step's randomness (dropout) is seeded from (seed, rank,
 step), so a resumed run replays exactly what an uninterrupted one would have done.
 """
@@ -11,12 +10,9 @@ step), so a resumed run replays exactly what an uninterrupted one would have don
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import math
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 from casseat_ray.config import Config, LoraConfig
@@ -26,79 +22,23 @@ VISION_PARTS = ("visual", "vision_tower", "vision_model", "image_encoder")
 PROJECTOR_NAMES = ("merger", "multi_modal_projector", "mm_projector")
 
 
-# ---------------------------------------------------------------- pure planning
-def epoch_order(ids: list[str], seed: int, epoch: int) -> list[int]:
-    """A permutation of ``range(len(ids))`` fixed by (seed, epoch) and the ids alone, not by
-    the order rows arrived in."""
-    return sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}:{epoch}:{ids[i]}".encode()).hexdigest())
-
-
-def steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int, world: int) -> int:
-    per_step = batch_size * grad_accum * world
-    if n_rows < per_step:
-        raise ValueError(f"{n_rows} training samples cannot fill one step of {per_step} "
-                         f"(train.batch_size {batch_size} x train.grad_accum {grad_accum} x {world} workers)")
-    return n_rows // per_step
-
-
-def total_steps(epochs: float, per_epoch: int, max_steps: int | None) -> int:
-    """Optimizer steps of the run: ``epochs`` passes, capped by ``max_steps`` (the schedule's
-    length too, so warmup and decay fit the steps actually taken)."""
-    total = max(1, math.ceil(epochs * per_epoch))
-    return min(total, max_steps) if max_steps else total
-
-
-def worker_samples(unit_ids: list[str], sizes: list[int], seed: int, per_epoch: int, total: int, rank: int,
-                   batch_size: int, grad_accum: int, world: int) -> int:
-    """The samples one worker trains on over the whole run (``sizes``: samples per unit)."""
-    n = 0
-    for step in range(total):
-        epoch, pos = divmod(step, per_epoch)
-        if pos == 0:
-            order = epoch_order(unit_ids, seed, epoch)
-        n += sum(sizes[u] for idx in step_rows(order, pos, rank, batch_size, grad_accum, world) for u in idx)
-    return n
-
-
 def peak_memory_mb(device) -> dict:
-    """This process's peak resident memory (and the device's peak allocation on a GPU), in MiB."""
+    """This process's peak resident memory, its private resident memory now (Linux) and the
+    device's peak allocation on a GPU, in MiB."""
     import resource
 
     import torch
 
     out = {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    # The peak counts the pages of Ray's shared object store the worker read its data from; its
+    # own private memory (what holding samples would grow) is RssAnon, read now.
+    status = Path("/proc/self/status")
+    if status.exists():
+        anon = next((line.split()[1] for line in status.read_text().splitlines() if line.startswith("RssAnon:")), None)
+        out["private_memory_mb"] = round(int(anon) / 1024, 1) if anon else None
     if device.type == "cuda":
         out["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
-
-
-def step_rows(order: list[int], step_in_epoch: int, rank: int, batch_size: int, grad_accum: int, world: int) -> list[list[int]]:
-    """Row indices of this worker's micro-batches for one optimizer step."""
-    per_worker = batch_size * grad_accum
-    start = step_in_epoch * per_worker * world + rank * per_worker
-    mine = order[start:start + per_worker]
-    return [mine[i:i + batch_size] for i in range(0, per_worker, batch_size)]
-
-
-def pack(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Sample indices grouped into rows of at most ``capacity`` tokens: best-fit decreasing,
-    ties by index, so the same lengths always give the same rows."""
-    import bisect
-
-    rows: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # (free tokens, row), kept sorted
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        if lengths[i] > capacity:
-            raise ValueError(f"sample {i} has {lengths[i]} tokens, over the row capacity {capacity}")
-        at = bisect.bisect_left(room, (lengths[i], -1))
-        if at < len(room):
-            free, r = room.pop(at)
-        else:
-            free, r = capacity, len(rows)
-            rows.append([])
-        rows[r].append(i)
-        bisect.insort(room, (free - lengths[i], r))
-    return [sorted(r) for r in rows]
 
 
 def lora_targets(model, lora: LoraConfig) -> str | list[str]:
@@ -258,11 +198,12 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from transformers import AutoProcessor, get_scheduler
 
-    from casseat_ray.train.collate import (BadSample, NoLabels, aft_group, aft_rows, collate, collate_packed, encode, encode_responses,
-                                           rope_positions)
-    from casseat_ray.train.losses import aft_loss, response_ranks
+    from casseat_ray.train.collate import aft_rows, collate, collate_packed, rope_positions
+    from casseat_ray.train.losses import aft_loss
+    from casseat_ray.train.stream import Plan, epoch_windows, shard_rows, steps, worker_samples
 
     cfg = Config.model_validate(config["cfg"])
+    plan = Plan.from_dict(config["plan"])
     out_dir = Path(config["out_dir"])
     t = cfg.train
     ctx = ray.train.get_context()
@@ -282,41 +223,11 @@ def train_loop_per_worker(config: dict) -> None:
     # what this worker holds of the trainable weights (about 1/world of them under FSDP)
     held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
 
-    # Every worker reads the whole (unsplit) set so all agree on the (seed, epoch) order.
-    shard = ray.train.get_dataset_shard("train")
-    rows = sorted((r for b in shard.iter_batches(batch_format="pyarrow") for r in b.to_pylist()), key=lambda r: r["id"])
     aft = t.loss == "aft"
-    encoded, dropped, why = [], Counter(), {}
-    for r in rows:
-        try:
-            e = encode(r, processor, t.label_mode)
-        except BadSample as exc:
-            reason = "no_labels" if isinstance(exc, NoLabels) else "malformed"
-            why.setdefault(reason, f"{r['id']}: {exc}")
-        else:
-            reason = "no_labels" if e.n_label_tokens == 0 else "too_long" if len(e) > t.cutoff_len else None
-        if reason:  # dropped and counted, never truncated nor trained on without labels
-            dropped[reason] += 1
-            continue
-        group = None
-        if aft:  # the row's teacher responses with their ranks
-            cands = encode_responses(r, processor)
-            group = aft_group(e, cands, response_ranks(r, t.aft.ranking) if cands else [], t.cutoff_len)
-        encoded.append((r["id"], e, group))
-    ids = [i for i, _, _ in encoded]
-    aft_groups = sum(g is not None for _, _, g in encoded)
-    # The units a step draws: single samples, or packed rows of several (fixed once, so every
-    # epoch has the same number of steps; their order still changes with the epoch).
-    if t.packing:
-        rope = rope_index(_unwrap(model))
-        for _, e, _ in encoded:
-            e.positions = rope_positions(e, rope)
-        units = pack([len(e) for _, e, _ in encoded], t.cutoff_len)
-    else:
-        units = [[i] for i in range(len(encoded))]
-    unit_ids = ["+".join(ids[i] for i in u) for u in units]
-    per_epoch = steps_per_epoch(len(units), t.batch_size, t.grad_accum, world)
-    total = total_steps(t.epochs, per_epoch, t.max_steps)
+    rope = rope_index(_unwrap(model)) if t.packing else None
+    per_epoch, total, mine = plan.per_epoch, plan.total, plan.windows[rank]
+    failed: dict[str, str] = {}  # samples whose encoding failed in Ray Data: left out of their step
+    shard = ray.train.get_dataset_shard("train")
 
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total), num_training_steps=total)
@@ -338,22 +249,36 @@ def train_loop_per_worker(config: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         if start == 0:
             metrics_file.unlink(missing_ok=True)
-        for reason, example in why.items():
-            _log(f"dropped {dropped[reason]} {reason} sample(s), e.g. {example}")
-        _log(f"training: {len(encoded)} samples ({dropped['too_long']} over {t.cutoff_len} tokens, {dropped['no_labels']} without labels "
-             f"and {dropped['malformed']} malformed dropped), {world} worker(s), "
-             + (f"packed into {len(units)} rows of at most {t.cutoff_len} tokens, " if t.packing else "")
-             + (f"AFT on {aft_groups} questions with right and wrong responses, " if aft else "")
+        for reason, example in plan.examples.items():
+            _log(f"dropped {plan.dropped[reason]} {reason} sample(s), e.g. {example}")
+        _log(f"training: {plan.samples} samples ({plan.dropped['too_long']} over {t.cutoff_len} tokens, {plan.dropped['no_labels']} without "
+             f"labels and {plan.dropped['malformed']} malformed dropped), {world} worker(s), "
+             + (f"packed into {plan.units} rows of at most {t.cutoff_len} tokens, " if t.packing else "")
+             + (f"AFT on {plan.aft_questions} questions with right and wrong responses, " if aft else "")
              + f"{per_epoch} steps/epoch, {total} steps" + (f", resuming at step {start}" if start else ""))
+
+    def step_batches():
+        """(step, epoch, micro-batches of units of (id, Encoded, AFT group)) from ``start`` on."""
+        step = start
+        while step < total:
+            epoch, pos = divmod(step, per_epoch)
+            order = epoch_windows(mine, t.seed, epoch)
+            # each epoch reads its rows anew: one more pass of this worker's Ray Data pipeline
+            for micro in steps(shard_rows(shard, failed), order, pos, min(per_epoch - pos, total - step), t.batch_size, t.grad_accum):
+                units = [[[(sid, e, g) for sid, (e, g) in u] for u in m] for m in micro]
+                if rope is not None:
+                    for m in units:
+                        for u in m:
+                            for _, e, _ in u:
+                                e.positions = rope_positions(e, rope)
+                yield step, epoch, units
+                step += 1
+
     pad = processor.tokenizer.pad_token_id
-    order_cache: dict[int, list[int]] = {}
     model.train()
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        epoch, pos = divmod(step, per_epoch)
-        order = order_cache.setdefault(epoch, epoch_order(unit_ids, t.seed, epoch))
+    t0 = time.perf_counter()
+    for step, epoch, micro in step_batches():  # t0..now: waiting for the step's data counts too
         torch.manual_seed(hash((t.seed, rank, step)) % 2**31)  # dropout: same draws after a resume
-        micro = [[[encoded[i] for i in units[u]] for u in idx] for idx in step_rows(order, pos, rank, t.batch_size, t.grad_accum, world)]
         # The step's loss is normalised by its label tokens (and AFT questions) on every worker:
         # each token weighs the same however the step's samples fall into micro-batches and
         # workers. Gradients are averaged over workers, so each worker's share is scaled back up.
@@ -432,24 +357,27 @@ def train_loop_per_worker(config: dict) -> None:
                                       {"step": step + 1, "epoch": epoch, "skipped_nonfinite": skipped})
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(record, checkpoint=checkpoint)  # a barrier: every rank reports
+        t0 = time.perf_counter()
     weights = trainable_state(model)
-    mine = {"rank": rank, "samples": worker_samples(unit_ids, [len(u) for u in units], t.seed, per_epoch, total, rank, t.batch_size,
-                                                     t.grad_accum, world), **peak_memory_mb(device)}
+    if failed:
+        _log(f"worker {rank}: {len(failed)} sample(s) failed to encode and were left out of their steps, e.g. {next(iter(failed.items()))}")
+    me = {"rank": rank, "samples": worker_samples(mine, t.seed, per_epoch, total, t.batch_size * t.grad_accum),
+          "failed_encoding": len(failed), **peak_memory_mb(device)}
     workers = [None] * world
     if distributed:
-        dist.all_gather_object(workers, mine)
+        dist.all_gather_object(workers, me)
     else:
-        workers = [mine]
+        workers = [me]
     if rank == 0:
         adapter = out_dir / "adapter"
         _unwrap(model).save_pretrained(adapter, state_dict=weights)
         processor.save_pretrained(adapter)
         (out_dir / "summary.json").write_text(json.dumps({
-            "steps": total, "samples": len(encoded), "rows": len(units), "dropped_too_long": dropped["too_long"],
-            "dropped_no_labels": dropped["no_labels"], "dropped_malformed": dropped["malformed"], "workers": workers,
+            "steps": total, "samples": plan.samples, "rows": plan.units, "dropped_too_long": plan.dropped["too_long"],
+            "dropped_no_labels": plan.dropped["no_labels"], "dropped_malformed": plan.dropped["malformed"], "workers": workers,
             "skipped_nonfinite": skipped, "strategy": "fsdp" if fsdp else ("ddp" if distributed else "single"),
             "trainable_params": sum(p.numel() for p in params), "trainable_params_on_rank0": held, "adapter": str(adapter),
-            **({"aft_questions": aft_groups} if aft else {}),
+            **({"aft_questions": plan.aft_questions} if aft else {}),
         }, indent=2) + "\n")
         if config.get("out_uri"):
             from casseat_ray import storage

@@ -57,9 +57,19 @@ def checkpoint_dir(cfg: Config) -> str:
     return storage.join(storage_root(cfg), cfg.name)
 
 
+def checkpoint_names(cfg: Config) -> list[str]:
+    """The run's checkpoint folders, oldest first (Ray Train names them by time; its
+    checkpoint_manager_snapshot.json shares their prefix)."""
+    return sorted(n for n in storage.list_names(checkpoint_dir(cfg)) if n.startswith("checkpoint_") and not n.endswith(".json"))
+
+
 def has_checkpoints(cfg: Config) -> bool:
-    # checkpoint folders; Ray Train's checkpoint_manager_snapshot.json shares their prefix
-    return any(n.startswith("checkpoint_") and not n.endswith(".json") for n in storage.list_names(checkpoint_dir(cfg)))
+    return bool(checkpoint_names(cfg))
+
+
+def newest_checkpoint(cfg: Config) -> str | None:
+    names = checkpoint_names(cfg)
+    return storage.join(checkpoint_dir(cfg), names[-1]) if names else None
 
 
 def check_run_name(cfg: Config, resume: bool) -> str:
@@ -88,12 +98,12 @@ def check_init_adapter(cfg: Config) -> None:
 
 @storage.mirrors_run_dir
 def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> dict:
-    import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from casseat_ray.runtime import init_ray
     from casseat_ray.train.loop import train_loop_per_worker
+    from casseat_ray.train.stream import RankSplit
 
     if cfg.student is None:
         raise ConfigError("train needs student.model")
@@ -105,23 +115,28 @@ def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> di
     out_uri = storage.join(cfg.run_uri, "train") if cfg.run_uri else None
     t = cfg.train
     init_ray(cfg.ray, worker_output=True)  # the workers print the progress lines
+    plan = plan_run(cfg, path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         # With URI outputs the rank-0 worker, on whichever node, also copies its outputs there.
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "out_dir": str(out), "out_uri": out_uri},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan.to_dict(), "out_dir": str(out), "out_uri": out_uri},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(
             name=cfg.name, storage_path=root,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
-        # Read once, before the workers hold their CPUs: they only iterate finished blocks.
-        datasets={"train": ray.data.read_parquet(str(path)).materialize()},
-        dataset_config=DataConfig(datasets_to_split=[]),
+        # Each worker's rows stream in, read and encoded by Ray Data tasks while it trains.
+        datasets={"train": read_sft(path, t)},
+        dataset_config=RankSplit(cfg.student.model, t, [frozenset(s for w in ws for u in w for s in u) for ws in plan.windows]),
     )
-    result = trainer.fit()
-    if result.error:
-        raise training_failure(result.error, t.max_failures, result.checkpoint.path if result.checkpoint else None) from result.error
+    try:
+        result = trainer.fit()  # raises the run's error once Ray Train gives up
+    except Exception as exc:
+        failure = training_failure(exc, t.max_failures, newest_checkpoint(cfg))
+        if failure is exc:
+            raise
+        raise failure from exc
     if out_uri:
         storage.copy_tree(out_uri, out)
     summary = json.loads((out / "summary.json").read_text())
@@ -129,6 +144,28 @@ def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> di
     loss_curve(out / "metrics.jsonl", out / "loss.png", cfg.name)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def read_sft(path: Path, t):
+    """The SFT set as a Ray dataset whose read tasks ask for the CPUs of the encoding tasks,
+    so that Ray Data fuses read and encode into one task and the pair fits beside the
+    workers (a read task asks for a whole CPU by default)."""
+    import ray.data
+
+    return ray.data.read_parquet(str(path), num_cpus=t.data_cpus)
+
+
+def plan_run(cfg: Config, path: Path):
+    """Measure the SFT set in Ray Data (before the workers hold their CPUs) and plan the run;
+    a set that cannot fill one step stops here, before any worker starts."""
+    from casseat_ray.train.stream import measure_set, plan
+
+    t = cfg.train
+    measured = measure_set(read_sft(path, t), cfg.student.model, t)
+    try:
+        return plan(measured, t, max(t.num_workers, 1))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
 
 
 def read_metrics(path: Path) -> list[dict]:

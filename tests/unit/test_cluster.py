@@ -72,6 +72,7 @@ def test_the_real_scale_config_fits_the_shipped_clusters(name):
     assert problems == []
     assert any(line.startswith("synthesize: teacher engine actor: 16 x {CPU: 4, GPU: 1} fit") for line in fits)
     assert any(line.startswith("train: Ray Train worker: 8 x") for line in fits)
+    assert any(line.startswith("train: Ray Data encoding task: 8 x {CPU: 1} fit") for line in fits)
 
 
 def test_what_does_not_fit_is_named():

@@ -1,33 +1,91 @@
-"""Pure planning of the training loop: deterministic order, disjoint shards, LoRA targets."""
+"""Pure planning of training: the run's plan, the streamed steps, LoRA targets, checkpoint state."""
 
 import pytest
 
-from casseat_ray.config import LoraConfig
-from casseat_ray.train.loop import epoch_order, lora_targets, step_rows, steps_per_epoch, total_steps
+from casseat_ray.config import LoraConfig, TrainConfig
+from casseat_ray.train.loop import lora_targets
+from casseat_ray.train.stream import epoch_windows, pack, plan, steps, total_steps, worker_samples
 
 
-def test_epoch_order_depends_on_seed_epoch_and_ids_not_arrival():
-    ids = [f"s{i}" for i in range(20)]
-    a = epoch_order(ids, 0, 0)
-    assert sorted(a) == list(range(20))
-    shuffled = list(reversed(ids))
-    assert [shuffled[i] for i in epoch_order(shuffled, 0, 0)] == [ids[i] for i in a]
-    assert epoch_order(ids, 0, 1) != a and epoch_order(ids, 1, 0) != a
+def _measured(n, tokens=10, **bad):
+    """Measured rows in read order; ``bad`` maps an index to its drop reason."""
+    return [{"id": f"s{i:03d}", "tokens": tokens, "label_tokens": 3, "drop": bad.get(f"i{i}"), "detail": None, "aft": False}
+            for i in range(n)]
 
 
-def test_step_rows_split_a_step_disjointly_across_workers():
-    order = list(range(100))
-    per_epoch = steps_per_epoch(100, batch_size=2, grad_accum=3, world=4)
-    assert per_epoch == 4
-    seen = []
-    for step in range(per_epoch):
-        for rank in range(4):
-            micro = step_rows(order, step, rank, 2, 3, 4)
-            assert len(micro) == 3 and all(len(m) == 2 for m in micro)
-            seen += [i for m in micro for i in m]
-    assert len(seen) == len(set(seen)) == 96
+def _train(**kw):
+    return TrainConfig(**{"batch_size": 2, "grad_accum": 2, "epochs": 2, "shuffle_window": 8, **kw})
+
+
+def test_plan_drops_and_counts_then_deals_each_window_round_robin():
+    rows = _measured(40, i3="malformed")
+    rows[5]["tokens"] = 5000  # over cutoff_len
+    rows[7]["label_tokens"] = 0
+    p = plan(rows, _train(), world=2)
+    assert p.samples == 37 and p.dropped == {"too_long": 1, "no_labels": 1, "malformed": 1}
+    assert set(p.examples) == {"too_long", "no_labels", "malformed"} and p.examples["too_long"].startswith("s005")
+    ids = [[s for w in ws for u in w for s in u] for ws in p.windows]
+    assert not set(ids[0]) & set(ids[1]) and len(ids[0]) + len(ids[1]) == 37  # disjoint, nothing lost
+    assert [len(w) for w in p.windows[0]] == [4, 4, 4, 4, 3] and [len(w) for w in p.windows[1]] == [4, 4, 4, 4, 2]
+    assert p.per_epoch == 18 // 4 and p.total == 2 * p.per_epoch  # the fewer units (18) decide
     with pytest.raises(ValueError, match="cannot fill one step"):
-        steps_per_epoch(5, batch_size=2, grad_accum=2, world=2)
+        plan(_measured(5), _train(), world=2)
+    with pytest.raises(ValueError, match="no trainable samples"):
+        plan(_measured(3, tokens=9999), _train(), world=1)
+
+
+def test_packed_units_stay_inside_their_window():
+    rows = _measured(20, tokens=300)
+    p = plan(rows, _train(packing=True, cutoff_len=1000, shuffle_window=8), world=1)
+    assert p.units == 3 + 3 + 2 and p.samples == 20  # 8, 8 and 4 samples of 300 tokens, three per row
+    for w, win in enumerate(p.windows[0]):
+        assert all(w * 8 <= int(s[1:]) < (w + 1) * 8 for u in win for s in u)
+
+
+def test_epoch_order_depends_on_seed_and_epoch_not_on_arrival():
+    windows = plan(_measured(32), _train(), world=1).windows[0]
+    a = epoch_windows(windows, 0, 0)
+    assert [sorted(w) for w in a] == [sorted(w) for w in windows]  # a permutation inside each window
+    assert epoch_windows([list(reversed(w)) for w in windows], 0, 0) == a
+    assert epoch_windows(windows, 0, 1) != a and epoch_windows(windows, 1, 0) != a
+
+
+def _stream(order, consumed, failed=()):
+    for sid in order:
+        consumed.append(sid)
+        yield sid, None if sid in failed else f"enc:{sid}"
+
+
+def test_steps_stream_a_window_at_a_time_and_resume_exactly():
+    t = _train()
+    p = plan(_measured(64), t, world=2)
+    mine = epoch_windows(p.windows[1], t.seed, 0)
+    arrival = [s for w in p.windows[1] for u in w for s in u]  # read order
+    consumed = []
+    full = []
+    for step in steps(_stream(arrival, consumed), mine, 0, p.per_epoch, t.batch_size, t.grad_accum):
+        full.append(step)
+        # streamed: a step is ready once its window has arrived, not the whole shard
+        assert len(consumed) <= 4 * (len(full) + 1)
+    assert len(full) == p.per_epoch == 8 and all(len(s) == t.grad_accum and all(len(m) == t.batch_size for m in s) for s in full)
+    trained = [sid for s in full for m in s for u in m for sid, _ in u]
+    assert sorted(trained) == sorted(arrival) and trained == [s for w in mine for u in w for s in u]
+    # a resumed run gets the very steps it missed, whatever order the rows arrive in
+    assert list(steps(_stream(reversed(arrival), []), mine, 5, 3, t.batch_size, t.grad_accum)) == full[5:]
+    # a sample whose encoding failed is left out of its unit; the rest go on
+    bad = full[0][0][0][0][0]
+    again = list(steps(_stream(arrival, [], failed={bad}), mine, 0, 2, t.batch_size, t.grad_accum))
+    assert again[0][0][0] == [] and again[1] == full[1]
+    with pytest.raises(RuntimeError, match="ran out after 5 of 8 steps"):
+        list(steps(_stream(arrival[:20], []), mine, 0, 8, t.batch_size, t.grad_accum))
+
+
+def test_worker_samples_count_what_the_steps_train():
+    t = _train()
+    p = plan(_measured(37), t, world=2)
+    assert [worker_samples(ws, t.seed, p.per_epoch, p.total, 4) for ws in p.windows] == [2 * p.per_epoch * 4] * 2
+    packed = plan(_measured(37, tokens=300), _train(packing=True, cutoff_len=1000, batch_size=1, grad_accum=1), world=1)
+    assert worker_samples(packed.windows[0], t.seed, packed.per_epoch, packed.total, 1) == 2 * 37
 
 
 def test_lora_targets_the_language_model_only(tiny_models):
@@ -45,8 +103,6 @@ def test_lora_targets_the_language_model_only(tiny_models):
 
 
 def test_pack_fills_rows_tightly_and_deterministically():
-    from casseat_ray.train.loop import pack
-
     lengths = [700, 300, 500, 200, 900, 100, 400, 250]
     rows = pack(lengths, 1000)
     assert sorted(i for r in rows for i in r) == list(range(len(lengths)))  # every sample exactly once
