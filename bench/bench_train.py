@@ -1,17 +1,24 @@
 """Training benchmarks on the tiny student (CPU), measured side by side in one run.
 
 1. Ray Train overhead: steady-state samples/s of a 1-worker TorchTrainer run divided by a
-   plain single-process loop with the same model, data, batch order and optimizer. Steady
-   state = wall time over the second half of the steps (model load, encoding and the first
-   epoch, whose new batch shapes cost extra allocations on both sides, are excluded).
-   Goal >= 0.95.
+   plain single-process loop with the same model, data, plan, batch order and optimizer.
+   Steady state = wall time over the second half of the steps (model load and the first
+   epoch, whose new batch shapes cost extra allocations on both sides, are excluded). The
+   plain loop encodes every sample once before its clock starts; the Ray run's samples are
+   encoded by Ray Data tasks on the same two CPUs while it trains (``train.data_cpus`` 0),
+   every epoch anew. Goal >= 0.95.
 2. Packing vs padding: real tokens/s of forward + backward over the same samples, padded in
    batches of ``--batch`` or packed into rows of ``--pack-len`` tokens. The samples carry a
    real synthesized length distribution: MATH-V testmini questions with their real images
    and a real model's chain-of-thought responses (``../shared/data/math-v/outputs``), built
    into CoT samples by the project's own sample builder and tokenized by the student.
 
-    python bench/bench_train.py [--steps 48] [--batch 4] [--samples 96] [--only ray|packing]
+3. Worker memory vs SFT-set size: peak resident memory of a 1-worker run over the real
+   samples repeated to ``--memory-samples`` and to 10x as many (fresh ids), both runs the same
+   steps (10 epochs of the small set, one of the large) and ``train.shuffle_window``: the
+   worker holds one window of encoded samples, so its peak must stay flat as the set grows.
+
+    python bench/bench_train.py [--steps 48] [--batch 4] [--samples 96] [--only ray|packing|memory]
 """
 
 from __future__ import annotations
@@ -51,8 +58,9 @@ def real_sft(out: Path, n: int, responses: str = "Qwen-VL-Max-CoT") -> Path:
         s = cot_sample(row, c1, said[str(item["id"])])
         s.update(answer_type=row["answer_type"], responses=[], responses_correct=[], responses_rank=[])
         samples.append(s)
-        if len(samples) == n:
-            break
+    # a larger set than the data holds repeats it, each copy under fresh ids
+    samples = [{**s, "id": f"{s['id']}-{i // len(samples)}" if i >= len(samples) else s["id"]}
+               for i, s in ((i, samples[i % len(samples)]) for i in range(n))]
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(samples, schema=SFT_SCHEMA), out / "sft-00000.parquet")
     return out
@@ -64,20 +72,21 @@ def _config(root: Path, student: Path, name: str, steps: int, batch: int, n: int
     return Config.model_validate(dict(
         name=name, output_dir=str(root / "out"), student=dict(model=str(student)),
         train=dict(dict(epochs=steps * batch / n, lr=1e-4, batch_size=batch, grad_accum=1, num_workers=1, cutoff_len=4096,
-                        checkpoint_every=10_000, warmup_ratio=0.0, cpus_per_worker=cpus), **train),
+                        checkpoint_every=10_000, warmup_ratio=0.0, cpus_per_worker=cpus, data_cpus=0), **train),
         ray=dict(num_cpus=2, storage_path=str(root / "ray")),
     ))
 
 
 def _encoded(cfg, sft: Path):
+    """The processor, the rows in read order and every row's encoding by id."""
     import pyarrow.parquet as pq
     from transformers import AutoProcessor
 
     from casseat_ray.train.collate import encode
 
     processor = AutoProcessor.from_pretrained(cfg.student.model)
-    rows = sorted(pq.read_table(sft).to_pylist(), key=lambda r: r["id"])
-    return processor, [(r["id"], encode(r, processor, cfg.train.label_mode)) for r in rows]
+    rows = pq.read_table(sft).to_pylist()
+    return processor, rows, {r["id"]: encode(r, processor, cfg.train.label_mode) for r in rows}
 
 
 def _timed_steps(model, optimizer, batches, make_batch=lambda b: b) -> list[float]:
@@ -98,25 +107,28 @@ def _timed_steps(model, optimizer, batches, make_batch=lambda b: b) -> list[floa
 
 
 def plain_loop(cfg, sft: Path, steps: int) -> float:
-    """Samples/s of the same steps without Ray: same model build, order, batches, optimizer."""
+    """Samples/s of the same steps without Ray: same model build, plan, order, batches, optimizer."""
+    import pyarrow.parquet as pq
     import torch
 
+    from casseat_ray.train import stream
     from casseat_ray.train.collate import collate
-    from casseat_ray.train.loop import build_model, epoch_order, step_rows
+    from casseat_ray.train.loop import build_model
 
     t = cfg.train
     torch.set_num_threads(int(t.cpus_per_worker))  # what Ray gives its worker (OMP_NUM_THREADS)
-    processor, encoded = _encoded(cfg, sft)
+    processor, rows, encoded = _encoded(cfg, sft)
+    numbers = stream.measure_batch(pq.read_table(sft), cfg.student.model, t.model_dump(mode="json"))
+    p = stream.plan([dict(zip(numbers, v)) for v in zip(*numbers.values())], t, 1)
+    read = [(r["id"], (encoded[r["id"]], None)) for r in rows]
     torch.manual_seed(t.seed)
     model = build_model(cfg, torch.float32)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr)
-    ids = [i for i, _ in encoded]
-    per_epoch = len(ids) // t.batch_size
     batches = []
     for step in range(steps):
-        epoch, pos = divmod(step, per_epoch)
-        (idx,) = step_rows(epoch_order(ids, t.seed, epoch), pos, 0, t.batch_size, 1, 1)
-        batches.append([encoded[i][1] for i in idx])
+        epoch, pos = divmod(step, p.per_epoch)
+        (micro,) = next(stream.steps(read, stream.epoch_windows(p.windows[0], t.seed, epoch), pos, 1, t.batch_size, 1))
+        batches.append([e for unit in micro for _, (e, _) in unit])
     # collated inside the timed loop, as the Ray Train worker does
     ends = _timed_steps(model, optimizer, batches, lambda b: collate(b, processor.tokenizer.pad_token_id))
     half = steps // 2
@@ -137,10 +149,11 @@ def packing_vs_padding(cfg, sft: Path, batch: int, pack_len: int) -> dict:
     import torch
 
     from casseat_ray.train.collate import collate, collate_packed, rope_positions
-    from casseat_ray.train.loop import build_model, pack, rope_index
+    from casseat_ray.train.loop import build_model, rope_index
+    from casseat_ray.train.stream import pack
 
-    processor, encoded = _encoded(cfg, sft)
-    samples = [e for _, e in encoded if len(e) <= pack_len]
+    processor, _, encoded = _encoded(cfg, sft)
+    samples = [e for e in encoded.values() if len(e) <= pack_len]
     pad = processor.tokenizer.pad_token_id
     torch.manual_seed(0)
     model = build_model(cfg, torch.float32)
@@ -165,6 +178,23 @@ def packing_vs_padding(cfg, sft: Path, batch: int, pack_len: int) -> dict:
     return out
 
 
+def memory_vs_set_size(root: Path, student: Path, n: int, batch: int, window: int) -> dict:
+    """Peak worker memory over ``n`` and ``10 n`` real samples: same steps, same window."""
+    from casseat_ray.train import run as train_run
+
+    out = {"shuffle_window": window}
+    steps = 10 * n // batch  # both runs take the same steps (10 epochs of the small set, 1 of the large)
+    for size in (n, 10 * n):
+        sft = real_sft(root / f"sft-{size}", size)
+        cfg = _config(root, student, f"memory-{size}", steps, batch, size, shuffle_window=window)
+        summary = train_run.run(cfg, data=sft)
+        out[str(size)] = {"samples": summary["samples"], "steps": summary["steps"],
+                          **{k: summary["workers"][0].get(k) for k in ("peak_memory_mb", "private_memory_mb")}}
+    for k in ("peak_memory_mb", "private_memory_mb"):
+        out[f"growth_{k}"] = round(out[str(10 * n)][k] / out[str(n)][k], 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=Path("/tmp/casseat-bench-train"))
@@ -173,7 +203,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=96)
     ap.add_argument("--pack-len", type=int, default=2048)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs (torch threads) of the worker and of the plain loop")
-    ap.add_argument("--only", choices=["ray", "packing"], help="run one of the two benchmarks")
+    ap.add_argument("--memory-samples", type=int, default=64, help="the smaller set of the memory benchmark (the larger is 10x)")
+    ap.add_argument("--window", type=int, default=32, help="train.shuffle_window of the Ray Train and memory runs")
+    ap.add_argument("--only", choices=["ray", "packing", "memory"], help="run one of the benchmarks")
     args = ap.parse_args()
     from casseat_ray.tiny import make_tiny
 
@@ -183,18 +215,21 @@ def main() -> None:
     if not (student / "config.json").exists():
         make_tiny(student, role="student", seed=0)
     sft = real_sft(args.root / "sft", args.samples)
-    cfg = _config(args.root, student, "bench", args.steps, args.batch, args.samples, args.cpus)
+    cfg = _config(args.root, student, "bench", args.steps, args.batch, args.samples, args.cpus, shuffle_window=args.window)
 
     result = {}
     if args.only in (None, "ray"):
         plain = plain_loop(cfg, sft, args.steps)
         on_ray, steps = ray_train(cfg, sft)
         assert steps == args.steps, (steps, args.steps)
-        result["ray_train"] = {"steps": steps, "batch": args.batch, "cpus": args.cpus, "ray_samples_per_s": round(on_ray, 3),
+        result["ray_train"] = {"steps": steps, "batch": args.batch, "cpus": args.cpus, "shuffle_window": args.window, "ray_samples_per_s": round(on_ray, 3),
                                "plain_samples_per_s": round(plain, 3), "ratio": round(on_ray / plain, 3)}
         print(json.dumps(result), flush=True)
     if args.only in (None, "packing"):
         result["packing"] = packing_vs_padding(cfg, sft, args.batch, args.pack_len)
+        print(json.dumps(result), flush=True)
+    if args.only in (None, "memory"):
+        result["memory"] = memory_vs_set_size(args.root, student, args.memory_samples, args.batch, args.window)
     print(json.dumps(result, indent=2))
 
 
