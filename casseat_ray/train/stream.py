@@ -175,8 +175,10 @@ def steps(rows: Iterable[tuple[str, object]], windows: list[list[list[str]]], fi
             held[sid] = sample
         while complete < len(windows) and filled[complete] == need[complete]:
             for u in windows[complete]:
-                if taken < skip:
+                if taken < skip:  # trained before the resume: its rows are not kept
                     taken += 1
+                    for s in u:
+                        held.pop(s, None)
                 else:
                     ready.append(u)
             complete += 1
