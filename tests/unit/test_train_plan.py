@@ -178,3 +178,25 @@ def test_a_failed_training_run_reads_as_its_workers_own_error_in_one_line():
     assert "kept (/ckpt/checkpoint_3): fix the cause and rerun with --resume" in str(training_failure(error, 0, "/ckpt/checkpoint_3"))
     other = KeyError("not the workers'")
     assert training_failure(other, 0, None) is other
+
+
+def test_a_sample_that_measures_fine_but_fails_on_its_pixels_is_that_rows_error(tiny_models, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from casseat_ray.train.stream import encode_batch, measure_batch
+    from tests.conftest import make_sft
+
+    table = pq.read_table(make_sft(tmp_path / "sft", n_rows=2))
+    rows = table.to_pylist()
+    assert rows[0]["images"]
+    cut = dict(rows[0], id="cut", images=[rows[0]["images"][0][:64]])  # the header (its size) survives, the pixels do not
+    batch = pa.Table.from_pylist(rows + [cut], schema=table.schema)
+    model, train = str(tiny_models["student"]), TrainConfig().model_dump(mode="json")
+    measured = measure_batch(batch, model, train)
+    assert measured["drop"] == [None] * len(batch)  # planning reads sizes only: the cut row is planned like the others
+    ids = frozenset([rows[1]["id"], "cut"])  # this worker's rows: the others are left out before decoding
+    out = encode_batch(batch, model, train, ids)
+    assert out["id"] == [rows[1]["id"], "cut"]
+    assert out["sample"][0] is not None and out["error"][0] is None
+    assert out["sample"][1] is None and out["error"][1]  # the row's own error; the rest of the batch goes on
