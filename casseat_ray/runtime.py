@@ -44,6 +44,9 @@ def init_ray(cfg: RayConfig, quiet: bool = True, worker_output: bool = False) ->
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=cfg.num_cpus, _system_config=LOCAL_SYSTEM_CONFIG, **kwargs)
+        from casseat_ray import reaper
+
+        reaper.start()  # this Ray's processes end with this process, also when it is killed
     if quiet:
         from ray.data import DataContext
 

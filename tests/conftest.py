@@ -6,6 +6,7 @@ that needs one shares the same instance.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -124,6 +125,66 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
                 return
         time.sleep(0.2)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def _head_processes(temp_dir: str) -> list:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _stop_head(temp_dir: str) -> None:
+    """Terminate what a head started (its processes name its temp dir), then kill stragglers."""
+    import psutil
+
+    procs = _head_processes(temp_dir)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@contextlib.contextmanager
+def ray_head_on_loopback(env: dict, *extra: str, dashboard: bool = False):
+    """A Ray head (2 CPUs) on loopback with its own temp dir and ports, started with ``env`` and
+    the extra `ray start` flags; yields its ``address`` (GCS), ``dashboard`` (the job API's
+    address when ``dashboard``) and ``temp_dir``. Stopped by the processes it started, also
+    when the test fails."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix="casseat-rt-", dir="/tmp")  # short: Ray's socket paths have an OS limit
+    port, dash = free_port(), free_port()
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host", "127.0.0.1",
+           "--dashboard-port", str(dash), "--include-dashboard", str(dashboard).lower(), "--num-cpus", "2", "--temp-dir", temp_dir,
+           "--disable-usage-stats", "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+           "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+           "--metrics-export-port", str(free_port()), "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+           *extra]
+    try:
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+        if dashboard:
+            wait_for_port(dash, timeout=60)
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir}
+    finally:
+        _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "casseat", "AWS_SECRET_ACCESS_KEY": "casseat", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}

@@ -7,72 +7,26 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, S3_ENV, free_port, wait_for_port
+from conftest import ROOT, S3_ENV, ray_head_on_loopback
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def _head_processes(temp_dir: str) -> list:
-    import psutil
-
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in p.info["cmdline"] or []):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-def _stop_head(temp_dir: str) -> None:
-    """Terminate what this head started (its processes name its temp dir), then kill stragglers."""
-    import psutil
-
-    procs = _head_processes(temp_dir)
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=20)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    # A short temp dir: Ray's socket paths must stay under the OS limit.
-    temp_dir = tempfile.mkdtemp(prefix="casseat-rt-", dir="/tmp")
     staging = tmp_path_factory.mktemp("staging")
-    port, dash = free_port(), free_port()
     env = {**os.environ, **S3_ENV, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
            "CASSEAT_STAGING_DIR": str(staging), "VLLM_LOGGING_LEVEL": "WARNING", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    cmd = [str(BIN / "ray"), "start", "--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--include-dashboard", "true", "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats",
-           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-           "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-           "--metrics-export-port", str(free_port()), "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port())]
-    try:
-        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-        wait_for_port(dash, timeout=60)
-        yield {"address": f"http://127.0.0.1:{dash}", "env": env}
-    finally:
-        _stop_head(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head_on_loopback(env, dashboard=True) as head:
+        yield {"address": head["dashboard"], "env": env}
 
 
 def _submit(head: dict, sid: str, args: list[str], timeout: int = 1200) -> tuple[str, str]:

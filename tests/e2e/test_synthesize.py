@@ -1,6 +1,7 @@
 """`casseat synthesize` as a user runs it: two teacher actors on demo + real MATH-V data, and a
 run killed mid-way that resumes to the same SFT set."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -119,8 +121,16 @@ def test_killed_run_resumes_to_the_same_sft_set(full_run, tiny_models, demo_parq
     deadline = time.time() + 600
     while not list(parts.glob("part-*.parquet")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    family = psutil.Process(proc.pid).children(recursive=True)  # the local Ray it started, its engine
+    os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as `kill -9` does
     proc.wait()
+    try:  # the run's processes end with it (Ray's own agents would outlive it by a minute)
+        gone, alive = psutil.wait_procs(family, timeout=20)
+        assert not alive, [(p.pid, p.name()) for p in alive]
+    finally:
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
     first = {f.name for f in parts.glob("part-*.parquet")}
     assert first and not (tmp / "resumed" / "stats.json").exists()
     r = casseat("synthesize", "--config", str(CONFIG), *args, "--no-progress", timeout=900)

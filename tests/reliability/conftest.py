@@ -48,14 +48,34 @@ def figures(request):
     (out / f"{case}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
-def fault_config(tmp: Path, tiny_models, source: Path, name: str, faults: dict, *extra: str):
-    """The tiny CPU config on ``source`` under ``tmp`` (teacher batches of 4), its teacher the
-    fault engine of tests/reliability/fault_engine.py with ``faults``; ``extra`` overrides last."""
+def run_config(tmp: Path, tiny_models, source: Path, name: str, *extra: str):
+    """The tiny CPU config on ``source`` under ``tmp`` (teacher batches of 4); ``extra`` overrides last."""
     from casseat_ray.config import load_config
 
-    cfg = load_config(CONFIG, [f"sources=[{{name: demo, format: canonical, path: {source}}}]", f"name={name}", f"output_dir={tmp}",
-                               f"ray.storage_path={tmp / 'ray'}", f"teacher.model={tiny_models['teacher']}",
-                               f"student.model={tiny_models['student']}", "teacher.batch_size=4",
-                               "teacher.engine.backend=fault_engine:FaultEngine", *extra])
+    return load_config(CONFIG, [f"sources=[{{name: demo, format: canonical, path: {source}}}]", f"name={name}", f"output_dir={tmp}",
+                                f"ray.storage_path={tmp / 'ray'}", f"teacher.model={tiny_models['teacher']}",
+                                f"student.model={tiny_models['student']}", "teacher.batch_size=4", *extra])
+
+
+def fault_config(tmp: Path, tiny_models, source: Path, name: str, faults: dict, *extra: str):
+    """``run_config`` with the fault engine of tests/reliability/fault_engine.py as the teacher,
+    doing ``faults``."""
+    cfg = run_config(tmp, tiny_models, source, name, "teacher.engine.backend=fault_engine:FaultEngine", *extra)
     engine = cfg.teacher.engine.model_copy(update={"extra": {**cfg.teacher.engine.extra, "faults": faults}})
     return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"engine": engine})})
+
+
+def tag(i: int) -> str:
+    return f"(item {i})"
+
+
+def tagged_source(directory: Path, rows: list[dict], schema) -> tuple[Path, list[dict]]:
+    """``rows`` with every question made its own (the demo repeats questions over different
+    images), so that a fault, or a request log, can name one row by its question."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [dict(r, question=f"{r['question']} {tag(i)}") for i, r in enumerate(rows)]
+    path = directory / "tagged.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path, rows

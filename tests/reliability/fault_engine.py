@@ -17,6 +17,11 @@ restarts through marker files.
 - ``fail_init``: ``once`` or ``always``; the engine's start raises before vLLM is touched (the
   first start only, or every start).
 - ``no_engine``: true: no vLLM at all; every request fails (a backend that answers nothing).
+- ``exit_after``: N: once per run, the actor's whole process exits (as a preempted or
+  out-of-memory-killed actor does) right after its engine has answered N requests.
+- ``delay_s``: seconds every request waits before it reaches the engine (a slow engine).
+- ``log_requests``: true: every C1 request appends its question to ``requests-<pid>.log`` in
+  ``marker_dir`` (which rows an engine computed, and how often).
 - ``marker_dir``: where the once-markers and the per-start markers (``attempt-*`` for every
   start, ``start-*`` for every engine built) live.
 """
@@ -58,6 +63,10 @@ class FaultEngine:
         self.error = list(faults.get("error", []))
         self.reply = dict(faults.get("reply", {}))
         self.markers = Path(faults.get("marker_dir", "."))
+        self.exit_after = faults.get("exit_after")
+        self.delay_s = float(faults.get("delay_s", 0))
+        self.log_requests = bool(faults.get("log_requests"))
+        self.answered = 0
         counted = "marker_dir" in faults
         if counted:
             (self.markers / f"attempt-{os.getpid()}-{time.time_ns()}").touch()
@@ -83,6 +92,11 @@ class FaultEngine:
     async def generate(self, conversation: list[dict], sampling=None, adapter: str | None = None):
         text = " ".join(p.get("text", "") for m in conversation for p in m["content"] if isinstance(p, dict))
         turn = "c1" if len(conversation) == 1 else "c2"
+        if self.log_requests and turn == "c1":
+            with open(self.markers / f"requests-{os.getpid()}.log", "a") as f:
+                f.write(text.replace("\n", " ") + "\n")
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         for key in self.hang_once:
             if key in text and self._first_time("hang", key):
                 await asyncio.Event().wait()  # hangs until the caller gives up on it
@@ -92,6 +106,9 @@ class FaultEngine:
         if self.inner is None or any(key in text for key in self.error):
             return [failed(INJECTED_ERROR)]
         out = await self.inner.generate(conversation, sampling, adapter)
+        self.answered += 1
+        if self.exit_after is not None and self.answered >= self.exit_after and self._first_time("exit", ""):
+            os._exit(1)  # the whole actor process, mid-batch: nothing of its batches in flight is returned
         for key, turns in self.reply.items():
             fault = turns.get(turn) if key in text else None
             if fault:

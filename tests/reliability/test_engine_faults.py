@@ -27,7 +27,7 @@ from casseat_ray.inference.stage import EngineStage
 from casseat_ray.synth.stages import LabelStage, TeacherTask
 from casseat_ray.synth.outputs import ERROR_REASONS
 from casseat_ray.tiny import scripted_targets
-from tests.reliability.conftest import CONFIG, fault_config
+from tests.reliability.conftest import CONFIG, fault_config, tag, tagged_source
 from tests.reliability.fault_engine import INJECTED_ERROR, FaultEngine
 
 pytestmark = pytest.mark.slow
@@ -40,18 +40,9 @@ EXPECTED = {5: ("no_answer", "C1 has no final answer; C2 not run"), 6: ("no_answ
             8: ("no_answer", "C2 has no final answer"), 9: ("no_answer", "C2 has no final answer"), 10: ("truncated", "C2 hit the token budget")}
 
 
-def tag(i: int) -> str:
-    return f"(item {i})"
-
-
 @pytest.fixture(scope="module")
 def tagged(tmp_path_factory, demo_parquet, demo_rows) -> tuple[Path, list[dict]]:
-    """The demo rows with every question made its own (the demo repeats questions over
-    different images), so that a fault can name one row by its question."""
-    rows = [dict(r, question=f"{r['question']} {tag(i)}") for i, r in enumerate(demo_rows)]
-    path = tmp_path_factory.mktemp("tagged") / "tagged.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(demo_parquet)), path)
-    return path, rows
+    return tagged_source(tmp_path_factory.mktemp("tagged"), demo_rows, pq.read_schema(demo_parquet))
 
 
 def synthesize(tmp: Path, tiny_models, source: Path, name: str, faults: dict, *extra: str) -> tuple[int, str, float]:
