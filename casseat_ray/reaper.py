@@ -19,6 +19,15 @@ import time
 INTERVAL_S = 1.0
 
 
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # gone between the two questions
+        return False
+
+
 def watch(driver: int, interval: float = INTERVAL_S) -> int:
     """Wait for process ``driver`` to end, then kill what is left of its descendants; returns
     how many it killed."""
@@ -29,7 +38,7 @@ def watch(driver: int, interval: float = INTERVAL_S) -> int:
     except psutil.NoSuchProcess:
         return 0
     seen: dict[int, psutil.Process] = {}
-    while parent.is_running() and parent.status() != psutil.STATUS_ZOMBIE:
+    while _alive(parent):
         try:
             # a Process remembers its start time: a pid reused later is never killed
             seen.update((p.pid, p) for p in parent.children(recursive=True) if p.pid != os.getpid())
@@ -37,11 +46,10 @@ def watch(driver: int, interval: float = INTERVAL_S) -> int:
             break
         time.sleep(interval)
     killed = 0
-    for p in seen.values():
+    for p in filter(_alive, seen.values()):
         try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                p.kill()
-                killed += 1
+            p.kill()
+            killed += 1
         except psutil.NoSuchProcess:
             pass
     return killed
