@@ -69,6 +69,12 @@ def tag(i: int) -> str:
     return f"(item {i})"
 
 
+def tagged_item(text: str) -> int | None:
+    """The number ``tag`` put in ``text``, if any."""
+    found = re.search(r"\(item (\d+)\)", text)
+    return int(found.group(1)) if found else None
+
+
 def tagged_source(directory: Path, rows: list[dict], schema) -> tuple[Path, list[dict]]:
     """``rows`` with every question made its own (the demo repeats questions over different
     images), so that a fault, or a request log, can name one row by its question."""

@@ -24,7 +24,7 @@ from PIL import Image
 
 from casseat_ray.config import to_yaml
 from tests.conftest import ROOT, casseat_cmd, ray_head_on_loopback
-from tests.reliability.conftest import fault_config
+from tests.reliability.conftest import fault_config, tag
 
 pytestmark = [pytest.mark.slow, pytest.mark.extended]
 ROWS = 400
@@ -41,7 +41,7 @@ def large_images(directory: Path) -> Path:
         pixels = rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-        r.update(image=buf.getvalue(), image_format="JPEG", width=SIDE, height=SIDE, question=f"{r['question']} (item {i})")
+        r.update(image=buf.getvalue(), image_format="JPEG", width=SIDE, height=SIDE, question=f"{r['question']} {tag(i)}")
     path = directory / "large.parquet"
     pq.write_table(to_table(rows), path)
     return path

@@ -10,9 +10,9 @@ this module is the measured case (``-m extended``, about 6 minutes on 2 cores)."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from casseat_ray.config import to_yaml
+from casseat_ray.parts import PART_GLOB
 from casseat_ray.synth import pipeline
 from casseat_ray.synth.stages import stage_specs
 from tests.conftest import ROOT, casseat_cmd
-from tests.reliability.conftest import fault_config, tagged_source
+from tests.reliability.conftest import fault_config, tagged_item, tagged_source
 
 pytestmark = [pytest.mark.slow, pytest.mark.extended]
 N = 200
@@ -58,12 +59,14 @@ def requests(markers: Path) -> Counter:
     """C1 requests per row (its tag's number), over every engine that logged."""
     seen = Counter()
     for log in markers.glob("requests-*.log"):
-        seen.update(int(m.group(1)) for m in map(re.compile(r"\(item (\d+)\)").search, log.read_text().splitlines()) if m)
+        seen.update(i for i in map(tagged_item, log.read_text().splitlines()) if i is not None)
     return seen
 
 
-def part_ids(run: Path) -> list[str]:
-    return pq.read_table(run / "work" / "parts", columns=["sample_id"])["sample_id"].to_pylist()
+def part_column(run: Path, column: str = "sample_id") -> list:
+    """``column`` of every row of the run's parts, duplicates included (a part a kill caught
+    mid-write is still its temporary file, not a part)."""
+    return [v for f in sorted((run / "work" / "parts").glob(PART_GLOB)) for v in pq.read_table(f, columns=[column])[column].to_pylist()]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +84,7 @@ def test_b1_clean_rows_are_all_accounted_for_once_and_two_runs_agree(reference, 
     second = pipeline.run(cfg, progress=False)
     sft, rejects = reference["outputs"]
     labeled = first["stages"]["ddf_labeled"]
-    ids = part_ids(reference["cfg"].run_dir)
+    ids = part_column(reference["cfg"].run_dir)
     figures.update(rows=N, accepted=labeled["out"], rejected=dict(labeled["rejected"]), rejected_total=len({r["sample_id"] for r in rejects}),
                    sft_samples=len(sft), duplicates=len(ids) - len(set(ids)), c1_requests=sum(reference["requests"].values()),
                    first_run_rows_per_s=round(first["rows_per_s"], 2), first_seconds=round(first["wall_seconds"], 1),
@@ -97,10 +100,6 @@ def test_b1_clean_rows_are_all_accounted_for_once_and_two_runs_agree(reference, 
     assert outputs(cfg.run_dir) == reference["outputs"]  # the second run gives the same outputs, every column
 
 
-def _descendants(pid: int) -> list[psutil.Process]:
-    return psutil.Process(pid).children(recursive=True)
-
-
 def test_f7_a_driver_killed_mid_run_is_rerun_to_the_uninterrupted_outputs(reference, tmp_path, tiny_models, clean, figures):
     cfg = config(tmp_path, tiny_models, clean[0], "killed", tmp_path / "markers")
     path = tmp_path / "killed.yaml"
@@ -113,25 +112,25 @@ def test_f7_a_driver_killed_mid_run_is_rerun_to_the_uninterrupted_outputs(refere
         proc = subprocess.Popen(command, stdout=out, stderr=out, start_new_session=True, env=env)
     parts = cfg.run_dir / "work" / "parts"
     deadline = time.time() + 600
+    family: list[psutil.Process] = []
     try:
-        while len(list(parts.glob("part-*.parquet"))) < 5 and time.time() < deadline and proc.poll() is None:
+        while len(list(parts.glob(PART_GLOB))) < 5 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert proc.poll() is None, f"the run ended before it could be killed: {log.read_text()[-2000:]}"
-        family = _descendants(proc.pid)  # the local Ray it started: GCS, raylet, workers, the teacher actor
+        family = psutil.Process(proc.pid).children(recursive=True)  # the local Ray it started: GCS, raylet, workers, the teacher actor
         os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as `kill -9` does
         killed_at = time.time()
         proc.wait()
-        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family) and time.time() < killed_at + 60:
-            time.sleep(0.5)
-        outlived = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        _, outlived = psutil.wait_procs(family, timeout=60)
         gone_after = round(time.time() - killed_at, 1)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its process group
-        except ProcessLookupError:
-            pass
-    done_before = len(part_ids(cfg.run_dir))
-    finished = {int(re.search(r"\(item (\d+)\)", q).group(1)) for q in pq.read_table(parts, columns=["question"])["question"].to_pylist()}
+    finally:  # whatever is left, also when the test fails: its process group, and its processes in sessions of their own
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    done_before = len(part_column(cfg.run_dir))
+    finished = {tagged_item(q) for q in part_column(cfg.run_dir, "question")}
     computed_before = requests(tmp_path / "markers")
     assert not (cfg.run_dir / "stats.json").exists() and 0 < done_before < N
 
@@ -140,7 +139,7 @@ def test_f7_a_driver_killed_mid_run_is_rerun_to_the_uninterrupted_outputs(refere
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     stats = json.loads((cfg.run_dir / "stats.json").read_text())
     computed = requests(tmp_path / "markers")
-    ids = part_ids(cfg.run_dir)
+    ids = part_column(cfg.run_dir)
     figures.update(rows=N, processes_at_kill=len(family), processes_left_after_kill=len(outlived), seconds_until_all_gone=gone_after,
                    rows_in_parts_at_kill=done_before, rows_requested_before_kill=len(computed_before),
                    rerun_processed=stats["rows_processed"], rerun_resumed=stats["rows_resumed"],
@@ -168,21 +167,21 @@ def test_f1_a_teacher_actor_dying_mid_run_costs_at_most_its_batch_in_flight(refe
     died = [m.stat().st_mtime for m in markers.glob("exit-*")]
     starts = sorted(m.stat().st_mtime for m in markers.glob("start-*"))
     computed = requests(markers)
-    ids = part_ids(cfg.run_dir)
+    ids = part_column(cfg.run_dir)
     again = sorted(i for i, n in computed.items() if n > 1)
     recovery = round(min(t for t in starts if t > died[0]) - died[0], 1) if died and any(t > died[0] for t in starts) else None
     labeled = stats["stages"]["ddf_labeled"]
+    held = next(s for s in stage_specs(cfg) if s.name == "teacher")
     sft, rejects = outputs(cfg.run_dir)
     ref_sft, ref_rejects = reference["outputs"]
     mine = {r["sample_id"] for r in sft} | {r["sample_id"] for r in rejects}
     figures.update(rows=64, actors=2, crashes=len(died), engines_built=len(starts), rows_recomputed=len(again), batch_size=4,
-                   batches_held_per_actor=next(s for s in stage_specs(cfg) if s.name == "teacher").in_flight_batches,
+                   batches_held_per_actor=held.in_flight_batches,
                    recovery_seconds=recovery, seconds=round(seconds, 1), duplicates=len(ids) - len(set(ids)),
                    accepted=labeled["out"], rejected=sum(labeled["rejected"].values()))
     assert len(died) == 1 and len(starts) == 3  # one actor process died; Ray built one replacement
     assert stats["failed"] is None and labeled["in"] == 64 and labeled["out"] + sum(labeled["rejected"].values()) == 64
     assert len(ids) == len(set(ids)) == 64 and sorted(computed) == list(range(64))
-    held = next(s for s in stage_specs(cfg) if s.name == "teacher")
     assert len(again) <= held.in_flight_batches * held.batch_size  # re-work: at most the batches the actor held
     # and the rows came out as in the uninterrupted run
     assert sft == [r for r in ref_sft if r["sample_id"] in mine] and rejects == [r for r in ref_rejects if r["sample_id"] in mine]
