@@ -234,13 +234,12 @@ def encode_batch(batch, model: str, train: dict, ids: frozenset) -> dict:
     """Ray Data UDF: this worker's rows of the batch encoded for training (pickled
     ``(Encoded, AFT group)``); a row whose encoding fails comes with its error instead."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     from casseat_ray.train.collate import aft_group, encode, encode_responses
     from casseat_ray.train.losses import response_ranks
 
     t, processor = TrainConfig.model_validate(train), _processor(model)
-    batch = batch.filter(pc.is_in(batch["id"], value_set=pa.array(sorted(ids & set(batch["id"].to_pylist())), pa.string())))
+    batch = batch.filter(pa.array([i in ids for i in batch["id"].to_pylist()], pa.bool_()))
     out = {"id": [], "sample": [], "error": []}
     for r in batch.to_pylist():
         sample = error = None
