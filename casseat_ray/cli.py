@@ -413,6 +413,9 @@ def cmd_evaluate(args) -> int:
         return EXIT_FAIL
     print(report.console_table(rep))
     print(f"\nreport: {cfg.run_dir / 'eval' / 'report.md'} (plots beside it)")
+    if rep["retryable_items"]:
+        print(f"{rep['retryable_items']} item(s) failed with engine errors or timeouts and count as wrong; rerun the same command to "
+              "retry only those", file=sys.stderr)
     return EXIT_OK
 
 

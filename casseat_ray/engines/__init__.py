@@ -21,7 +21,7 @@ class EngineDead(RuntimeError):
 @dataclass
 class Completion:
     text: str
-    finish_reason: str | None  # "stop", "length", or "error"
+    finish_reason: str | None  # "stop", "length", "error" or PROMPT_TOO_LONG
     prompt_tokens: int
     output_tokens: int
     error: str | None = None
@@ -42,6 +42,21 @@ def failed(error: str) -> Completion:
     return Completion(text="", finish_reason="error", prompt_tokens=0, output_tokens=0, error=error)
 
 
+# The finish reason of a request refused because its prompt (text and image tokens) does not
+# fit the engine's context: a fact about the row, not a failure of the moment, so it is final.
+PROMPT_TOO_LONG = "prompt_too_long"
+
+
+def refused_too_long(detail: str) -> Completion:
+    return Completion(text="", finish_reason=PROMPT_TOO_LONG, prompt_tokens=0, output_tokens=0, error=detail)
+
+
+def failure_reason(finish_reason: str | None) -> str:
+    """The reject reason a failed request gives its row: ``prompt_too_long`` (final: the same
+    prompt never fits) or ``engine_error`` (a failure of the moment, retried by a rerun)."""
+    return PROMPT_TOO_LONG if finish_reason == PROMPT_TOO_LONG else "engine_error"
+
+
 @runtime_checkable
 class Engine(Protocol):
     model: str
@@ -49,7 +64,8 @@ class Engine(Protocol):
     async def generate(self, conversation: list[dict], sampling=None, adapter: str | None = None) -> list[Completion]:
         """``sampling.n`` completions of one conversation, awaitable from any event loop.
 
-        A conversation the backend rejects yields ``[failed(reason)]``; a dead backend raises
+        A conversation the backend rejects yields ``[failed(reason)]`` (``[refused_too_long(
+        reason)]`` when its prompt does not fit the context); a dead backend raises
         :class:`EngineDead`.
         """
         ...

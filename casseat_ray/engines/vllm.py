@@ -17,7 +17,7 @@ import threading
 import time
 
 from casseat_ray.config import EngineConfig, SamplingConfig
-from casseat_ray.engines import Completion, EngineDead, failed
+from casseat_ray.engines import Completion, EngineDead, failed, refused_too_long
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,15 @@ def _completion(c, n_prompt: int) -> Completion:
             top[key] = max(top.get(key, float("-inf")), lp.logprob)
         tops.append(top)
     return Completion(c.text, c.finish_reason, n_prompt, len(c.token_ids), tokens=tokens, top_logprobs=tops)
+
+
+def _over_context(e: Exception) -> bool:
+    """vLLM refused the prompt for its length. The renderer counts the rendered prompt, image
+    tokens included, in this process and raises before the request reaches the engine core;
+    the input processor's own check is the fallback."""
+    from vllm.exceptions import VLLMValidationError
+
+    return isinstance(e, VLLMValidationError) and (e.parameter == "input_tokens" or "maximum model length" in str(e))
 
 
 class VLLMEngine:
@@ -183,6 +192,8 @@ class VLLMEngine:
         except Exception as e:  # undecodable image, prompt over max_model_len and the like
             if self.llm.errored:
                 raise EngineDead(str(self.llm.dead_error)) from e
+            if _over_context(e):
+                return [refused_too_long(str(e))]
             return [failed(f"{type(e).__name__}: {e}")]
         n_prompt = len(final.prompt_token_ids or [])
         return [_completion(c, n_prompt) for c in final.outputs]

@@ -19,6 +19,7 @@ ITEM_SCHEMA = pa.schema([
     pa.field("pass2_ran", pa.bool_()), pa.field("pass2_has_answer", pa.bool_()), pa.field("verdict", pa.string()),
     pa.field("extracted_by", pa.string()),  # rule | model (evaluate.model_extractor) | null: no answer
     pa.field("output_tokens", pa.int64()), pa.field("error", pa.string()),
+    pa.field("failure", pa.string()),  # engine_error (a rerun retries it) | prompt_too_long | null: every request answered
     # best_of_n: accept-probability pick with the first k samples (k = 1..N), majority vote, oracle
     pa.field("bon_correct_by_n", pa.list_(pa.bool_())), pa.field("majority_correct", pa.bool_()), pa.field("oracle_correct", pa.bool_()),
 ])
@@ -75,6 +76,7 @@ def item_result(row: dict) -> dict:
         pass1_prediction=first.prediction if first else None, pass1_correct=bool(first and first.correct),
         pass2_ran=bool(row["c2_texts"]), pass2_has_answer=bool(c2 and c2[0] and c2[0].extraction is not None), verdict=None,
         output_tokens=sum(row["c1_output_tokens"] or []) + sum(row["c2_output_tokens"] or []), error=errors[0] if errors else None,
+        failure=row.get("reject_reason"),
         bon_correct_by_n=None, majority_correct=None, oracle_correct=None,
     )
     chosen = first

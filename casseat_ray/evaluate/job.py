@@ -18,10 +18,13 @@ from casseat_ray import storage
 from casseat_ray.adapters import adapter_config, adapter_problems, adapter_weights
 from casseat_ray.config import Config, ConfigError, PlacementConfig
 from casseat_ray.evaluate.items import expand_batch
-from casseat_ray.inference.modes import RESULT_FIELDS, ModeCall, run_mode
+from casseat_ray.inference.modes import RESULT_FIELDS, ModeCall, first_failure, run_mode
 from casseat_ray.inference.turns import run_prompts
 
 FINGERPRINT_KEYS = ("evaluate", "synthesis", "images")
+# An item a request failed for by a failure of the moment is not final: a rerun asks again
+# (a prompt over the context, ``prompt_too_long``, would fail the same way and stands).
+RETRY_REASONS = ("engine_error",)
 SCHEDULING = {"evaluate": ("concurrency", "batch_size", "num_cpus", "num_gpus", "bootstrap")}
 
 
@@ -67,7 +70,9 @@ def extract_prompt(cfg: Config):
 
 # ---------------------------------------------------------------- the engine task
 class EvalTask:
-    """Runs each work row's mode for its model on the engine the row was sent to."""
+    """Runs each work row's mode for its model on the engine the row was sent to. An item a
+    request failed for keeps its outputs and is marked with the failure (reject columns), so
+    that a rerun retries the ``engine_error`` ones."""
 
     stage = "evaluate"
     fields = RESULT_FIELDS
@@ -87,7 +92,11 @@ class EvalTask:
         }
 
     async def __call__(self, engine, row: dict) -> dict:
-        return await run_mode(engine, row, self.calls[(row["eval_model"], row["eval_mode"], row["protocol"])])
+        out = await run_mode(engine, row, self.calls[(row["eval_model"], row["eval_mode"], row["protocol"])])
+        hit = first_failure(out)
+        if hit:
+            out["reject"] = hit
+        return out
 
 
 # ---------------------------------------------------------------- the job
@@ -143,7 +152,7 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
     init_ray(cfg.ray)
     items = data.load(cfg, sources=list(e.benchmarks), filtered=False).materialize()
     funnel = data.funnel(items)
-    done = partstore.done_ids(parts, "key")
+    done = partstore.done_ids(parts, "key", retry=RETRY_REASONS)
     protocols = {b.name: b.protocol for b in e.benchmarks}
     adapter = str(adapter_path(cfg).resolve()) if "tuned" in e.models else None
     groups = []  # (models served by one engine, model path, engine config, CPUs, GPUs, actors)
@@ -184,5 +193,5 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
         bars.close()
     if written < total:
         return {"complete": False, "rows_done": written, "rows_total": total}
-    return report.finalize(cfg, out_dir, parts, funnel, {"wall_seconds": time.perf_counter() - t0})
+    return report.finalize(cfg, out_dir, parts, funnel, {"wall_seconds": time.perf_counter() - t0}, RETRY_REASONS)
 

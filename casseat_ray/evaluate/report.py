@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from casseat_ray.evaluate.items import ITEM_SCHEMA, item_result
 from casseat_ray.evaluate.metrics import bootstrap_ci, paired_bootstrap, reflection_cell, reflection_summary
-from casseat_ray.parts import PART_GLOB, atomic_write_text
+from casseat_ray.parts import atomic_write_text, read_parts
 
 BREAKDOWNS = ("answer_type", "subject", "level")
 UPPER_BOUND = "upper bound (knows the ground truth): not a method result"
@@ -39,7 +39,9 @@ def compute(items: list[dict], b: int = 1000, seed: int = 0) -> dict:
         entry = {"benchmark": bench, "model": model, "mode": mode, **_acc(rows, b, seed),
                  "answer_share": sum(r["has_answer"] for r in rows) / len(rows),
                  "model_extracted_share": sum(r["extracted_by"] == "model" for r in rows) / len(rows),
-                 "tokens_per_answer": sum(r["output_tokens"] for r in rows) / len(rows)}
+                 "tokens_per_answer": sum(r["output_tokens"] for r in rows) / len(rows),
+                 # items a request failed for (scored as wrong): reason -> count
+                 "failures": dict(sorted(Counter(r["failure"] for r in rows if r.get("failure")).items()))}
         if mode == "cascade":
             entry["pass2_ran_share"] = sum(r["pass2_ran"] for r in rows) / len(rows)
             entry["verdict_share"] = sum(r["verdict"] is not None for r in rows) / len(rows)
@@ -75,11 +77,13 @@ def compute(items: list[dict], b: int = 1000, seed: int = 0) -> dict:
         if mode == "cot" and (bench, model, "direct") in acc:
             robustness.append({"benchmark": bench, "model": model, "cot_minus_direct": acc[(bench, model, "cot")] - acc[(bench, model, "direct")]})
     return {"results": results, "breakdowns": breakdowns, "paired_differences": paired, "relative_gain": gains,
-            "robustness": robustness, "reflection": reflection, "best_of_n": best_of_n}
+            "robustness": robustness, "reflection": reflection, "best_of_n": best_of_n,
+            "retryable_items": sum(1 for r in items if r.get("failure") == "engine_error")}
 
 
-def finalize(cfg, out_dir: Path, parts: Path, funnel: dict, timing: dict) -> dict:
-    items = [item_result(r) for f in sorted(parts.glob(PART_GLOB)) for r in pq.read_table(f).to_pylist()]
+def finalize(cfg, out_dir: Path, parts: Path, funnel: dict, timing: dict, retry: tuple[str, ...]) -> dict:
+    """Items (each work row's last attempt), report and plots from the parts."""
+    items = [item_result(r) for t in read_parts(parts, id_column="key", retry=retry) for r in t.to_pylist()]
     items.sort(key=lambda r: (r["benchmark"], r["model"], r["mode"], r["sample_id"]))
     tmp = out_dir / "items.parquet.tmp"
     pq.write_table(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), tmp)
@@ -109,6 +113,11 @@ def markdown(rep: dict) -> str:
     lines = [f"# Evaluation: {rep['name']}", "", f"{rep['funnel']['scored_items']} items scored of {rep['funnel']['in']} read"
              + (f"; not scored: {rep['funnel']['rejected']}" if rep["funnel"]["rejected"] else "") + ".", "", "## Accuracy", ""]
     lines += table(rep)
+    failed = [e for e in rep["results"] if e.get("failures")]
+    if failed:
+        lines += ["", "Items a request failed for count as wrong: " + "; ".join(
+            f"{e['benchmark']} {e['model']} {e['mode']}: " + ", ".join(f"{r} {n}" for r, n in e["failures"].items()) for e in failed)
+            + (f". A rerun of the same command retries the {rep['retryable_items']} `engine_error` items." if rep.get("retryable_items") else ".")]
     if rep["paired_differences"]:
         lines += ["", "## Base -> tuned (paired bootstrap over the same items)", "", "| benchmark | mode | n | difference (points) | 95% CI |",
                   "|---|---|---:|---:|---|"]

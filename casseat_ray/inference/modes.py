@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from casseat_ray.answers import EXTRACT_MAX_TOKENS, ScoredAnswer, extraction_conversation, parse_extraction, score
 from casseat_ray.config import SamplingConfig
-from casseat_ray.engines import Completion, failed
+from casseat_ray.engines import Completion, failed, failure_reason
 from casseat_ray.inference.turns import c1_conversation, c2_conversation
 from casseat_ray.prompts import Prompt
 
@@ -119,6 +119,16 @@ def accept_probability(c: Completion) -> float | None:
             total = mass["accept"] + mass["refine"]
             return mass["accept"] / total if total > 0 else None
         text += tok
+    return None
+
+
+def first_failure(out: dict) -> tuple[str, str] | None:
+    """``(reason, detail)`` of a result row's first failed request (``engines.failure_reason``:
+    ``engine_error`` or ``prompt_too_long``), or None when every request was answered."""
+    for turn in ("c1", "c2"):
+        for finish, error in zip(out[f"{turn}_finish"] or [], out[f"{turn}_errors"] or []):
+            if error:
+                return failure_reason(finish), f"{turn.upper()}: {error}"
     return None
 
 

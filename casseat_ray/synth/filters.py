@@ -3,7 +3,8 @@
 A cascade result for one question is judged in this order, the first failing check giving
 the reject reason (so each reason is counted once and means one thing):
 
-1. ``engine_error``        the engine failed this row
+1. ``engine_error``        the engine failed this row (a rerun retries it), or
+   ``prompt_too_long``     a turn's prompt does not fit the engine's context (final)
 2. ``truncated``           a turn hit the token budget
 3. ``no_answer``           a turn has no final answer
 4. ``no_verdict`` / ``multiple_verdicts`` / ``contradictory_verdict``   C2 must hold exactly one
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 from casseat_ray.answers import ScoredAnswer, find_verdicts, score
 from casseat_ray.config import DDFLabeledConfig
+from casseat_ray.engines import PROMPT_TOO_LONG, failure_reason
 
 
 @dataclass
@@ -51,6 +53,10 @@ class CascadeJudgement:
         return self.kept and self.c1 is not None and self.c1.correct
 
 
+def _failed(turn: dict) -> bool:
+    return bool(turn.get("error")) or turn.get("finish_reason") in ("error", PROMPT_TOO_LONG)
+
+
 def _leaks(texts: list[str], phrases: list[str]) -> str | None:
     for t in texts:
         low = t.lower()
@@ -68,8 +74,8 @@ def judge_cascade(sample: dict, c1: dict, c2: dict, cfg: DDFLabeledConfig, s1: S
         return CascadeJudgement(reason, detail, s1, s2, verdict)
 
     for name, turn in (("C1", c1), ("C2", c2)):
-        if turn.get("error") or turn.get("finish_reason") == "error":
-            return out("engine_error", f"{name}: {turn.get('error')}")
+        if _failed(turn):
+            return out(failure_reason(turn.get("finish_reason")), f"{name}: {turn.get('error')}")
     if cfg.drop_truncated:
         for name, turn in (("C1", c1), ("C2", c2)):
             if turn.get("finish_reason") == "length":
@@ -107,8 +113,8 @@ def judge_cascade(sample: dict, c1: dict, c2: dict, cfg: DDFLabeledConfig, s1: S
 def judge_single(sample: dict, completion: dict, cfg: DDFLabeledConfig, need_verdict: bool,
                  s: ScoredAnswer | None = None) -> tuple[str | None, str, ScoredAnswer | None]:
     """DDF level 2 for one-turn outputs: CoT-only mode, or SEAT (inline verdicts allowed)."""
-    if completion.get("error") or completion.get("finish_reason") == "error":
-        return "engine_error", str(completion.get("error")), None
+    if _failed(completion):
+        return failure_reason(completion.get("finish_reason")), str(completion.get("error")), None
     if cfg.drop_truncated and completion.get("finish_reason") == "length":
         return "truncated", "hit the token budget", None
     s = s or score(completion["text"], sample)
@@ -159,10 +165,13 @@ def judge_verdict(text: str) -> str | None:
     return found[-1].lower() if found else None
 
 
-def judge_reject(text: str, error: str | None, on_no_verdict: str) -> tuple[str, str] | None:
-    """The reject (reason, detail) the judge's reply implies, or None to keep the sample."""
+def judge_reject(text: str, error: str | None, on_no_verdict: str, finish_reason: str | None = None) -> tuple[str, str] | None:
+    """The reject (reason, detail) the judge's reply implies, or None to keep the sample. A
+    judge that could not read the sample (an error, a prompt over its context) decides nothing:
+    the sample is rejected only with ``on_no_verdict: reject``."""
     if error:
-        return ("judge_error", error) if on_no_verdict == "reject" else None
+        reason = PROMPT_TOO_LONG if finish_reason == PROMPT_TOO_LONG else "judge_error"
+        return (reason, error) if on_no_verdict == "reject" else None
     verdict = judge_verdict(text)
     if verdict == "unfaithful":
         return "judge_unfaithful", text.strip()[-200:]

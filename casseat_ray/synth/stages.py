@@ -104,7 +104,7 @@ class JudgeTask:
         (o,) = await engine.generate(judge_conversation(row, self.prompt, *judged_texts(self.mode, row)), self.sampling)
         values = dict(judge_text=o.text, judge_verdict=None if o.error else judge_verdict(o.text), judge_model=self.model,
                       judge_prompt_sha=self.prompt.sha)
-        hit = judge_reject(o.text, o.error, self.on_no_verdict)
+        hit = judge_reject(o.text, o.error, self.on_no_verdict, o.finish_reason)
         if hit:
             values["reject"] = hit
         return values

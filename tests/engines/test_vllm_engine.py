@@ -6,7 +6,7 @@ from PIL import Image
 
 from casseat_ray import prompts
 from casseat_ray.config import SamplingConfig
-from casseat_ray.engines import Engine, failed, image_part, text_part, user
+from casseat_ray.engines import PROMPT_TOO_LONG, Engine, failed, failure_reason, image_part, text_part, user
 from casseat_ray.inference.turns import c1_conversation, c2_conversation
 
 
@@ -43,7 +43,11 @@ def test_bad_row_fails_alone(teacher_engine, demo_rows):
     assert out[0][0].error is None and out[3][0].error is None
     assert out[0][0].text and out[3][0].text
     assert out[1][0].finish_reason == "error" and "UnidentifiedImageError" in out[1][0].error
-    assert out[2][0].finish_reason == "error" and out[2][0].error
+    # over max_model_len: refused by vLLM's renderer in this process, before the engine core
+    # sees it, and marked as the row's own final failure (never retried)
+    assert out[2][0].finish_reason == PROMPT_TOO_LONG and "maximum context length" in out[2][0].error
+    assert out[2][0].prompt_tokens == 0 and failure_reason(out[2][0].finish_reason) == "prompt_too_long"
+    assert failure_reason(out[1][0].finish_reason) == "engine_error"
     assert failed("x").truncated is False
 
 

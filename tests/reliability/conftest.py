@@ -29,6 +29,13 @@ def pytest_runtest_makereport(item, call):
         item.casseat_outcome = report
 
 
+_RECORDED: dict[str, dict] = {}  # case -> its record so far in this session
+
+
+def _as_list(x) -> list:
+    return x if isinstance(x, list) else [x]
+
+
 @pytest.fixture
 def figures(request):
     """A dict the test fills with its figures; written with the case id and outcome after it."""
@@ -43,6 +50,11 @@ def figures(request):
               "seconds": round(time.time() - t0, 1), **data}
     if report is not None and report.failed:
         record["failure"] = str(report.longrepr).splitlines()[-1][:300]
+    prev = _RECORDED.get(case)
+    if prev is not None:  # a case with several tests: one record, ok only when all passed
+        record = {**prev, **record, "ok": prev["ok"] and record["ok"], "test": [*_as_list(prev["test"]), record["test"]],
+                  "seconds": round(prev["seconds"] + record["seconds"], 1)}
+    _RECORDED[case] = record
     out = figures_dir()
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{case}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

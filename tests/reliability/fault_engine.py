@@ -11,6 +11,8 @@ restarts through marker files.
   SIGKILL, as an out-of-memory kill or a crashed kernel would, then waits for its answer.
 - ``error``: question substrings; every request containing one fails as the backend fails a
   request it rejects (``engines.failed``), the engine itself unharmed.
+- ``error_once``: question substrings; the first request containing one fails as ``error``
+  does, later ones go to the engine (a failure of the moment, for a rerun to retry).
 - ``reply``: ``{substring: {c1|c2: {text: str | null, finish: stop|length}}}``; that turn of
   the row gets the engine's real answer with its text replaced (``text``; null keeps the first
   half of the real text) and its finish reason set: empty, unparsable or cut-off output.
@@ -61,6 +63,7 @@ class FaultEngine:
         self.hang_once = list(faults.get("hang_once", []))
         self.die_once = list(faults.get("die_once", []))
         self.error = list(faults.get("error", []))
+        self.error_once = list(faults.get("error_once", []))
         self.reply = dict(faults.get("reply", {}))
         self.markers = Path(faults.get("marker_dir", "."))
         self.exit_after = faults.get("exit_after")
@@ -105,6 +108,9 @@ class FaultEngine:
                 _kill_engine_processes()
         if self.inner is None or any(key in text for key in self.error):
             return [failed(INJECTED_ERROR)]
+        for key in self.error_once:
+            if key in text and self._first_time("error", key):
+                return [failed(INJECTED_ERROR)]
         out = await self.inner.generate(conversation, sampling, adapter)
         self.answered += 1
         if self.exit_after is not None and self.answered >= self.exit_after and self._first_time("exit", ""):

@@ -169,5 +169,39 @@ def test_b5_questions_no_engine_should_see_are_rejected_before_it(loaded, figure
     assert f["rejected"]["not_utf8"] == 1 and f["rejected"]["bad_json"] == 1  # lines that are not a row at all
     # every one of them before any engine: at the read, validate or source-rule stage
     stages = {name: dict(st["rejected"]) for name, st in f["stages"].items() if set(st["rejected"]) & B5}
-    figures.update(rejected_at=stages, prompt_over_max_model_len="not checked before the engine yet: the engine fails that request (engine_error)")
+    figures.update(rejected_at=stages)
     assert set(stages) <= {"read", "validate", "ddf_rules"}
+
+
+def test_b5_a_prompt_over_the_teachers_context_is_a_final_reject_the_engine_never_runs(tiny_models, teacher_engine, demo_rows, figures):
+    """A question within the character limit whose prompt is over ``max_model_len`` in tokens:
+    the teacher stage (the engine actor's class, on the session's real engine) and DDF level 2
+    reject it as ``prompt_too_long``, final; vLLM's renderer refuses it in the actor process
+    before the engine core, and its neighbour in the batch is answered."""
+    import asyncio
+
+    import pyarrow as pa
+
+    from casseat_ray.config import Config, EngineConfig
+    from casseat_ray.data import ROW_SCHEMA
+    from casseat_ray.demo import TINY_ENGINE
+    from casseat_ray.inference.stage import EngineStage
+    from casseat_ray.synth.outputs import RETRY_REASONS
+    from casseat_ray.synth.stages import LabelStage, TeacherTask
+
+    cfg = Config.model_validate(dict(
+        teacher=dict(model=str(tiny_models["teacher"]), engine=TINY_ENGINE, sampling=dict(max_tokens=16)),
+        student=dict(model=str(tiny_models["student"]), engine=TINY_ENGINE)))
+    long_question = "Evaluate " + "\u2211" * 700  # 709 characters, about 2,100 of the teacher's tokens
+    assert len(long_question) < cfg.ddf_source.max_question_chars  # the source rules let it through
+    rows = [dict(demo_rows[0], sample_id="short"), dict(demo_rows[1], sample_id="long", question=long_question)]
+    batch = pa.Table.from_pylist([dict(r, reject_stage=None, reject_reason=None, reject_detail=None) for r in rows], schema=ROW_SCHEMA)
+    stage = EngineStage(TeacherTask(cfg), teacher_engine.model, EngineConfig(**TINY_ENGINE), engine=teacher_engine)
+    short, long = LabelStage(cfg)(asyncio.run(stage(batch))).to_pylist()
+    figures.update(question_chars=len(long_question), max_model_len=TINY_ENGINE["max_model_len"],
+                   reject=f"{long['reject_stage']}/{long['reject_reason']}", detail=long["reject_detail"][:160],
+                   prompt_tokens_sent=long["c1_prompt_tokens"], neighbour_answered=bool(short["c1_texts"][0]))
+    assert (long["reject_stage"], long["reject_reason"]) == ("ddf_labeled", "prompt_too_long")
+    assert "maximum context length is 2048 tokens" in long["reject_detail"] and long["reject_reason"] not in RETRY_REASONS
+    assert long["c1_finish"] == ["prompt_too_long"] and long["c1_prompt_tokens"] == 0 and long["c2_skipped"] == "c1_error"
+    assert short["c1_finish"][0] in ("stop", "length") and short["c1_texts"][0] and short["c1_prompt_tokens"] > 0

@@ -24,6 +24,8 @@ WRONG = turn("I see two circles.\nThe answer is 2")
         (RIGHT, turn("Each step matches the image.\nEvaluation: Accept\nThe answer is 3"), None),
         (WRONG, turn("I missed one circle.\nEvaluation: Refine\nThere are three.\nThe answer is 3"), None),
         (turn("", "error", "boom"), RIGHT, "engine_error"),
+        (turn("", "prompt_too_long", "prompt of 5042 tokens"), RIGHT, "prompt_too_long"),
+        (RIGHT, turn("", "prompt_too_long", "prompt of 2075 tokens"), "prompt_too_long"),  # C1's answer pushed C2 over
         (turn("I see three circles and", "length"), RIGHT, "truncated"),
         (turn("I see some circles."), turn("Evaluation: Accept\nThe answer is 3"), "no_answer"),
         (RIGHT, turn("Looks fine.\nThe answer is 3"), "no_verdict"),
@@ -56,6 +58,7 @@ def test_multiple_choice_by_letter_or_text():
 
 
 def test_single_turn_modes():
+    assert judge_single(INT, turn("", "prompt_too_long", "over"), CFG, need_verdict=False)[:2] == ("prompt_too_long", "over")
     assert judge_single(INT, RIGHT, CFG, need_verdict=False)[0] is None
     assert judge_single(INT, RIGHT, CFG, need_verdict=True)[0] == "no_verdict"
     seat = turn("Two circles? [Self-evaluation] recount. Evaluation: Refine, three. [/Self-evaluation]\nThe answer is 3")

@@ -82,3 +82,34 @@ def test_report_numbers_come_from_the_items():
     assert next(e for e in rep["results"] if e["mode"] == "cascade")["accuracy"] == 1.0
     assert [p["diff"] for p in rep["paired_differences"]] == [0.0, 0.0, 0.0]
     assert rep["robustness"][0]["cot_minus_direct"] == 0.0 and rep["reflection"][0]["fixes"] == 0.5
+
+
+def test_failed_requests_mark_the_item_and_only_engine_errors_are_retried(tmp_path):
+    import pyarrow as pa
+
+    from casseat_ray import parts
+    from casseat_ray.evaluate.job import RETRY_REASONS
+    from casseat_ray.inference.modes import first_failure
+
+    ok = dict(c1_finish=["stop"], c1_errors=[None], c2_finish=["stop"], c2_errors=[None])
+    assert first_failure(ok) is None
+    assert first_failure(dict(ok, c2_finish=["error"], c2_errors=["timeout"])) == ("engine_error", "C2: timeout")
+    assert first_failure(dict(ok, c1_finish=["prompt_too_long"], c1_errors=["over 2048"], c2_finish=None, c2_errors=None)) == (
+        "prompt_too_long", "C1: over 2048")
+    # a work row failed by the engine is written, then replaced by its retry; a too-long one stands
+    first = [dict(_row("cot", [(None, False)]), key="b/base/cot/s1", sample_id="s1", reject_reason="engine_error"),
+             dict(_row("cot", [(None, False)]), key="b/base/cot/s2", sample_id="s2", reject_reason="prompt_too_long"),
+             dict(_row("cot", [("3", True)]), key="b/base/cot/s3", sample_id="s3", reject_reason=None)]
+    for r in first[:2]:
+        r["c1_errors"] = ["boom"]
+    parts.write_part(tmp_path, pa.Table.from_pylist(first), "key")
+    assert parts.done_ids(tmp_path, "key", retry=RETRY_REASONS) == {"b/base/cot/s2", "b/base/cot/s3"}
+    items = [item_result(r) for t in parts.read_parts(tmp_path, id_column="key", retry=RETRY_REASONS) for r in t.to_pylist()]
+    rep = compute(items, 50, 0)
+    assert rep["results"][0]["failures"] == {"engine_error": 1, "prompt_too_long": 1} and rep["retryable_items"] == 1
+    parts.write_part(tmp_path, pa.Table.from_pylist([dict(_row("cot", [("3", True)]), key="b/base/cot/s1", sample_id="s1", reject_reason=None)]), "key")
+    items = [item_result(r) for t in parts.read_parts(tmp_path, id_column="key", retry=RETRY_REASONS) for r in t.to_pylist()]
+    assert sorted((i["sample_id"], i["correct"], i["failure"]) for i in items) == [
+        ("s1", True, None), ("s2", False, "prompt_too_long"), ("s3", True, None)]
+    rep = compute(items, 50, 0)
+    assert rep["results"][0]["failures"] == {"prompt_too_long": 1} and rep["retryable_items"] == 0

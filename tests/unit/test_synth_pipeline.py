@@ -123,6 +123,9 @@ def test_label_row_reasons_on_crafted_outputs(tmp_path):
 
     hit, _ = label_row(cfg, _row(c1_finish=["error"], c1_errors=["boom"], c1_texts=[""], c2=None), ps, short)
     assert hit == ("engine_error", "C1: boom")
+    # a prompt over the engine's context is the row's own final reject, never retried
+    hit, _ = label_row(cfg, _row(c1_finish=["prompt_too_long"], c1_errors=["over 2048"], c1_texts=[""], c2=None, c2_skipped="c1_error"), ps, short)
+    assert hit == ("prompt_too_long", "C1: over 2048") and hit[0] not in outputs.RETRY_REASONS
     # C2 skipped by the rule: the reject names C1's own problem, not an engine failure
     hit, _ = label_row(cfg, _row(c1="I am not sure.", c2=None, c2_skipped="c1_no_answer"), ps, short)
     assert hit == ("no_answer", "C1 has no final answer; C2 not run")
@@ -223,6 +226,7 @@ def test_judge_verdicts_and_rejects_on_crafted_replies():
     assert judge_reject("hmm", None, "keep") is None
     assert judge_reject("", "engine died", "reject") == ("judge_error", "engine died")
     assert judge_reject("", "engine died", "keep") is None
+    assert judge_reject("", "over 2048", "reject", "prompt_too_long") == ("prompt_too_long", "over 2048")  # final, not retried
 
 
 def test_judge_reads_the_right_texts_and_its_prompt_is_recorded(tmp_path):
