@@ -80,6 +80,13 @@ def _inspect(fs, path: str) -> tuple[str | None, int | None]:
     return why, (None if why else int(json.loads(marker)["step"]))
 
 
+def folder_names(names) -> list[str]:
+    """Ray Train's checkpoint folders among ``names`` (what a run's storage folder holds),
+    oldest first: Ray names them by time, and its checkpoint_manager_snapshot.json shares
+    their prefix."""
+    return sorted(n for n in names if n.startswith("checkpoint_") and not n.endswith(".json"))
+
+
 def choose(checkpoint) -> tuple[object | None, list[str]]:
     """The checkpoint to resume from, given the one Ray Train offers (its newest registered
     one, or None), and what was passed over: that one if it is torn, then older ones in
@@ -93,9 +100,8 @@ def choose(checkpoint) -> tuple[object | None, list[str]]:
     fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
     parent, newest = path.rsplit("/", 1)
 
-    names = sorted((Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(parent))
-                    if i.type == pafs.FileType.Directory and Path(i.path).name.startswith("checkpoint_")), reverse=True)
-    candidates = [newest] + [n for n in names if n < newest]
+    names = folder_names(Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(parent)) if i.type == pafs.FileType.Directory)
+    candidates = [newest] + [n for n in reversed(names) if n < newest]
     notes = []
     for name in candidates:
         why, step = _inspect(fs, f"{parent}/{name}")

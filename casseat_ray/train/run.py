@@ -7,6 +7,7 @@ from pathlib import Path
 
 from casseat_ray import storage
 from casseat_ray.config import Config, ConfigError, with_absolute_models
+from casseat_ray.train import checkpoints
 
 
 class TrainingFailed(RuntimeError):
@@ -58,9 +59,8 @@ def checkpoint_dir(cfg: Config) -> str:
 
 
 def checkpoint_names(cfg: Config) -> list[str]:
-    """The run's checkpoint folders, oldest first (Ray Train names them by time; its
-    checkpoint_manager_snapshot.json shares their prefix)."""
-    return sorted(n for n in storage.list_names(checkpoint_dir(cfg)) if n.startswith("checkpoint_") and not n.endswith(".json"))
+    """The run's checkpoint folders, oldest first."""
+    return checkpoints.folder_names(storage.list_names(checkpoint_dir(cfg)))
 
 
 def has_checkpoints(cfg: Config) -> bool:

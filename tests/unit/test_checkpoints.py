@@ -32,6 +32,8 @@ def test_a_torn_newest_checkpoint_falls_back_to_the_newest_complete_one(tmp_path
     mid = _write(tmp_path / "checkpoint_2026-01-01_00-00-02.000000", 6, 2.0)
     new = _write(tmp_path / "checkpoint_2026-01-01_00-00-03.000000", 9, 3.0)
     after = _write(tmp_path / "checkpoint_2026-01-01_00-00-04.000000", 12, 4.0)  # newer than what Ray offers: never used
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's record, beside the folders
+    assert checkpoints.folder_names(p.name for p in tmp_path.iterdir()) == [old.name, mid.name, new.name, after.name]
     assert checkpoints.choose(None) == (None, [])
     chosen, notes = checkpoints.choose(Checkpoint(str(new)))
     assert chosen.path == str(new) and notes == []
