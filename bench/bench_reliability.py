@@ -3,7 +3,7 @@ figures its test under tests/reliability/ wrote (``out/reliability/<ID>.json``) 
 held. A case with no figures is listed with ``ok: null`` and the reason, never left out.
 
     python bench/bench_reliability.py          # read the figures of the last test run
-    python bench/bench_reliability.py --run    # run every case of tests/reliability first (about 35 minutes on 2 cores)
+    python bench/bench_reliability.py --run    # run every case of tests/reliability first (about 40 minutes on 2 cores)
 
 Prints a table, then one JSON object ``{"cases": {"B1": {..., "ok": true}, ...}}``.
 """
@@ -25,13 +25,13 @@ CASES = {
     "B5": "empty, non-UTF-8, overlong questions and prompts rejected before the engine",
     "B7": "empty, unparsable or truncated teacher text rejected with stage and reason",
     "B8": "per-request engine errors reject those rows only",
-    "B9": "a hanging request times out as a retryable reject, retried on rerun",
+    "B9": "a hanging request times out as a retryable reject, retried on rerun (evaluation items too)",
     "B10": "all-corrupt input or engine errors over budget: non-zero exit, nothing published as success",
     "B11": "training: over-length, label-less and non-finite samples dropped or skipped with counters",
     "F1": "a teacher actor dies mid-run: job completes, nothing lost or duplicated",
     "F3": "the engine dies inside its actor: the actor is replaced, no retry storm",
     "F4": "actor init fails once / always: completes / fails in bounded time",
-    "F6": "a worker node removed mid-run: job completes",
+    "F6": "a worker node removed mid-run: job completes, nothing lost or duplicated",
     "F7": "the driver killed mid-run, then rerun: only unfinished samples processed",
     "F8": "small object store, large images, slow engine: no object-store or memory errors",
     "F10": "a training worker dies mid-run: resumes from the last checkpoint, same weights",

@@ -128,20 +128,23 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 
 def _head_processes(temp_dir: str) -> list:
+    """The processes of the Ray nodes using ``temp_dir`` (their command lines name it) and their
+    descendants: the workers, whose titles vLLM and Ray rewrite."""
     import psutil
 
-    found = []
+    found: dict[int, psutil.Process] = {}
     for p in psutil.process_iter(["cmdline"]):
         try:
             if any(temp_dir in part for part in p.info["cmdline"] or []):
-                found.append(p)
+                found[p.pid] = p
+                found.update((c.pid, c) for c in p.children(recursive=True))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return found
+    return list(found.values())
 
 
 def _stop_head(temp_dir: str) -> None:
-    """Terminate what a head started (its processes name its temp dir), then kill stragglers."""
+    """Terminate what a head started (its processes, see ``_head_processes``), then kill stragglers."""
     import psutil
 
     procs = _head_processes(temp_dir)
@@ -184,6 +187,45 @@ def ray_head_on_loopback(env: dict, *extra: str, dashboard: bool = False):
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "temp_dir": temp_dir}
     finally:
         _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ray_cluster(head_cpus: int, *node_cpus: int):
+    """A ``ray.cluster_utils.Cluster`` of a head and one worker node per
+    ``node_cpus``, in a temp dir of its own (needs ``RAY_AUTH_MODE=disabled``); yields
+    ``(cluster, worker nodes)``. ``Cluster.shutdown`` (and ``remove_node``) end the nodes' own
+    processes but can leave a worker behind (a replaced teacher actor's, seen alive minutes
+    later, its parent gone), so afterwards every process any of its raylets started (they carry
+    ``RAY_RAYLET_PID``) is killed too, also when the test fails."""
+    import shutil
+    import tempfile
+
+    import psutil
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    def raylet(node) -> int:
+        return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+    temp_dir = tempfile.mkdtemp(prefix="casseat-mn-", dir="/tmp")  # short: socket paths have a length limit
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False, "temp_dir": temp_dir})
+    raylets = {str(raylet(cluster.head_node))}
+    try:
+        nodes = [cluster.add_node(num_cpus=n, temp_dir=temp_dir) for n in node_cpus]
+        raylets.update(str(raylet(n)) for n in nodes)
+        yield cluster, nodes
+    finally:
+        left = _head_processes(temp_dir)
+        cluster.shutdown()
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if p.environ().get("RAY_RAYLET_PID") in raylets:
+                    left.append(p)
+        _, alive = psutil.wait_procs(left, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -14,7 +14,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, casseat_cmd, shared_data
+from tests.conftest import ROOT, casseat_cmd, ray_cluster, shared_data
 from tests.e2e.test_cli import casseat
 
 pytestmark = pytest.mark.slow
@@ -189,18 +189,11 @@ def test_model_judge_runs_as_its_own_stage(tmp_path, tiny_models, demo_parquet):
 
 def test_two_node_cluster_places_a_teacher_on_each_node_and_writes_the_same_sft_set(full_run, tiny_models, demo_parquet,
                                                                                     monkeypatch, tmp_path):
-    """Two Ray nodes (ray.cluster_utils.Cluster, own temp dir): an actor needs 1.5 of a node's 2
+    """Two Ray nodes (``ray_cluster``): an actor needs 1.5 of a node's 2
     CPUs, so the two teacher actors cannot share one; the SFT set equals the one-node run's."""
-    import tempfile
-
-    from ray.cluster_utils import Cluster
-
     tmp, _, _ = full_run
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    temp_dir = tempfile.mkdtemp(prefix="casseat-mn-", dir="/tmp")  # short: socket paths have a length limit
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "temp_dir": temp_dir, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=2, temp_dir=temp_dir)
+    with ray_cluster(2, 2) as (cluster, _):
         args = _overrides(tmp, tiny_models, demo_parquet, "two-nodes", "teacher.concurrency=2", "teacher.num_cpus=1.5",
                           "ddf_labeled.num_cpus=0.25", f"ray.address={cluster.address}")
         r = casseat("synthesize", "--config", str(CONFIG), *args, "--no-progress", timeout=900)
@@ -209,7 +202,4 @@ def test_two_node_cluster_places_a_teacher_on_each_node_and_writes_the_same_sft_
         nodes = {a["Address"]["NodeID"] for a in actors}
         assert len(actors) == 2 and len(nodes) == 2, actors
         assert nodes == {n["NodeID"] for n in cluster.global_state.node_table()}
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
     assert _sft(tmp / "two-nodes") == _sft(tmp / "full")

@@ -60,6 +60,19 @@ def figures(request):
     (out / f"{case}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
+def casseat(*args: str) -> tuple[int, str]:
+    """The command in this process (on the session's Ray): its exit code and what it wrote to stderr."""
+    import contextlib
+    import io
+
+    from casseat_ray import cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(list(args))
+    return code, err.getvalue()
+
+
 def run_config(tmp: Path, tiny_models, source: Path, name: str, *extra: str):
     """The tiny CPU config on ``source`` under ``tmp`` (teacher batches of 4); ``extra`` overrides last."""
     from casseat_ray.config import load_config

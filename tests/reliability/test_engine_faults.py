@@ -7,8 +7,6 @@ in front of the session's real tiny teacher (B7, B8) or of no engine at all (who
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import json
 import random
 import time
@@ -19,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from casseat_ray import cli
 from casseat_ray.config import Config, EngineConfig, load_config, to_yaml
 from casseat_ray.data import ROW_SCHEMA
 from casseat_ray.demo import TINY_ENGINE
@@ -27,7 +24,7 @@ from casseat_ray.inference.stage import EngineStage
 from casseat_ray.synth.stages import LabelStage, TeacherTask
 from casseat_ray.synth.outputs import ERROR_REASONS
 from casseat_ray.tiny import scripted_targets
-from tests.reliability.conftest import CONFIG, fault_config, tag, tagged_source
+from tests.reliability.conftest import CONFIG, casseat, fault_config, tag, tagged_source
 from tests.reliability.fault_engine import INJECTED_ERROR, FaultEngine
 
 pytestmark = pytest.mark.slow
@@ -52,14 +49,6 @@ def synthesize(tmp: Path, tiny_models, source: Path, name: str, faults: dict, *e
     t0 = time.time()
     code, err = casseat("synthesize", "--config", str(path), "--no-progress")
     return code, err, time.time() - t0
-
-
-def casseat(*args: str) -> tuple[int, str]:
-    """The command in this process (on the session's Ray): its exit code and what it wrote to stderr."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = cli.main(list(args))
-    return code, err.getvalue()
 
 
 def markers(directory: Path, kind: str) -> int:

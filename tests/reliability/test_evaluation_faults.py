@@ -11,9 +11,8 @@ import pytest
 
 from casseat_ray.config import to_yaml
 from tests.conftest import shared_data
-from tests.reliability.conftest import CONFIG
+from tests.reliability.conftest import CONFIG, casseat
 from tests.reliability.fault_engine import INJECTED_ERROR
-from tests.reliability.test_engine_faults import casseat
 
 pytestmark = pytest.mark.slow
 N = 6  # MATH-V testmini items

@@ -1,6 +1,7 @@
 """Whole synthesis runs on 200 clean rows with the real tiny teacher: two uninterrupted runs
 agree (B1), a driver SIGKILLed mid-run and rerun ends where the uninterrupted run did (F7),
-and a teacher actor whose process dies mid-run costs at most its batch in flight (F1).
+a teacher actor whose process dies mid-run costs at most its batch in flight (F1), and a
+worker node removed mid-run from a two-node cluster costs only its rows in flight (F6).
 
 The teacher is the fault engine in front of the real engine, injecting nothing but a request
 log (which rows an engine computed, and how often), except where F1 kills the actor. Every run
@@ -27,7 +28,7 @@ from casseat_ray.config import to_yaml
 from casseat_ray.parts import PART_GLOB
 from casseat_ray.synth import pipeline
 from casseat_ray.synth.stages import stage_specs
-from tests.conftest import ROOT, casseat_cmd
+from tests.conftest import ROOT, casseat_cmd, ray_cluster
 from tests.reliability.conftest import fault_config, tagged_item, tagged_source
 
 pytestmark = [pytest.mark.slow, pytest.mark.extended]
@@ -67,6 +68,14 @@ def part_column(run: Path, column: str = "sample_id") -> list:
     """``column`` of every row of the run's parts, duplicates included (a part a kill caught
     mid-write is still its temporary file, not a part)."""
     return [v for f in sorted((run / "work" / "parts").glob(PART_GLOB)) for v in pq.read_table(f, columns=[column])[column].to_pylist()]
+
+
+def as_in_reference(run: Path, reference: dict) -> bool:
+    """The run's SFT set and rejects equal the uninterrupted run's rows of the same questions."""
+    sft, rejects = outputs(run)
+    ref_sft, ref_rejects = reference["outputs"]
+    mine = {r["sample_id"] for r in sft} | {r["sample_id"] for r in rejects}
+    return sft == [r for r in ref_sft if r["sample_id"] in mine] and rejects == [r for r in ref_rejects if r["sample_id"] in mine]
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +181,6 @@ def test_f1_a_teacher_actor_dying_mid_run_costs_at_most_its_batch_in_flight(refe
     recovery = round(min(t for t in starts if t > died[0]) - died[0], 1) if died and any(t > died[0] for t in starts) else None
     labeled = stats["stages"]["ddf_labeled"]
     held = next(s for s in stage_specs(cfg) if s.name == "teacher")
-    sft, rejects = outputs(cfg.run_dir)
-    ref_sft, ref_rejects = reference["outputs"]
-    mine = {r["sample_id"] for r in sft} | {r["sample_id"] for r in rejects}
     figures.update(rows=64, actors=2, crashes=len(died), engines_built=len(starts), rows_recomputed=len(again), batch_size=4,
                    batches_held_per_actor=held.in_flight_batches,
                    recovery_seconds=recovery, seconds=round(seconds, 1), duplicates=len(ids) - len(set(ids)),
@@ -183,5 +189,67 @@ def test_f1_a_teacher_actor_dying_mid_run_costs_at_most_its_batch_in_flight(refe
     assert stats["failed"] is None and labeled["in"] == 64 and labeled["out"] + sum(labeled["rejected"].values()) == 64
     assert len(ids) == len(set(ids)) == 64 and sorted(computed) == list(range(64))
     assert len(again) <= held.in_flight_batches * held.batch_size  # re-work: at most the batches the actor held
-    # and the rows came out as in the uninterrupted run
-    assert sft == [r for r in ref_sft if r["sample_id"] in mine] and rejects == [r for r in ref_rejects if r["sample_id"] in mine]
+    assert as_in_reference(cfg.run_dir, reference)  # and the rows came out as in the uninterrupted run
+
+
+def test_f6_a_worker_node_removed_mid_run_costs_its_rows_in_flight_and_the_run_completes(reference, tmp_path, tiny_models, clean,
+                                                                                        monkeypatch, figures):
+    """Two Ray nodes (``ray_cluster``): a head of 3 CPUs and a worker of
+    2; each teacher actor needs 1.5, so Ray Data's SPREAD puts one on each node, and the head
+    has room for the second after the worker is gone. The worker node is removed (its raylet
+    and every process on it killed, no drain) once its engine has answered 8 requests."""
+    markers = tmp_path / "markers"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # the cluster's workers import the fault engine from this folder (they inherit this environment)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = None
+    with ray_cluster(3, 2) as (cluster, (worker,)):
+        try:
+            cfg = config(tmp_path, tiny_models, clean[0], "node-lost", markers, "sources.0.max_samples=64", "teacher.concurrency=2",
+                         "teacher.num_cpus=1.5", "ddf_labeled.num_cpus=0.25", "teacher.engine.max_in_flight=4",
+                         f"ray.address={cluster.address}")
+            path = tmp_path / "node-lost.yaml"
+            path.write_text(to_yaml(cfg))
+            log = tmp_path / "node-lost.log"
+            t0 = time.time()
+            with log.open("w") as out:
+                proc = subprocess.Popen(casseat_cmd("synthesize", "--config", str(path), "--no-progress"), stdout=out, stderr=out,
+                                        start_new_session=True)
+            deadline, on_worker = time.time() + 600, None
+            while time.time() < deadline and proc.poll() is None:
+                if on_worker is None:
+                    on_worker = next((a["Pid"] for a in cluster.global_state.actor_table(None).values()
+                                      if "EngineStage" in a["ActorClassName"] and a["State"] == "ALIVE"
+                                      and a["Address"]["NodeID"] == worker.node_id), None)
+                answered = markers / f"requests-{on_worker}.log"
+                if on_worker is not None and answered.exists() and len(answered.read_text().splitlines()) >= 8:
+                    break
+                time.sleep(0.2)
+            assert proc.poll() is None and on_worker is not None, f"no teacher actor answered on the worker node: {log.read_text()[-2000:]}"
+            in_parts_at_removal = len(part_column(cfg.run_dir))
+            cluster.remove_node(worker, allow_graceful=False)
+            removed_at = time.time()
+            code = proc.wait(timeout=900)
+            seconds = time.time() - t0
+            assert code == 0, log.read_text()[-3000:]
+            engines = [a for a in cluster.global_state.actor_table(None).values() if "EngineStage" in a["ActorClassName"]]
+        finally:
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    stats = json.loads((cfg.run_dir / "stats.json").read_text())
+    starts = sorted(m.stat().st_mtime for m in markers.glob("start-*"))
+    computed = requests(markers)
+    ids = part_column(cfg.run_dir)
+    again = sorted(i for i, n in computed.items() if n > 1)
+    labeled = stats["stages"]["ddf_labeled"]
+    held = next(s for s in stage_specs(cfg) if s.name == "teacher")
+    later = [t for t in starts if t > removed_at]
+    figures.update(rows=64, nodes=2, actors=2, rows_in_parts_at_removal=in_parts_at_removal, engines_built=len(starts),
+                   engine_actors=len(engines), rows_recomputed=len(again),
+                   recovery_seconds=round(later[0] - removed_at, 1) if later else None, seconds=round(seconds, 1),
+                   duplicates=len(ids) - len(set(ids)), accepted=labeled["out"], rejected=sum(labeled["rejected"].values()))
+    assert stats["failed"] is None and labeled["in"] == 64 and labeled["out"] + sum(labeled["rejected"].values()) == 64
+    assert len(ids) == len(set(ids)) == 64 and sorted(computed) == list(range(64))  # every row once, none lost
+    assert len(starts) == 3  # the lost actor restarted once, on the head
+    assert len(again) <= held.in_flight_batches * held.batch_size  # re-work: the batches the lost actor held
+    assert as_in_reference(cfg.run_dir, reference)

@@ -26,6 +26,7 @@ from casseat_ray.config import to_yaml
 from casseat_ray.train import run as train_run
 from casseat_ray.train.run import read_metrics
 from tests.conftest import casseat_cmd, make_sft, train_config
+from tests.reliability.conftest import casseat
 
 pytestmark = pytest.mark.slow
 STEPS = 12  # 0.75 of an epoch of 32 samples at batch 2; checkpoints every 3 steps, the last 2 kept
@@ -226,17 +227,18 @@ def test_f13_a_worker_failing_every_attempt_ends_the_run_after_max_failures_plus
     watcher = Watcher()
     watcher.start()
     t0 = time.time()
+    path = tmp_path / "f13.yaml"
+    path.write_text(to_yaml(cfg))
     try:
-        with pytest.raises(Exception) as failed:
-            train_run.run(cfg, data=sft)
+        code, err = casseat("train", "--config", str(path), "--data", str(sft))  # the command, in this process
     finally:
         watcher.done.set()
         watcher.join()
-    text = str(failed.value)
-    figures.update(max_failures=1, attempts=len(watcher.seen), seconds=round(time.time() - t0, 1), error=text.strip().splitlines()[-1][:200])
+    line = next((x for x in err.splitlines() if x.startswith("error: ")), "")
+    figures.update(max_failures=1, attempts=len(watcher.seen), seconds=round(time.time() - t0, 1), exit_code=code, error=line[:200])
     assert len(watcher.seen) == 2  # max_failures + 1 worker groups, then no more
-    assert "SafetensorError" in text or "deserializing" in text, text[-2000:]  # the worker's own error, not a generic one
-    assert isinstance(failed.value, train_run.TrainingFailed) and "2 time(s) in a row (train.max_failures=1)" in text  # one line
+    assert code == 1 and line.startswith("error: training failed on worker 0, 2 time(s) in a row (train.max_failures=1): "), err[-2000:]
+    assert "SafetensorError" in line or "deserializing" in line, err[-2000:]  # the worker's own error, on the one line
 
 
 @pytest.mark.extended  # about 65 s
