@@ -45,8 +45,9 @@ def figures_dir() -> Path:
     return Path(os.environ.get("CASSEAT_RELIABILITY_DIR", ROOT / "out" / "reliability"))
 
 
-def collect(directory: Path) -> dict[str, dict]:
-    tests = "".join(p.read_text() for p in (ROOT / "tests" / "reliability").glob("test_*.py"))
+def collect(directory: Path, tests_dir: Path = ROOT / "tests" / "reliability") -> dict[str, dict]:
+    """Each case's record from ``directory``, or why it has none (its test in ``tests_dir`` not run, or no test)."""
+    tests = "".join(p.read_text() for p in tests_dir.glob("test_*.py"))
     cases = {}
     for case in CASES:
         path = directory / f"{case}.json"
