@@ -91,7 +91,10 @@ def _completion(c, n_prompt: int) -> Completion:
             key = lp.decoded_token or ""
             top[key] = max(top.get(key, float("-inf")), lp.logprob)
         tops.append(top)
-    return Completion(c.text, c.finish_reason, n_prompt, len(c.token_ids), tokens=tokens, top_logprobs=tops)
+    # vLLM ends a request it failed inside the engine with finish reason "error" and no message:
+    # give it one, so that ``error`` alone tells every caller a request failed
+    error = "the engine ended the request with an error" if c.finish_reason == "error" else None
+    return Completion(c.text, c.finish_reason, n_prompt, len(c.token_ids), error=error, tokens=tokens, top_logprobs=tops)
 
 
 def _over_context(e: Exception) -> bool:

@@ -54,7 +54,7 @@ class CascadeJudgement:
 
 
 def _failed(turn: dict) -> bool:
-    return bool(turn.get("error")) or turn.get("finish_reason") in ("error", PROMPT_TOO_LONG)
+    return bool(turn.get("error")) or turn.get("finish_reason") == "error"
 
 
 def _leaks(texts: list[str], phrases: list[str]) -> str | None:

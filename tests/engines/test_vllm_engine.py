@@ -122,3 +122,19 @@ def test_a_request_over_its_timeout_fails_alone_and_is_aborted_in_the_engine(tea
     while teacher_engine.llm.output_processor.has_unfinished_requests() and time.time() < deadline:
         time.sleep(0.1)
     assert not teacher_engine.llm.output_processor.has_unfinished_requests()  # the timed-out request was aborted
+
+
+def test_a_request_the_engine_ends_with_an_error_carries_a_message():
+    """vLLM's finish reason "error" comes without text; the completion gets one, so every
+    caller that checks ``error`` (modes, evaluation's retry, DDF level 2) sees the failure."""
+    from types import SimpleNamespace
+
+    from casseat_ray.engines.vllm import _completion
+    from casseat_ray.inference.modes import first_failure
+
+    out = SimpleNamespace(text="", finish_reason="error", token_ids=[], logprobs=None)
+    c = _completion(out, 7)
+    assert c.error and c.finish_reason == "error" and c.prompt_tokens == 7
+    row = dict(c1_finish=[c.finish_reason], c1_errors=[c.error], c2_finish=None, c2_errors=None)
+    assert first_failure(row) == ("engine_error", f"C1: {c.error}")
+    assert _completion(SimpleNamespace(text="ok", finish_reason="stop", token_ids=[1], logprobs=None), 7).error is None
