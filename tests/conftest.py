@@ -144,10 +144,14 @@ def _head_processes(temp_dir: str) -> list:
 
 
 def _stop_head(temp_dir: str) -> None:
-    """Terminate what a head started (its processes, see ``_head_processes``), then kill stragglers."""
+    """Stop what a head started (its processes, see ``_head_processes``)."""
+    _stop(_head_processes(temp_dir))
+
+
+def _stop(procs: list) -> None:
+    """Terminate ``procs``, then kill the stragglers."""
     import psutil
 
-    procs = _head_processes(temp_dir)
     for p in procs:
         try:
             p.terminate()
@@ -222,10 +226,7 @@ def ray_cluster(head_cpus: int, *node_cpus: int):
             with contextlib.suppress(psutil.Error):
                 if p.environ().get("RAY_RAYLET_PID") in raylets:
                     left.append(p)
-        _, alive = psutil.wait_procs(left, timeout=10)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        _stop(left)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

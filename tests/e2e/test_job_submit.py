@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, S3_ENV, ray_head_on_loopback
+from tests.conftest import ROOT, S3_ENV, ray_head_on_loopback
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
