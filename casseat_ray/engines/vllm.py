@@ -44,12 +44,15 @@ def to_vllm_messages(conversation: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": _to_vllm_parts(m["content"])} for m in conversation]
 
 
-def sampling_params(s: SamplingConfig):
+def sampling_params(s: SamplingConfig, seeded: bool = True):
+    """vLLM's SamplingParams for ``s``; ``seeded=False`` sends a sampled request without its
+    seed (see ``VLLMEngine``: vLLM's CPU build cannot run seeded sampling under load)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     structured = StructuredOutputsParams(choice=list(s.choice)) if s.choice else None
-    return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, n=s.n, seed=s.seed, stop=s.stop or None,
+    seed = s.seed if seeded or s.temperature == 0 else None
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, n=s.n, seed=seed, stop=s.stop or None,
                           structured_outputs=structured, logprobs=s.logprobs, output_kind=RequestOutputKind.FINAL_ONLY)
 
 
@@ -150,6 +153,14 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         self._one_adapter_at_a_time = engine.enable_lora and current_platform.is_cpu()
+        # vLLM 0.32 rewinds a seeded request's random generator when a step computes only part
+        # of its prompt (many prompts in flight, the step's token budget full), which a CPU
+        # generator cannot do: "RuntimeError: CPU Generator does not use offset" kills the
+        # engine, and the same batch kills its replacement. On CPU, sampled requests therefore
+        # go without their seed: their answers are not reproducible there (greedy ones are).
+        self._seeded = not current_platform.is_cpu()
+        if not self._seeded:
+            log.info("vLLM CPU build: sampled requests (temperature > 0) run without their per-request seed")
         self._turn = asyncio.Condition()
         self._active: tuple[str | None, int] = (None, 0)  # (adapter on the engine, its requests in flight)
         return llm
@@ -188,7 +199,7 @@ class VLLMEngine:
             messages = to_vllm_messages(conversation)
             _, (prompt,) = await self.llm.renderer.render_chat_async([messages], self._chat_params, self._tok_params)
             final = None
-            async for out in self.llm.generate(prompt, sampling_params(sampling), f"req-{next(self._ids)}", lora_request=self._lora(adapter)):
+            async for out in self.llm.generate(prompt, sampling_params(sampling, self._seeded), f"req-{next(self._ids)}", lora_request=self._lora(adapter)):
                 final = out
         except EngineDeadError as e:
             raise EngineDead(str(e)) from e

@@ -138,3 +138,14 @@ def test_a_request_the_engine_ends_with_an_error_carries_a_message():
     row = dict(c1_finish=[c.finish_reason], c1_errors=[c.error], c2_finish=None, c2_errors=None)
     assert first_failure(row) == ("engine_error", f"C1: {c.error}")
     assert _completion(SimpleNamespace(text="ok", finish_reason="stop", token_ids=[1], logprobs=None), 7).error is None
+
+
+def test_seeded_sampling_under_a_full_token_budget_keeps_the_engine_alive(teacher_engine, demo_rows):
+    """More sampled prompts in flight than one engine step's token budget holds: vLLM computes
+    some prompts over two steps, and on its CPU build a seeded request then kills the engine
+    ("CPU Generator does not use offset"). The engine sends sampled requests unseeded there."""
+    c1 = prompts.load("c1")
+    convs = [c1_conversation(r, c1) for r in demo_rows[:8]] * 8  # 64 prompts x n=2, past the 4,096-token step budget
+    outs = teacher_engine.chat(convs, SamplingConfig(n=2, temperature=1.0, max_tokens=8, seed=0))
+    assert all(len(o) == 2 and all(c.error is None for c in o) for o in outs)
+    assert not teacher_engine.llm.errored
