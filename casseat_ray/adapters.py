@@ -36,3 +36,15 @@ def adapter_problems(path: Path, key: str, student: str | None) -> tuple[list[st
     if base and student and Path(base).name != Path(student).name:
         problems.append(f"{key}: {path} was trained on {base!r}, not on the student {student!r}")
     return problems, meta
+
+
+def serving_engine(engine, adapter: Path):
+    """``engine`` (an EngineConfig) with LoRA on and a rank slot that fits ``adapter``: what
+    the student's engine needs to answer through that adapter."""
+    rank = adapter_config(adapter).get("r", 8)
+    return engine.model_copy(update={"enable_lora": True, "max_lora_rank": max(engine.max_lora_rank, lora_rank_slot(rank))})
+
+
+def lora_rank_slot(r: int) -> int:
+    """vLLM accepts max_lora_rank from a fixed set of sizes."""
+    return next(s for s in (8, 16, 32, 64, 128, 256, 320, 512) if s >= r)

@@ -332,6 +332,16 @@ Checkpoints (adapter, optimizer, scheduler, step) go to RAY.STORAGE_PATH/NAME ev
 train.checkpoint_every steps. A killed run continues with --resume, from the newest complete
 checkpoint (a torn one, cut short by the kill or a full disk, is passed over, and the log says
 so); reusing a name that has checkpoints without --resume is refused.
+
+train.loss=aft adds AFT's alignment term (right answers scored above wrong ones). With
+train.aft.samples=teacher it ranks the teacher's C1 samples the SFT set carries; with
+train.aft.samples=student it runs as the AFT paper does, in three resumable steps:
+  1. stage 1: plain NLL fine-tuning (Ray Train run NAME-aft-stage1, outputs in train/stage1/);
+  2. the stage-1 student samples train.aft.k answers per CoT/SEAT question on vLLM with its
+     adapter; DDF's scorer ranks them (parts in train/aft_samples/, the SFT set with the
+     student's answers in train/aft_sft/);
+  3. stage 2: NLL + alignment from the stage-1 adapter (train/adapter, as any run).
+summary.json's "aft" says which answers were ranked, with the sampling's figures.
 """
 
 EXPORT_HELP = """\
@@ -348,7 +358,7 @@ def cmd_train(args) -> int:
     if cfg is None:
         return EXIT_USAGE
     try:
-        summary = train_run.run(cfg, resume=args.resume, data=args.data)
+        summary = train_run.run(cfg, resume=args.resume, data=args.data, progress=not args.no_progress)
     except KeyboardInterrupt:
         print(f"\ninterrupted: rerun with --resume to continue from the last checkpoint in {cfg.ray.storage_path}", file=sys.stderr)
         return 130
@@ -358,6 +368,15 @@ def cmd_train(args) -> int:
     print(f"trained {summary['steps']} steps on {summary['samples']} samples "
           f"({summary['dropped_too_long']} too long, {summary['dropped_no_labels']} without labels and {summary['dropped_malformed']} "
           f"malformed dropped; {summary['skipped_nonfinite']} non-finite steps skipped); adapter: {summary['adapter']}")
+    sampled = summary.get("aft", {}).get("sampling")
+    if sampled:
+        print(f"AFT on the student's own answers: stage 1 {summary['aft']['stage1']['steps']} steps; {sampled['answers']} answers to "
+              f"{sampled['questions']} questions ({sampled['right']} right, {sampled['wrong']} wrong, {sampled['unusable']} unusable), "
+              f"{summary.get('aft_questions', 0)} questions with a better and a worse answer in stage 2")
+        failed = sum(sampled["failed"].values())
+        if failed:
+            print(f"{failed} question(s) could not be sampled ({sampled['failed']}): stage 2 trained them without the alignment term",
+                  file=sys.stderr)
     return EXIT_OK
 
 
@@ -545,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, option=True)
     p.add_argument("--resume", action="store_true", help="continue the run of this name from its last checkpoint")
     p.add_argument("--data", type=Path, help="SFT Parquet file or folder (default OUTPUT_DIR/NAME/sft)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (AFT's student sampling; logs, CI)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="check the adapter; optionally merge it into a full model", formatter_class=fmt, description=EXPORT_HELP)

@@ -83,6 +83,9 @@ def demands(cfg: Config) -> list[Demand]:
     if tr.data_cpus:  # each worker's rows are read and encoded by Ray Data tasks beside it
         out.append(Demand("train: Ray Data encoding task", {"CPU": tr.data_cpus}, max(tr.num_workers, 1)))
     e = cfg.evaluate
+    if cfg.student and tr.loss == "aft" and tr.aft.samples == "student":
+        out.append(Demand("train: AFT student sampling engine actor", _engine_unit(e.engine or cfg.student.engine, e.num_cpus, e.num_gpus, placement),
+                          e.concurrency))
     if e.benchmarks and cfg.student and any(m in e.models for m in ("base", "tuned")):
         out.append(Demand("evaluate: student engine actor", _engine_unit(e.engine or cfg.student.engine, e.num_cpus, e.num_gpus, placement), e.concurrency))
     if e.benchmarks and cfg.teacher and "teacher" in e.models:

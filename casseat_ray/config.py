@@ -120,7 +120,7 @@ class SamplingConfig(Section):
     top_p: float = F(1.0, "Nucleus sampling mass.", gt=0, le=1)
     max_tokens: int = F(1024, "New-token budget per turn (the method uses 1-2K; never as low as 128).", ge=1)
     n: int = F(1, "Completions per prompt.", ge=1)
-    seed: int | None = F(0, "Per-request seed, for reproducible sampling (None: random).")
+    seed: int | None = F(0, "Per-request seed, for reproducible sampling (None: random); vLLM's CPU build runs sampled requests (temperature > 0) without it.")
     stop: list[str] = F([], "Extra stop strings.")
     choice: list[str] | None = F(None, "Constrain every completion to exactly one of these strings (vLLM structured outputs).")
     logprobs: int | None = F(None, "Return the log-probabilities of this many top candidates per generated token (None: none).", ge=0)
@@ -234,6 +234,11 @@ class AFTConfig(Section):
     tau: float = F(1.0, "Boundary margin for the boundary variant.", ge=0)
     weight: float = F(1.0, "Weight of the alignment term added to the token NLL.", ge=0)
     ranking: bool = F(False, "Use every better/worse pair of a ranked list instead of positives vs negatives.")
+    samples: Literal["teacher", "student"] = F("teacher", "Whose answers the alignment term ranks. teacher: the teacher's C1 samples recorded by synthesis (synthesis.cot_samples > 1). student: as the AFT paper runs it, in two stages: stage 1 plain NLL fine-tuning, then the stage-1 student (its adapter on the student's vLLM engine: evaluate.engine or student.engine, evaluate.concurrency / num_cpus / num_gpus / batch_size) samples k answers per CoT or SEAT question, DDF's scorer ranks them, and stage 2 trains NLL + alignment starting from the stage-1 adapter.")
+    k: int = F(4, "samples=student: answers the stage-1 student samples per question.", ge=2)
+    temperature: float = F(1.0, "samples=student: sampling temperature of those answers.", gt=0)
+    max_tokens: int = F(1024, "samples=student: new-token budget per sampled answer (one cut off at it ranks as no usable answer).", ge=1)
+    stage1_epochs: float | None = F(None, "samples=student: passes over the SFT set in stage 1 (None: train.epochs); stage 2 runs train.epochs (train.max_steps caps each stage).", gt=0)
 
 
 class TrainConfig(Section):

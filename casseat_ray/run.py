@@ -93,9 +93,10 @@ def _train(cfg: Config, fresh: bool, progress: bool) -> dict:
     from casseat_ray.train import run as train_run
 
     if fresh:  # a redo starts from the new SFT set, not from the old run's checkpoints
-        storage.delete(train_run.checkpoint_dir(cfg))
+        for name in train_run.run_names(cfg):
+            storage.delete(train_run.checkpoint_dir(cfg, name))
         shutil.rmtree(train_run.train_dir(cfg), ignore_errors=True)
-    return train_run.run(cfg, resume=train_run.has_checkpoints(cfg))
+    return train_run.run(cfg, resume=train_run.has_checkpoints(cfg), progress=progress)
 
 
 def _evaluate(cfg: Config, fresh: bool, progress: bool) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from casseat_ray import parts as partstore
 from casseat_ray import storage
-from casseat_ray.adapters import adapter_config, adapter_problems, adapter_weights
+from casseat_ray.adapters import adapter_problems, adapter_weights, serving_engine
 from casseat_ray.config import Config, ConfigError, PlacementConfig
 from casseat_ray.evaluate.items import expand_batch
 from casseat_ray.inference.modes import RESULT_FIELDS, ModeCall, first_failure, run_mode
@@ -50,15 +50,7 @@ def check_adapter(cfg: Config) -> list[str]:
 def student_engine(cfg: Config):
     """The student's engine config, with LoRA on (and a rank that fits the adapter) for 'tuned'."""
     engine = cfg.evaluate.engine or cfg.student.engine
-    if "tuned" not in cfg.evaluate.models:
-        return engine
-    rank = adapter_config(adapter_path(cfg)).get("r", 8)
-    return engine.model_copy(update={"enable_lora": True, "max_lora_rank": max(engine.max_lora_rank, _lora_rank_slot(rank))})
-
-
-def _lora_rank_slot(r: int) -> int:
-    """vLLM accepts max_lora_rank from a fixed set of sizes."""
-    return next(s for s in (8, 16, 32, 64, 128, 256, 320, 512) if s >= r)
+    return serving_engine(engine, adapter_path(cfg)) if "tuned" in cfg.evaluate.models else engine
 
 
 def extract_prompt(cfg: Config):

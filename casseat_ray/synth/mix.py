@@ -55,6 +55,8 @@ def _sft(row: dict, kind: str, messages: list[dict], loss_on: str) -> dict:
         "loss_on": loss_on,
         "source": row.get("source"),
         "answer": row.get("answer"),
+        "choices": list(row.get("choices") or []),
+        "precision": row.get("precision"),
     }
 
 

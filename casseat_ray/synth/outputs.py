@@ -34,6 +34,8 @@ SFT_SCHEMA = pa.schema([
     pa.field("source", pa.string()),
     pa.field("answer", pa.string()),
     pa.field("answer_type", pa.string()),
+    pa.field("choices", pa.list_(pa.string())),  # with answer and precision: what scores an answer to the question
+    pa.field("precision", pa.int32()),
     pa.field("verdict", pa.string()),
     pa.field("teacher_model", pa.string()),
     pa.field("teacher_sampling", pa.string()),
@@ -263,7 +265,7 @@ def dataset_card(cfg: Config, stats: dict, ps: dict) -> str:
         "## Files",
         "",
         "- `sft/*.parquet`: id, sample_id, source_id (the source's own id of the question), kind (cot | self_eval | seat), messages (`<image>` marks the image), images (bytes), "
-        "loss_on (all | last), provenance (teacher, sampling, prompt hashes), responses, responses_correct and responses_rank (every C1 sample with its feedback, for AFT).",
+        "loss_on (all | last), answer, answer_type, choices and precision (what scores an answer to the question), provenance (teacher, sampling, prompt hashes), responses, responses_correct and responses_rank (every C1 sample with its feedback, for AFT).",
         "- `rejects.parquet`: every dropped row with its sample_id and source_id, stage, reason and detail.",
         "- `stats.json`, `funnel.png`, `config.yaml` (the resolved config).",
         "- `export/llamafactory`, `export/swift`: the same samples for LLaMA-Factory and ms-swift.",

@@ -53,31 +53,40 @@ def storage_root(cfg: Config) -> str:
     return path if storage.is_uri(path) else str(Path(path).expanduser().resolve())
 
 
-def checkpoint_dir(cfg: Config) -> str:
-    """Where Ray Train keeps this run's checkpoints."""
-    return storage.join(storage_root(cfg), cfg.name)
+def checkpoint_dir(cfg: Config, name: str | None = None) -> str:
+    """Where Ray Train keeps the checkpoints of the run ``name`` (default: the run's own)."""
+    return storage.join(storage_root(cfg), name or cfg.name)
 
 
-def checkpoint_names(cfg: Config) -> list[str]:
-    """The run's checkpoint folders, oldest first."""
-    return checkpoints.folder_names(storage.list_names(checkpoint_dir(cfg)))
+def run_names(cfg: Config) -> list[str]:
+    """The Ray Train runs of this training: AFT on the student's answers has a stage-1 run."""
+    from casseat_ray.train import aft
+
+    return [aft.stage1_name(cfg), cfg.name] if aft.student_samples(cfg) else [cfg.name]
+
+
+def checkpoint_names(cfg: Config, name: str | None = None) -> list[str]:
+    """The checkpoint folders of the run ``name``, oldest first."""
+    return checkpoints.folder_names(storage.list_names(checkpoint_dir(cfg, name)))
 
 
 def has_checkpoints(cfg: Config) -> bool:
-    return bool(checkpoint_names(cfg))
+    """Whether any run of this training has written a checkpoint."""
+    return any(checkpoint_names(cfg, n) for n in run_names(cfg))
 
 
-def newest_checkpoint(cfg: Config) -> str | None:
-    names = checkpoint_names(cfg)
-    return storage.join(checkpoint_dir(cfg), names[-1]) if names else None
+def newest_checkpoint(cfg: Config, name: str | None = None) -> str | None:
+    names = checkpoint_names(cfg, name)
+    return storage.join(checkpoint_dir(cfg, name), names[-1]) if names else None
 
 
 def check_run_name(cfg: Config, resume: bool) -> str:
     """Ray Train resumes any run whose name it finds in storage; a new run must not
     silently continue an old one."""
-    if not resume and has_checkpoints(cfg):
-        raise ConfigError(f"train run {cfg.name!r} already has checkpoints in {checkpoint_dir(cfg)}; pass --resume to continue it, "
-                          "or choose another name=")
+    for name in run_names(cfg):
+        if not resume and checkpoint_names(cfg, name):
+            raise ConfigError(f"train run {name!r} already has checkpoints in {checkpoint_dir(cfg, name)}; pass --resume to continue it, "
+                              "or choose another name=")
     return storage_root(cfg)
 
 
@@ -97,24 +106,66 @@ def check_init_adapter(cfg: Config) -> None:
 
 
 @storage.mirrors_run_dir
-def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def run(cfg: Config, resume: bool = False, data: str | Path | None = None, progress: bool = True) -> dict:
+    """Train the student (or resume training it); returns the summary. With AFT on the
+    student's own answers, the three steps of ``train.aft``: stage 1, sampling, stage 2."""
     from casseat_ray.runtime import init_ray
-    from casseat_ray.train.loop import train_loop_per_worker
-    from casseat_ray.train.stream import RankSplit
+    from casseat_ray.train import aft
 
     if cfg.student is None:
         raise ConfigError("train needs student.model")
     check_init_adapter(cfg)
     cfg = with_absolute_models(cfg)
     path = sft_path(cfg, data)
-    root = check_run_name(cfg, resume)
+    if aft.student_samples(cfg):
+        check_scorable(path)
+    check_run_name(cfg, resume)
     out = train_dir(cfg).resolve()
-    out_uri = storage.join(cfg.run_uri, "train") if cfg.run_uri else None
-    t = cfg.train
     init_ray(cfg.ray, worker_output=True)  # the workers print the progress lines
+    if not aft.student_samples(cfg):
+        summary = fit(cfg, path, cfg.name, out)
+        if cfg.train.loss == "aft":
+            summary["aft"] = {"samples": "teacher"}
+            _write_summary(out, summary)
+        return summary
+    stage1 = aft.read_summary(out / aft.STAGE1_DIR)  # a finished stage 1 is kept
+    if stage1 is None:
+        stage1 = fit(aft.stage1_config(cfg), path, aft.stage1_name(cfg), out / aft.STAGE1_DIR, "train/stage1")
+    adapter = Path(stage1["adapter"])
+    sampled = aft.sample(cfg, path, adapter, out, progress)
+    summary = fit(aft.stage2_config(cfg, adapter), Path(sampled["sft"]), cfg.name, out)
+    summary["aft"] = {"samples": "student", "stage1": {k: stage1[k] for k in ("steps", "samples", "adapter")}, "sampling": sampled}
+    _write_summary(out, summary)
+    return summary
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def check_scorable(path: Path) -> None:
+    """AFT on the student's answers scores them: the SFT set must say how (choices, precision)."""
+    import pyarrow.dataset as pads
+
+    names = set(pads.dataset(str(path), format="parquet").schema.names)
+    missing = [c for c in ("answer", "answer_type", "choices", "precision") if c not in names]
+    if missing:
+        raise ConfigError(f"{path}: train.aft.samples=student scores the student's answers, but the SFT set has no "
+                          f"{', '.join(missing)} column(s); rerun `casseat synthesize` (its SFT set carries them) or use train.aft.samples=teacher")
+
+
+def fit(cfg: Config, path: Path, name: str, out: Path, subdir: str = "train") -> dict:
+    """One Ray Train run named ``name`` (continued by Ray Train when storage holds it) on the
+    SFT set at ``path``; its adapter, metrics, loss
+    curve and summary go to ``out`` (and to ``RUN_URI/subdir`` with a URI output)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from casseat_ray.train.loop import train_loop_per_worker
+    from casseat_ray.train.stream import RankSplit
+
+    out_uri = storage.join(cfg.run_uri, subdir) if cfg.run_uri else None
+    t = cfg.train
     plan = plan_run(cfg, path)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -122,7 +173,7 @@ def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> di
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan.to_dict(), "out_dir": str(out), "out_uri": out_uri},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(
-            name=cfg.name, storage_path=root,
+            name=name, storage_path=storage_root(cfg),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
@@ -133,7 +184,7 @@ def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> di
     try:
         result = trainer.fit()  # raises the run's error once Ray Train gives up
     except Exception as exc:
-        failure = training_failure(exc, t.max_failures, newest_checkpoint(cfg))
+        failure = training_failure(exc, t.max_failures, newest_checkpoint(cfg, name))
         if failure is exc:
             raise
         raise failure from exc
@@ -141,18 +192,19 @@ def run(cfg: Config, resume: bool = False, data: str | Path | None = None) -> di
         storage.copy_tree(out_uri, out)
     summary = json.loads((out / "summary.json").read_text())
     summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    loss_curve(out / "metrics.jsonl", out / "loss.png", cfg.name)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["init_adapter"] = t.init_adapter
+    loss_curve(out / "metrics.jsonl", out / "loss.png", name)
+    _write_summary(out, summary)
     return summary
 
 
-def read_sft(path: Path, t):
-    """The SFT set as a Ray dataset whose read tasks ask for the CPUs of the encoding tasks,
-    so that Ray Data fuses read and encode into one task and the pair fits beside the
-    workers (a read task asks for a whole CPU by default)."""
+def read_sft(path: Path, t, columns: list[str] | None = None):
+    """The SFT set (``columns`` of it) as a Ray dataset whose read tasks ask for the CPUs of
+    the encoding tasks, so that Ray Data fuses read and encode into one task and the pair fits
+    beside the workers (a read task asks for a whole CPU by default)."""
     import ray.data
 
-    return ray.data.read_parquet(str(path), num_cpus=t.data_cpus)
+    return ray.data.read_parquet(str(path), columns=columns, num_cpus=t.data_cpus)
 
 
 def plan_run(cfg: Config, path: Path):

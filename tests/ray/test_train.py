@@ -200,3 +200,61 @@ def test_a_run_starts_from_an_existing_adapter(tmp_path, tiny_models, sft, two_w
     with pytest.raises(ConfigError, match="rank 8 and alpha 16; student.lora asks for rank 4"):
         train_run.run(other, data=sft)
     assert not train_run.train_dir(other).exists()
+
+
+def test_aft_on_the_students_own_answers_runs_in_two_stages(tmp_path, tiny_models, sft, ray_session):
+    import pyarrow.parquet as pq
+
+    from casseat_ray.answers import score
+    from casseat_ray.train import aft
+
+    # The format-trained tiny teacher plays the student, so that its samples carry answers; at
+    # temperature 1.5 some are right, more wrong or unusable (at 1.0 its four samples are one
+    # text); ranking=True also pairs a wrong answer with an unusable one.
+    cfg = _cfg(tmp_path, tiny_models, "aft-student", loss="aft", epochs=1,
+               aft=dict(samples="student", k=4, temperature=1.5, max_tokens=48, ranking=True, stage1_epochs=1))
+    cfg.student.model = str(tiny_models["teacher"])
+    # an SFT set written before it carried choices cannot be scored: refused before any work
+    old = tmp_path / "old-sft"
+    old.mkdir()
+    pq.write_table(pq.read_table(sft).drop_columns(["choices", "precision"]), old / "sft-00000.parquet")
+    with pytest.raises(ConfigError, match="no choices, precision column"):
+        train_run.run(cfg, data=old)
+    assert not train_run.train_dir(cfg).exists()
+
+    summary = train_run.run(cfg, data=sft, progress=False)
+    out = train_run.train_dir(cfg)
+    stage1 = aft.read_summary(out / aft.STAGE1_DIR)
+    assert summary["aft"]["samples"] == "student" and summary["aft"]["stage1"]["adapter"] == stage1["adapter"]
+    assert stage1["steps"] == summary["steps"] == 16 and "aft_questions" not in stage1  # 32 samples / 2 per step, 1 epoch each
+    assert not any(r.get("align_loss") for r in read_metrics(out / aft.STAGE1_DIR / "metrics.jsonl"))
+    # stage 2 started from the stage-1 adapter (how a run loads one: test_a_run_starts_from_an_existing_adapter)
+    assert summary["init_adapter"] == stage1["adapter"]
+    # every CoT question got k answers from the student, scored by DDF's rule; the
+    # self-evaluation samples none; everything else is the SFT set as it was
+    before = {r["id"]: r for r in pq.read_table(sft).to_pylist()}
+    after = {r["id"]: r for r in pq.read_table(out / aft.SFT_DIR).to_pylist()}
+    assert sorted(after) == sorted(before)
+    pairs = 0
+    for rid, r in after.items():
+        assert {k: v for k, v in r.items() if not k.startswith("responses")} == {k: v for k, v in before[rid].items() if not k.startswith("responses")}
+        if r["kind"] == "self_eval":
+            assert r["responses"] == []
+            continue
+        assert len(r["responses"]) == 4 and r["responses"] != before[rid]["responses"]
+        for text, correct, rank in zip(r["responses"], r["responses_correct"], r["responses_rank"]):
+            s = score(text, r)
+            assert correct == s.correct and (rank == 0) == s.correct and (rank == 1) <= (s.extraction is not None)
+        pairs += len(set(r["responses_rank"])) > 1
+    sampled = summary["aft"]["sampling"]
+    assert sampled["questions"] == sampled["asked"] == 16 and sampled["answers"] == 64 and sampled["failed"] == {}
+    assert sampled["right"] + sampled["wrong"] + sampled["unusable"] == 64 and sampled["right"] > 0
+    assert summary["aft_questions"] == pairs > 0
+    aligned = [r["align_loss"] for r in read_metrics(out / "metrics.jsonl") if r["align_loss"] is not None]
+    assert aligned and all(a > 0 for a in aligned)
+    # a rerun with --resume keeps stage 1 and the samples (no engine is started) and finds
+    # stage 2 finished
+    stamp = (out / aft.STAGE1_DIR / "summary.json").stat().st_mtime_ns
+    again = train_run.run(cfg, resume=True, data=sft, progress=False)
+    assert again["aft"]["sampling"]["asked"] == 0 and again["aft"]["sampling"]["questions"] == 16
+    assert (out / aft.STAGE1_DIR / "summary.json").stat().st_mtime_ns == stamp
