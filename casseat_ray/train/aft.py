@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -25,10 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from casseat_ray import parts as partstore
-from casseat_ray.config import Config, PlacementConfig, SamplingConfig
+from casseat_ray.config import Config, ConfigError, PlacementConfig, SamplingConfig
 from casseat_ray.engines import failure_reason, image_part
 from casseat_ray.rows import REJECT_FIELDS
 
+log = logging.getLogger(__name__)
 STAGE1_DIR, SAMPLES_DIR, SFT_DIR = "stage1", "aft_samples", "aft_sft"
 RESPONSE_FIELDS = [
     pa.field("responses", pa.list_(pa.string())),
@@ -132,7 +134,7 @@ def fingerprint(cfg: Config, sft: Path, adapter: Path) -> dict:
 
     weights = adapter_weights(adapter)
     return partstore.fingerprint(cfg, (), extra={
-        "student.model": cfg.student.model, "aft": cfg.train.aft.model_dump(mode="json"), "seed": cfg.train.seed,
+        "student.model": cfg.student.model, "sampling": sampling(cfg).model_dump(mode="json"),
         "adapter": {"path": str(adapter.resolve()), "bytes": weights.stat().st_size, "mtime": int(weights.stat().st_mtime)},
         "sft_files": partstore.files_stamp([sft]),
     })
@@ -150,7 +152,11 @@ def sample(cfg: Config, sft: Path, adapter: Path, out: Path, progress: bool = Tr
     t0 = time.perf_counter()
     e = cfg.evaluate
     stamp = fingerprint(cfg, sft, adapter)
-    parts = partstore.prepare(out / SAMPLES_DIR, stamp, False, str(out / SAMPLES_DIR))
+    try:
+        parts = partstore.prepare(out / SAMPLES_DIR, stamp, False, str(out / SAMPLES_DIR))
+    except ConfigError as e:  # answers of another adapter, set or sampling are of no use: ask again
+        log.warning("%s; sampling again", e.args[0].split("; rerun")[0])
+        parts = partstore.prepare(out / SAMPLES_DIR, stamp, True, str(out / SAMPLES_DIR))
     done = partstore.done_ids(parts, "id", retry=RETRY_REASONS)
     work = (read_sft(sft, cfg.train, WORK_COLUMNS)
             .map_batches(questions, batch_format="pyarrow", fn_kwargs={"done": done}, num_cpus=0.1)
