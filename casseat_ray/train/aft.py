@@ -140,6 +140,16 @@ def fingerprint(cfg: Config, sft: Path, adapter: Path) -> dict:
     })
 
 
+def samples_parts(work: Path, stamp: dict) -> Path:
+    """The sampling's parts folder; parts of another adapter, SFT set or sampling are of no
+    use, so they are dropped (and said) rather than refused."""
+    try:
+        return partstore.prepare(work, stamp, False, str(work))
+    except ConfigError as e:
+        log.warning("%s; sampling again", e.args[0].split("; rerun")[0])
+        return partstore.prepare(work, stamp, True, str(work))
+
+
 def sample(cfg: Config, sft: Path, adapter: Path, out: Path, progress: bool = True) -> dict:
     """Step 2: the stage-1 student's answers for every question of ``sft`` not yet in a part,
     then the SFT copy with them (``out/aft_sft``); returns the step's figures."""
@@ -152,11 +162,7 @@ def sample(cfg: Config, sft: Path, adapter: Path, out: Path, progress: bool = Tr
     t0 = time.perf_counter()
     e = cfg.evaluate
     stamp = fingerprint(cfg, sft, adapter)
-    try:
-        parts = partstore.prepare(out / SAMPLES_DIR, stamp, False, str(out / SAMPLES_DIR))
-    except ConfigError as e:  # answers of another adapter, set or sampling are of no use: ask again
-        log.warning("%s; sampling again", e.args[0].split("; rerun")[0])
-        parts = partstore.prepare(out / SAMPLES_DIR, stamp, True, str(out / SAMPLES_DIR))
+    parts = samples_parts(out / SAMPLES_DIR, stamp)
     done = partstore.done_ids(parts, "id", retry=RETRY_REASONS)
     work = (read_sft(sft, cfg.train, WORK_COLUMNS)
             .map_batches(questions, batch_format="pyarrow", fn_kwargs={"done": done}, num_cpus=0.1)

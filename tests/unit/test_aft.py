@@ -43,3 +43,16 @@ def test_the_stages_and_what_the_cluster_must_hold():
     names = [d.what for d in cluster.demands(cfg)]
     assert "train: AFT student sampling engine actor" in names
     assert "train: AFT student sampling engine actor" not in [d.what for d in cluster.demands(load_config(BIG, ["train.packing=false"]))]
+
+
+def test_samples_of_another_adapter_are_dropped_not_refused(tmp_path, caplog):
+    import pyarrow as pa
+
+    from casseat_ray import parts as partstore
+
+    parts = aft.samples_parts(tmp_path / "s", {"adapter": "one"})
+    partstore.record_stamp(parts, {"adapter": "one"})
+    partstore.write_part(parts, pa.table({"id": ["q1"], "reject_reason": pa.nulls(1, pa.string())}), "id")
+    assert aft.samples_parts(tmp_path / "s", {"adapter": "one"}) == parts and partstore.done_ids(parts, "id") == {"q1"}
+    aft.samples_parts(tmp_path / "s", {"adapter": "two"})
+    assert partstore.done_ids(parts, "id") == set() and "changed: adapter" in caplog.text
