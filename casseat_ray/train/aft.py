@@ -73,11 +73,9 @@ def prompt_conversation(row: dict) -> list[dict]:
     """The engine conversation of an SFT sample's turns before its first assistant turn: what
     the student is asked, exactly as it was trained on it (``<image>`` markers become the
     row's images, in order)."""
-    from casseat_ray.train.collate import to_conversation
+    from casseat_ray.train.collate import prompt_turns, to_conversation
 
-    messages = list(row["messages"])
-    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
-    conv = to_conversation(messages[:first])
+    conv = to_conversation(prompt_turns(list(row["messages"])))
     images = iter(row.get("images") or [])
     for m in conv:
         m["content"] = [image_part(next(images)) if p["type"] == "image" else p for p in m["content"]]

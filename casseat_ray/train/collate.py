@@ -69,6 +69,12 @@ def to_conversation(messages: list[dict]) -> list[dict]:
     return conv
 
 
+def prompt_turns(messages: list[dict]) -> list[dict]:
+    """The turns before the first assistant turn: what the model is asked (all of them when
+    no assistant turn follows)."""
+    return messages[: next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))]
+
+
 def label_turns(messages: list[dict], loss_on: str, label_mode: str) -> list[int]:
     """Indices of the assistant messages that carry loss.
 
@@ -231,8 +237,7 @@ def encode_responses(row: dict, processor) -> list[Encoded]:
     candidates are scored once, with its CoT sample."""
     if row.get("kind") == "self_eval" or not row.get("responses"):
         return []
-    messages = list(row["messages"])
-    prompt = messages[: next(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+    prompt = prompt_turns(list(row["messages"]))
     return [encode({**row, "messages": prompt + [{"role": "assistant", "content": text}], "loss_on": "all"}, processor, "all_assistant")
             for text in row["responses"]]
 

@@ -80,14 +80,13 @@ def newest_checkpoint(cfg: Config, name: str | None = None) -> str | None:
     return storage.join(checkpoint_dir(cfg, name), names[-1]) if names else None
 
 
-def check_run_name(cfg: Config, resume: bool) -> str:
+def check_run_name(cfg: Config, resume: bool) -> None:
     """Ray Train resumes any run whose name it finds in storage; a new run must not
     silently continue an old one."""
     for name in run_names(cfg):
         if not resume and checkpoint_names(cfg, name):
             raise ConfigError(f"train run {name!r} already has checkpoints in {checkpoint_dir(cfg, name)}; pass --resume to continue it, "
                               "or choose another name=")
-    return storage_root(cfg)
 
 
 def check_init_adapter(cfg: Config) -> None:

@@ -204,7 +204,7 @@ def _processor(model: str):
 
 def measure_batch(batch, model: str, train: dict) -> dict:
     """Ray Data UDF: one row of numbers per SFT row (see :func:`plan`)."""
-    from casseat_ray.train.collate import BadSample, NoLabels, measure
+    from casseat_ray.train.collate import BadSample, NoLabels, measure, prompt_turns
     from casseat_ray.train.losses import response_ranks
 
     t, processor = TrainConfig.model_validate(train), _processor(model)
@@ -216,7 +216,7 @@ def measure_batch(batch, model: str, train: dict) -> dict:
         try:
             tokens, labels = measure(r, processor, t.label_mode)
             if t.loss == "aft" and r.get("kind") != "self_eval" and r.get("responses"):
-                prompt = r["messages"][: next(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")]
+                prompt = prompt_turns(r["messages"])
                 ranks = response_ranks(r, t.aft.ranking)
                 fits = [measure({**r, "messages": prompt + [{"role": "assistant", "content": x}], "loss_on": "all"}, processor,
                                 "all_assistant")[0] <= t.cutoff_len for x in r["responses"]]
