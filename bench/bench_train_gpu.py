@@ -4,7 +4,7 @@ torch, transformers and peft): tokens/s, peak memory and MFU.
 The model is Qwen2-VL-2B's architecture (published config values below) with random bf16
 weights; each sample is one 448x448 image (256 merged image tokens) followed by text up to
 ``--seq`` tokens. The step is the project's own: ``build_model``'s LoRA placement (language
-model linear layers, vision frozen), AdamW, clipping. MFU divides the model FLOPs of a LoRA
+model linear layers, vision frozen; fp32 adapter weights) under ``mixed_precision``'s bf16 autocast, AdamW, clipping. MFU divides the model FLOPs of a LoRA
 step by the bf16 matmul rate measured on the same device in the same run:
 4 x N_lm (linear-layer weights, lm_head included) per text/image token (forward + activation gradients; frozen weights need no weight
 gradients), plus 4 x layers x seq x hidden for causal attention, plus 2 x N_vision per
@@ -77,7 +77,7 @@ def main() -> None:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from casseat_ray.config import Config
-    from casseat_ray.train.loop import build_model
+    from casseat_ray.train.loop import build_model, mixed_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
@@ -108,7 +108,8 @@ def main() -> None:
     batch = {k: t.to(device) for k, t in batch.items()}
 
     def step():
-        loss = model(**batch, use_cache=False).loss
+        with mixed_precision(device, dtype):
+            loss = model(**batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -84,7 +84,9 @@ def load_adapter(model, path: Path) -> None:
 
 def build_model(cfg: Config, dtype):
     """The student with LoRA on its language model; vision tower frozen unless configured."""
+    import torch
     from peft import LoraConfig as PeftLora, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoModelForImageTextToText
 
     lora = cfg.student.lora
@@ -95,6 +97,13 @@ def build_model(cfg: Config, dtype):
         modules_to_save=[n.rsplit(".", 1)[-1] for n in projector] or None, task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_cfg)
+    if dtype != torch.float32:
+        # LoRA weights stay fp32 (peft's default: precise optimizer updates) and the step runs
+        # under autocast (``mixed_precision``): peft must not upcast the bf16 activations to
+        # them, or every adapter matmul runs in fp32 behind two copies
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
     if cfg.train.init_adapter:
         load_adapter(model, Path(cfg.train.init_adapter))
     if not lora.freeze_vision:
@@ -105,6 +114,17 @@ def build_model(cfg: Config, dtype):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def mixed_precision(device, dtype):
+    """The context every forward pass of a ``build_model`` student runs in: autocast to the
+    weights' dtype when that is not fp32 (matmuls in bf16, fp32 LoRA weights and their
+    gradients), nothing otherwise."""
+    import torch
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def rope_index(model):
@@ -213,7 +233,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(t.seed)  # identical LoRA init on every rank
     processor = AutoProcessor.from_pretrained(cfg.student.model)
-    model = build_model(cfg, _dtype(cfg, device.type == "cuda"))
+    dtype = _dtype(cfg, device.type == "cuda")
+    model = build_model(cfg, dtype)
     fsdp = t.strategy == "fsdp" and distributed
     if fsdp:  # FSDP2 directly (Ray Train's prepare_model offers FSDP on GPUs only)
         model = shard_model(model, device)
@@ -303,7 +324,7 @@ def train_loop_per_worker(config: dict) -> None:
             if fsdp:
                 model.set_requires_gradient_sync(sync)
             ctxm = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
-            with ctxm:
+            with ctxm, mixed_precision(device, dtype):
                 if groups:
                     labels = batch.pop("labels")
                     logits = model(**batch, use_cache=False).logits

@@ -154,3 +154,37 @@ def test_a_saved_llava_has_the_hub_layout_vllm_loads(family_students, tmp_path):
     hub_layout(shard)
     assert sorted(json.loads((shard / "model.safetensors.index.json").read_text())["weight_map"]) == [
         "language_model.model.w", "vision_tower.vision_model.encoder.w"]
+
+
+def test_bf16_training_runs_the_adapters_in_bf16_and_keeps_their_weights_fp32(family_students, demo_rows, tmp_path):
+    """At bf16 (the GPU default) the LoRA weights stay fp32, for precise optimizer updates, but
+    their matmuls take the bf16 activations under ``mixed_precision``: no fp32 copy of every
+    layer's input, no fp32 matmul. The loss matches the fp32 model's to bf16's precision."""
+    from transformers import AutoProcessor
+
+    from casseat_ray.train.loop import mixed_precision
+
+    path = family_students["qwen2_vl"]
+    processor = AutoProcessor.from_pretrained(path)
+    cfg = train_config(tmp_path, {"student": path}, "bf16")
+    batch = collate([encode(_sample(demo_rows[1], "self_eval"), processor)], processor.tokenizer.pad_token_id)
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    reference = build_model(cfg, torch.float32)
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.bfloat16)
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+             for n, m in model.named_modules() if n.endswith("lora_A.default")]
+    with mixed_precision(cpu, torch.bfloat16):
+        loss = model(**batch, use_cache=False).loss
+    for h in hooks:
+        h.remove()
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora.values())
+    with mixed_precision(cpu, torch.float32), torch.no_grad():  # fp32: no autocast at all
+        ref = reference(**batch, use_cache=False).loss
+    assert abs(loss.item() - ref.item()) < 0.05 * ref.item()
