@@ -220,7 +220,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from casseat_ray.train.collate import aft_rows, collate, collate_packed, rope_positions
     from casseat_ray.train.losses import aft_loss
-    from casseat_ray.train.stream import Plan, epoch_windows, shard_rows, steps, worker_samples
+    from casseat_ray.train.stream import Plan, epoch_windows, first_sample, shard_rows, steps, worker_samples
 
     cfg = Config.model_validate(config["cfg"])
     plan = Plan.from_dict(config["plan"])
@@ -296,6 +296,7 @@ def train_loop_per_worker(config: dict) -> None:
                 step += 1
 
     pad = processor.tokenizer.pad_token_id
+    spare = None  # the last sample this worker trained on (see the empty micro-batch below)
     model.train()
     t0 = time.perf_counter()
     for step, epoch, micro in step_batches():  # t0..now: waiting for the step's data counts too
@@ -308,10 +309,19 @@ def train_loop_per_worker(config: dict) -> None:
                               device=device)
         if distributed:
             dist.all_reduce(counts)
-        num_tokens, num_groups = counts[0], counts[1].clamp_min(1)
+        num_tokens, num_groups = counts[0].clamp_min(1), counts[1].clamp_min(1)
         losses, aligns, tokens, samples = [], [], 0, 0
         for k, members in enumerate(micro):
             refs = [e for m in members for _, e, _ in m]
+            weight = 1.0
+            if refs:
+                spare = refs[0]
+            elif not distributed:  # every sample of the micro-batch failed to encode
+                continue
+            else:  # the other workers wait for this one's gradients: a zero-weight pass over a
+                # sample it already has keeps every worker in the step's collectives
+                spare = spare or first_sample(shard, rope)
+                members, weight = [[("", spare, None)]], 0.0
             groups = []
             if t.packing:
                 batch = collate_packed([[e for _, e, _ in m] for m in members], pad)
@@ -332,11 +342,11 @@ def train_loop_per_worker(config: dict) -> None:
                     aligns.append(align.detach().float())
                 else:
                     loss = model(**batch, use_cache=False, num_items_in_batch=num_tokens).loss
-                (loss * world).backward()
-            losses.append(loss.detach().float())
+                (loss * (world * weight)).backward()
+            losses.append(loss.detach().float() * weight)
             tokens += sum(len(e) for e in refs)
             samples += len(refs)
-        step_loss = torch.stack(losses).sum()  # this worker's share of the step's loss
+        step_loss = torch.stack(losses).sum() if losses else torch.zeros((), device=device)  # this worker's share
         bad = torch.tensor([0.0 if torch.isfinite(step_loss) else 1.0], device=device)
         stats = torch.tensor([step_loss.item() if not bad.item() else 0.0, float(tokens), float(samples),
                               float(torch.stack(aligns).sum()) if aligns else 0.0], device=device)
@@ -349,6 +359,9 @@ def train_loop_per_worker(config: dict) -> None:
             if t.nonfinite == "stop":
                 raise FloatingPointError(f"non-finite loss at step {step + 1} (train.nonfinite=stop)")
             grad_norm = float("nan")
+        elif not stats[2].item():  # no worker had a sample that encoded: nothing to learn from
+            optimizer.zero_grad(set_to_none=True)
+            grad_norm = None
         else:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")))
             optimizer.step()
@@ -357,7 +370,7 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.step()
         seconds = time.perf_counter() - t0
         record = {
-            "step": step + 1, "epoch": round((step + 1) / per_epoch, 4), "loss": stats[0].item() if not bad.item() else None,
+            "step": step + 1, "epoch": round((step + 1) / per_epoch, 4), "loss": stats[0].item() if not bad.item() and stats[2].item() else None,
             "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(stats[1].item() / seconds, 1),
             "samples_per_s": round(stats[2].item() / seconds, 3), "skipped_nonfinite": skipped, "time": round(time.time(), 3),
         }
@@ -382,7 +395,7 @@ def train_loop_per_worker(config: dict) -> None:
     weights = trainable_state(model)
     if failed:
         _log(f"worker {rank}: {len(failed)} sample(s) failed to encode and were left out of their steps, e.g. {next(iter(failed.items()))}")
-    me = {"rank": rank, "samples": worker_samples(mine, t.seed, per_epoch, total, t.batch_size * t.grad_accum),
+    me = {"rank": rank, "samples": worker_samples(mine, t.seed, per_epoch, total, t.batch_size * t.grad_accum, failed),
           "failed_encoding": len(failed), **peak_memory_mb(device)}
     workers = [None] * world
     if distributed:

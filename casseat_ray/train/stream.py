@@ -22,7 +22,7 @@ import pickle
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Iterable, Iterator
+from typing import Collection, Iterable, Iterator
 
 from ray.train import DataConfig
 
@@ -133,13 +133,15 @@ def epoch_windows(windows: list[list[list[str]]], seed: int, epoch: int) -> list
     return [sorted(w, key=lambda u: unit_key(seed, epoch, u)) for w in windows]
 
 
-def worker_samples(windows: list[list[list[str]]], seed: int, per_epoch: int, total: int, per_worker: int) -> int:
-    """The samples one worker trains on over the whole run."""
+def worker_samples(windows: list[list[list[str]]], seed: int, per_epoch: int, total: int, per_worker: int,
+                   left_out: Collection[str] = ()) -> int:
+    """The samples one worker trains on over the whole run, every epoch's occurrence of the
+    ``left_out`` ones (their encoding failed: it fails again each epoch) not counted."""
     n = 0
     for epoch in range((total + per_epoch - 1) // per_epoch):
         steps = min(per_epoch, total - epoch * per_epoch)
         order = [u for w in epoch_windows(windows, seed, epoch) for u in w]
-        n += sum(len(u) for u in order[:steps * per_worker])
+        n += sum(sid not in left_out for u in order[:steps * per_worker] for sid in u)
     return n
 
 
@@ -297,6 +299,20 @@ class RankSplit(DataConfig):
                 its[name] = mine.iterator()
             out.append(its)
         return out
+
+
+def first_sample(shard, rope=None):
+    """The first sample of a worker's shard that encoded (one more pass over it, stopped
+    there), with its M-RoPE positions when ``rope`` is given."""
+    from casseat_ray.train.collate import rope_positions
+
+    for _, sample in shard_rows(shard, {}):
+        if sample is not None:
+            e = sample[0]
+            if rope is not None:
+                e.positions = rope_positions(e, rope)
+            return e
+    raise RuntimeError("none of this worker's samples could be encoded")
 
 
 def shard_rows(shard, failed: dict) -> Iterator[tuple[str, object]]:

@@ -202,6 +202,35 @@ def test_a_run_starts_from_an_existing_adapter(tmp_path, tiny_models, sft, two_w
     assert not train_run.train_dir(other).exists()
 
 
+def test_a_sample_that_fails_to_encode_is_left_out_of_its_step_and_counted(tmp_path, tiny_models, ray_session):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # a sample whose image header survives (planning reads sizes only) but whose pixels do not:
+    # planned like the others, it fails in its worker's Ray Data encoding
+    data = make_sft(tmp_path / "sft", n_rows=2)
+    table = pq.read_table(data)
+    rows = table.to_pylist()
+    rows[1] = dict(rows[1], id="cut", images=[rows[1]["images"][0][:64]])
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), next(data.glob("*.parquet")))
+    # one worker, one sample per step: the cut sample's step has nothing to train on (no
+    # loss, no update) and the run goes on
+    one = train_run.run(_cfg(tmp_path, tiny_models, "cut-one", epochs=1, batch_size=1), data=data)
+    assert one["samples"] == 4 and one["steps"] == 4
+    assert one["workers"][0]["failed_encoding"] == 1 and one["workers"][0]["samples"] == 3
+    records = read_metrics(train_run.train_dir(_cfg(tmp_path, tiny_models, "cut-one")) / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert sorted(r["loss"] is None for r in records) == [False] * 3 + [True]
+    # two workers: the cut sample's worker has an empty step while the other trains; it takes
+    # part in the gradient sync with a zero-weight pass, and every other sample trains
+    cfg = _cfg(tmp_path, tiny_models, "cut-two", epochs=2, batch_size=1, num_workers=2)
+    two = train_run.run(cfg, data=data)
+    assert two["steps"] == 4 and sorted(w["failed_encoding"] for w in two["workers"]) == [0, 1]
+    assert sorted(w["samples"] for w in two["workers"]) == [2, 4]  # 2 epochs x 2 samples, one of them cut
+    records = read_metrics(train_run.train_dir(cfg) / "metrics.jsonl")
+    assert len(records) == 4 and all(r["loss"] is not None and r["grad_norm"] > 0 for r in records)
+
+
 def test_aft_on_the_students_own_answers_runs_in_two_stages(tmp_path, tiny_models, sft, ray_session):
     import pyarrow.parquet as pq
 

@@ -86,6 +86,9 @@ def test_worker_samples_count_what_the_steps_train():
     assert [worker_samples(ws, t.seed, p.per_epoch, p.total, 4) for ws in p.windows] == [2 * p.per_epoch * 4] * 2
     packed = plan(_measured(37, tokens=300), _train(packing=True, cutoff_len=1000, batch_size=1, grad_accum=1), world=1)
     assert worker_samples(packed.windows[0], t.seed, packed.per_epoch, packed.total, 1) == 2 * 37
+    # a sample whose encoding failed is not trained in any epoch
+    left_out = {p.windows[0][0][0][0]}
+    assert worker_samples(p.windows[0], t.seed, p.per_epoch, p.total, 4, left_out) == 2 * p.per_epoch * 4 - 2
 
 
 def test_lora_targets_the_language_model_only(tiny_models):
