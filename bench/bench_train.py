@@ -93,11 +93,14 @@ def _timed_steps(model, optimizer, batches, make_batch=lambda b: b) -> list[floa
     """Collate (``make_batch``) + forward + backward + optimizer step per batch; the clock after each."""
     import torch
 
+    from casseat_ray.train.loop import nll_loss
+    from casseat_ray.train.losses import label_tokens
+
     model.train()
     ends = []
     for item in batches:
         batch = make_batch(item)
-        loss = model(**batch, use_cache=False).loss
+        loss = nll_loss(model, batch, label_tokens(batch["labels"]))  # the training loop's loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()

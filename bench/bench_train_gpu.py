@@ -4,10 +4,10 @@ torch, transformers and peft): tokens/s, peak memory and MFU.
 The model is Qwen2-VL-2B's architecture (published config values below) with random bf16
 weights; each sample is one 448x448 image (256 merged image tokens) followed by text up to
 ``--seq`` tokens. The step is the project's own: ``build_model``'s LoRA placement (language
-model linear layers, vision frozen; fp32 adapter weights) under ``mixed_precision``'s bf16 autocast, AdamW, clipping. MFU divides the model FLOPs of a LoRA
+model linear layers, vision frozen; fp32 adapter weights) under ``mixed_precision``'s bf16 autocast, ``nll_loss`` (logits only where a label follows), AdamW, clipping. MFU divides the model FLOPs of a LoRA
 step by the bf16 matmul rate measured on the same device in the same run:
-4 x N_lm (linear-layer weights, lm_head included) per text/image token (forward + activation gradients; frozen weights need no weight
-gradients), plus 4 x layers x seq x hidden for causal attention, plus 2 x N_vision per
+4 x N_lm (linear-layer weights) per text/image token (forward + activation gradients; frozen weights need no weight
+gradients), the lm_head's share only at the positions the loss reads, plus 4 x layers x seq x hidden for causal attention, plus 2 x N_vision per
 patch (the frozen vision tower runs forward only). LoRA's own matmuls are ignored (< 2%).
 
     python bench/bench_train_gpu.py [--batch 4] [--seq 2048] [--steps 10] [--shape qwen2-vl-2b|tiny]
@@ -77,7 +77,8 @@ def main() -> None:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from casseat_ray.config import Config
-    from casseat_ray.train.loop import build_model, mixed_precision
+    from casseat_ray.train.loop import build_model, mixed_precision, nll_loss
+    from casseat_ray.train.losses import predicting_positions
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
@@ -106,10 +107,11 @@ def main() -> None:
              "pixel_values": torch.randn(args.batch * n_patch, patch_dim, dtype=dtype), "image_grid_thw": grid}
     batch["labels"][:, :1 + n_img] = -100
     batch = {k: t.to(device) for k, t in batch.items()}
+    n_labels = (batch["labels"][:, 1:] != -100).sum()
 
     def step():
         with mixed_precision(device, dtype):
-            loss = model(**batch, use_cache=False).loss
+            loss = nll_loss(model, batch, n_labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -134,7 +136,9 @@ def main() -> None:
     n_lm = sum(k for n, k in linear if ".visual." not in f".{n}.")
     t = shape["text"]
     tokens = args.batch * args.seq
-    flops = (4 * n_lm * tokens + 4 * t["num_hidden_layers"] * args.seq * t["hidden_size"] * tokens
+    n_head = base.lm_head.weight.numel()
+    kept = args.batch * len(predicting_positions(batch["labels"]))  # logits are computed at these alone
+    flops = (4 * (n_lm - n_head) * tokens + 4 * n_head * kept + 4 * t["num_hidden_layers"] * args.seq * t["hidden_size"] * tokens
              + 2 * n_vision * args.batch * n_patch)
     peak = matmul_rate(device, dtype)
     print(json.dumps({

@@ -51,10 +51,16 @@ def refused_too_long(detail: str) -> Completion:
     return Completion(text="", finish_reason=PROMPT_TOO_LONG, prompt_tokens=0, output_tokens=0, error=detail)
 
 
+ENGINE_ERROR = "engine_error"
+# A row a request failed for by a failure of the moment is asked again by a rerun; one whose
+# prompt is over the context (``prompt_too_long``) would fail the same way and stands.
+RETRYABLE = (ENGINE_ERROR,)
+
+
 def failure_reason(finish_reason: str | None) -> str:
     """The reject reason a failed request gives its row: ``prompt_too_long`` (final: the same
     prompt never fits) or ``engine_error`` (a failure of the moment, retried by a rerun)."""
-    return PROMPT_TOO_LONG if finish_reason == PROMPT_TOO_LONG else "engine_error"
+    return PROMPT_TOO_LONG if finish_reason == PROMPT_TOO_LONG else ENGINE_ERROR
 
 
 @runtime_checkable

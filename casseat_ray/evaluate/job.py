@@ -17,14 +17,12 @@ from casseat_ray import parts as partstore
 from casseat_ray import storage
 from casseat_ray.adapters import adapter_problems, adapter_weights, serving_engine
 from casseat_ray.config import Config, ConfigError, PlacementConfig
+from casseat_ray.engines import RETRYABLE
 from casseat_ray.evaluate.items import expand_batch
 from casseat_ray.inference.modes import RESULT_FIELDS, ModeCall, first_failure, run_mode
 from casseat_ray.inference.turns import run_prompts
 
 FINGERPRINT_KEYS = ("evaluate", "synthesis", "images")
-# An item a request failed for by a failure of the moment is not final: a rerun asks again
-# (a prompt over the context, ``prompt_too_long``, would fail the same way and stands).
-RETRY_REASONS = ("engine_error",)
 SCHEDULING = {"evaluate": ("concurrency", "batch_size", "num_cpus", "num_gpus", "bootstrap")}
 
 
@@ -144,7 +142,7 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
     init_ray(cfg.ray)
     items = data.load(cfg, sources=list(e.benchmarks), filtered=False).materialize()
     funnel = data.funnel(items)
-    done = partstore.done_ids(parts, "key", retry=RETRY_REASONS)
+    done = partstore.done_ids(parts, "key", retry=RETRYABLE)
     protocols = {b.name: b.protocol for b in e.benchmarks}
     adapter = str(adapter_path(cfg).resolve()) if "tuned" in e.models else None
     groups = []  # (models served by one engine, model path, engine config, CPUs, GPUs, actors)
@@ -185,5 +183,5 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
         bars.close()
     if written < total:
         return {"complete": False, "rows_done": written, "rows_total": total}
-    return report.finalize(cfg, out_dir, parts, funnel, {"wall_seconds": time.perf_counter() - t0}, RETRY_REASONS)
+    return report.finalize(cfg, out_dir, parts, funnel, {"wall_seconds": time.perf_counter() - t0}, RETRYABLE)
 

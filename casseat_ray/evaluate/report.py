@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from casseat_ray.engines import RETRYABLE
 from casseat_ray.evaluate.items import ITEM_SCHEMA, item_result
 from casseat_ray.evaluate.metrics import bootstrap_ci, paired_bootstrap, reflection_cell, reflection_summary
 from casseat_ray.parts import atomic_write_text, read_parts
@@ -78,7 +79,7 @@ def compute(items: list[dict], b: int = 1000, seed: int = 0) -> dict:
             robustness.append({"benchmark": bench, "model": model, "cot_minus_direct": acc[(bench, model, "cot")] - acc[(bench, model, "direct")]})
     return {"results": results, "breakdowns": breakdowns, "paired_differences": paired, "relative_gain": gains,
             "robustness": robustness, "reflection": reflection, "best_of_n": best_of_n,
-            "retryable_items": sum(1 for r in items if r.get("failure") == "engine_error")}
+            "retryable_items": sum(1 for r in items if r.get("failure") in RETRYABLE)}
 
 
 def finalize(cfg, out_dir: Path, parts: Path, funnel: dict, timing: dict, retry: tuple[str, ...]) -> dict:

@@ -17,7 +17,7 @@ import hashlib
 from casseat_ray.prompts import Prompt
 from casseat_ray.inference.turns import c2_turn_text, first_turn_text
 
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = "<image>"  # marks the image in a sample's first user turn (train.collate reads it)
 
 
 def _user_first(row: dict, prompt: Prompt) -> dict:

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from casseat_ray.config import Config
 from casseat_ray.data import columns, is_written_reject
+from casseat_ray.engines import ENGINE_ERROR, RETRYABLE
 from casseat_ray.inference.turns import run_prompts
 from casseat_ray.parts import atomic_write_text, read_parts
 from casseat_ray.rows import REJECT_SCHEMA
@@ -144,11 +145,11 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
     return stats
 
 
-ERROR_REASONS = ("engine_error", "stage_error", "label_error", "judge_error")  # failures, not the teacher's answers
+ERROR_REASONS = (ENGINE_ERROR, "stage_error", "label_error", "judge_error")  # failures, not the teacher's answers
 # Failures of the moment (an engine error, a request that timed out), not of the row: a rerun
 # of the same command tries these rows again. A bug on one row (stage_error, label_error)
 # would fail the same way again.
-RETRY_REASONS = ("engine_error", "judge_error")
+RETRY_REASONS = (*RETRYABLE, "judge_error")
 
 
 def failure(stats: dict, max_error_share: float) -> str | None:

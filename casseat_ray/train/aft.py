@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from casseat_ray import parts as partstore
 from casseat_ray.config import Config, ConfigError, PlacementConfig, SamplingConfig
-from casseat_ray.engines import failure_reason, image_part
+from casseat_ray.engines import RETRYABLE, failure_reason, image_part
 from casseat_ray.rows import REJECT_FIELDS
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,6 @@ RESPONSE_FIELDS = [
     pa.field("responses_correct", pa.list_(pa.bool_())),
     pa.field("responses_rank", pa.list_(pa.int64())),
 ]
-# A question the engine failed for is asked again by a rerun; a prompt over the context stands.
-RETRY_REASONS = ("engine_error",)
 # What a sampled question needs: its prompt turns, images and what scores an answer.
 WORK_COLUMNS = ["id", "kind", "messages", "images", "answer", "answer_type", "choices", "precision"]
 
@@ -161,7 +159,7 @@ def sample(cfg: Config, sft: Path, adapter: Path, out: Path, progress: bool = Tr
     e = cfg.evaluate
     stamp = fingerprint(cfg, sft, adapter)
     parts = samples_parts(out / SAMPLES_DIR, stamp)
-    done = partstore.done_ids(parts, "id", retry=RETRY_REASONS)
+    done = partstore.done_ids(parts, "id", retry=RETRYABLE)
     work = (read_sft(sft, cfg.train, WORK_COLUMNS)
             .map_batches(questions, batch_format="pyarrow", fn_kwargs={"done": done}, num_cpus=0.1)
             .repartition(target_num_rows_per_block=e.batch_size).materialize())
@@ -192,7 +190,7 @@ def write_set(sft: Path, parts: Path, out: Path) -> dict:
     import os
     import shutil
 
-    sampled = {r["id"]: r for t in partstore.read_parts(parts, id_column="id", retry=RETRY_REASONS) for r in t.to_pylist()}
+    sampled = {r["id"]: r for t in partstore.read_parts(parts, id_column="id", retry=RETRYABLE) for r in t.to_pylist()}
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

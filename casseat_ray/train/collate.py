@@ -18,7 +18,8 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-IMAGE_TOKEN = "<image>"
+from casseat_ray.synth.mix import IMAGE_TOKEN  # the SFT set's image marker, written where samples are built
+
 IGNORE = -100
 
 

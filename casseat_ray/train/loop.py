@@ -127,6 +127,17 @@ def mixed_precision(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def nll_loss(model, batch: dict, num_tokens):
+    """One micro-batch's share of the step's token NLL (``num_tokens``: the step's label
+    tokens), computing logits only where a label follows."""
+    from casseat_ray.train.losses import kept_nll, predicting_positions
+
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    keep = predicting_positions(labels)
+    return kept_nll(model(**batch, use_cache=False, logits_to_keep=keep).logits, labels, keep, num_tokens)
+
+
 def rope_index(model):
     """The peft-wrapped student's M-RoPE position function (``get_rope_index``), or None
     for a model whose positions are plain 0..len-1."""
@@ -341,7 +352,7 @@ def train_loop_per_worker(config: dict) -> None:
                     loss, align = aft_loss(logits, labels, len(refs), groups, t.aft.variant, t.aft.tau, t.aft.weight, num_tokens, num_groups)
                     aligns.append(align.detach().float())
                 else:
-                    loss = model(**batch, use_cache=False, num_items_in_batch=num_tokens).loss
+                    loss = nll_loss(model, batch, num_tokens)
                 (loss * (world * weight)).backward()
             losses.append(loss.detach().float() * weight)
             tokens += sum(len(e) for e in refs)

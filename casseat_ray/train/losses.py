@@ -36,6 +36,20 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, num_tokens: int | torc
     return total / num_tokens
 
 
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits a next-token loss reads: those followed by a label in any row
+    of the batch. Asking the model for these alone (``logits_to_keep``) spares the vocabulary
+    projection and the fp32 logits of every prompt and image token."""
+    return (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
+
+
+def kept_nll(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
+    """``token_nll`` with ``num_tokens`` from the logits of the positions ``keep`` alone."""
+    target = labels[:, keep + 1]
+    total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
+    return total / num_tokens
+
+
 SCORE_CHUNK_TOKENS = 4096  # positions whose fp32 log-sum-exp is computed at once
 
 

@@ -165,6 +165,15 @@ def test_token_nll_is_the_models_own_loss(processor, demo_rows, tiny_models):
     assert torch.allclose(token_nll(out.logits, batch["labels"]), out.loss, atol=1e-5)
     assert torch.allclose(share, token_nll(out.logits, batch["labels"], 3 * n), atol=1e-6)
     assert torch.allclose(3 * share, out.loss, atol=1e-5)
+    # the loop's form: logits only where a label follows (no prompt, no image token), same loss
+    from casseat_ray.train.loop import nll_loss
+    from casseat_ray.train.losses import predicting_positions
+
+    keep = predicting_positions(batch["labels"])
+    assert 0 < len(keep) < batch["input_ids"].shape[1] // 2  # the prompts, images included, are most of these rows
+    with torch.no_grad():
+        assert torch.allclose(nll_loss(model, batch, 3 * n), share, atol=1e-6)
+    assert "labels" in batch  # the caller's batch is left as it was
 
 
 def test_token_count_without_pixels_equals_the_encoded_length(processor, demo_rows):

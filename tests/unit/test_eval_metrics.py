@@ -88,7 +88,7 @@ def test_failed_requests_mark_the_item_and_only_engine_errors_are_retried(tmp_pa
     import pyarrow as pa
 
     from casseat_ray import parts
-    from casseat_ray.evaluate.job import RETRY_REASONS
+    from casseat_ray.engines import RETRYABLE as RETRY_REASONS
     from casseat_ray.inference.modes import first_failure
 
     ok = dict(c1_finish=["stop"], c1_errors=[None], c2_finish=["stop"], c2_errors=[None])
