@@ -18,8 +18,15 @@ pytestmark = pytest.mark.slow
 N = 6  # MATH-V testmini items
 
 
-def _requests(markers) -> list[str]:
-    return [line for f in sorted(markers.glob("requests-*.log")) for line in f.read_text().splitlines()]
+def _requests(markers, after: dict | None = None) -> list[str]:
+    """The C1 requests the engines logged (one file per engine process), or only those logged
+    since ``after`` (``_logged``'s snapshot): file names order processes by pid, not by time."""
+    after = after or {}
+    return [line for f in sorted(markers.glob("requests-*.log")) for line in f.read_text().splitlines()[after.get(f.name, 0):]]
+
+
+def _logged(markers) -> dict:
+    return {f.name: len(f.read_text().splitlines()) for f in markers.glob("requests-*.log")}
 
 
 def test_b9_evaluation_items_the_engine_failed_are_scored_wrong_said_and_retried_alone_by_a_rerun(tmp_path, tiny_models, ray_session, figures):
@@ -52,12 +59,13 @@ def test_b9_evaluation_items_the_engine_failed_are_scored_wrong_said_and_retried
     assert len(failed) == 2 and all(i["error"] == INJECTED_ERROR and not i["correct"] for i in items if i["failure"])
     assert "2 item(s) failed with engine errors or timeouts" in err and "retries the 2 `engine_error` items" in (out / "report.md").read_text()
     assert len(_requests(markers)) == N
+    seen = _logged(markers)
 
     code, err = casseat("evaluate", "--config", str(path), "--no-progress")  # the same command
     assert code == 0, err[-2000:]
     again = json.loads((out / "report.json").read_text())
     items = pq.read_table(out / "items.parquet").to_pylist()
-    retried = _requests(markers)[N:]
+    retried = _requests(markers, after=seen)
     figures.update(rerun_requests=len(retried), rerun_failures=again["results"][0]["failures"], final_items=len(items))
     assert len(retried) == 2 and all(any(f in r for f in failing) for r in retried)  # only the two failed items ran again
     assert again["retryable_items"] == 0 and again["results"][0]["failures"] == {} and again["results"][0]["n"] == N
