@@ -78,7 +78,7 @@ def main() -> None:
 
     from casseat_ray.config import Config
     from casseat_ray.train.loop import build_model, mixed_precision, nll_loss
-    from casseat_ray.train.losses import predicting_positions
+    from casseat_ray.train.losses import label_tokens, predicting_positions
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
@@ -107,7 +107,7 @@ def main() -> None:
              "pixel_values": torch.randn(args.batch * n_patch, patch_dim, dtype=dtype), "image_grid_thw": grid}
     batch["labels"][:, :1 + n_img] = -100
     batch = {k: t.to(device) for k, t in batch.items()}
-    n_labels = (batch["labels"][:, 1:] != -100).sum()
+    n_labels = label_tokens(batch["labels"])
 
     def step():
         with mixed_precision(device, dtype):

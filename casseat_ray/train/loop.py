@@ -229,7 +229,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from transformers import AutoProcessor, get_scheduler
 
-    from casseat_ray.train.collate import aft_rows, collate, collate_packed, rope_positions
+    from casseat_ray.train.collate import aft_rows, collate, collate_packed
     from casseat_ray.train.losses import aft_loss
     from casseat_ray.train.stream import Plan, epoch_windows, first_sample, shard_rows, steps, worker_samples
 
@@ -296,14 +296,8 @@ def train_loop_per_worker(config: dict) -> None:
             epoch, pos = divmod(step, per_epoch)
             order = epoch_windows(mine, t.seed, epoch)
             # each epoch reads its rows anew: one more pass of this worker's Ray Data pipeline
-            for micro in steps(shard_rows(shard, failed), order, pos, min(per_epoch - pos, total - step), t.batch_size, t.grad_accum):
-                units = [[[(sid, e, g) for sid, (e, g) in u] for u in m] for m in micro]
-                if rope is not None:
-                    for m in units:
-                        for u in m:
-                            for _, e, _ in u:
-                                e.positions = rope_positions(e, rope)
-                yield step, epoch, units
+            for micro in steps(shard_rows(shard, failed, rope), order, pos, min(per_epoch - pos, total - step), t.batch_size, t.grad_accum):
+                yield step, epoch, [[[(sid, e, g) for sid, (e, g) in u] for u in m] for m in micro]
                 step += 1
 
     pad = processor.tokenizer.pad_token_id

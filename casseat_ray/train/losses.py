@@ -32,8 +32,12 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, num_tokens: int | torc
     target = labels[:, 1:]
     if num_tokens is None:
         return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE)
-    total = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
-    return total / num_tokens
+    return _summed_nll(logits[:, :-1], target) / num_tokens
+
+
+def _summed_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The summed fp32 cross-entropy of the labelled targets (``[batch, positions]``)."""
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
 def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -45,9 +49,7 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
 
 def kept_nll(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
     """``token_nll`` with ``num_tokens`` from the logits of the positions ``keep`` alone."""
-    target = labels[:, keep + 1]
-    total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
-    return total / num_tokens
+    return _summed_nll(logits, labels[:, keep + 1]) / num_tokens
 
 
 SCORE_CHUNK_TOKENS = 4096  # positions whose fp32 log-sum-exp is computed at once

@@ -302,24 +302,26 @@ class RankSplit(DataConfig):
 
 
 def first_sample(shard, rope=None):
-    """The first sample of a worker's shard that encoded (one more pass over it, stopped
-    there), with its M-RoPE positions when ``rope`` is given."""
-    from casseat_ray.train.collate import rope_positions
-
-    for _, sample in shard_rows(shard, {}):
+    """The first sample of a worker's shard that encoded (one more pass over it, stopped there)."""
+    for _, sample in shard_rows(shard, {}, rope):
         if sample is not None:
-            e = sample[0]
-            if rope is not None:
-                e.positions = rope_positions(e, rope)
-            return e
+            return sample[0]
     raise RuntimeError("none of this worker's samples could be encoded")
 
 
-def shard_rows(shard, failed: dict) -> Iterator[tuple[str, object]]:
-    """One pass over a worker's dataset shard: ``(id, sample)``, the sample unpickled; a
+def shard_rows(shard, failed: dict, rope=None) -> Iterator[tuple[str, object]]:
+    """One pass over a worker's dataset shard: ``(id, (Encoded, AFT group))``, unpickled, with
+    the sample's M-RoPE positions when ``rope`` (the model's position function) is given; a
     sample whose encoding failed comes as None and its error goes to ``failed``."""
+    from casseat_ray.train.collate import rope_positions
+
     for b in shard.iter_batches(batch_format="pyarrow", batch_size=None):
         for sid, blob, error in zip(*(b[c].to_pylist() for c in ("id", "sample", "error"))):
             if blob is None:
                 failed[sid] = error
-            yield sid, (pickle.loads(blob) if blob is not None else None)
+                yield sid, None
+                continue
+            e, group = pickle.loads(blob)
+            if rope is not None:
+                e.positions = rope_positions(e, rope)
+            yield sid, (e, group)

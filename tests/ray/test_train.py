@@ -202,6 +202,35 @@ def test_a_run_starts_from_an_existing_adapter(tmp_path, tiny_models, sft, two_w
     assert not train_run.train_dir(other).exists()
 
 
+def test_a_workers_rows_arrive_with_their_positions_and_the_first_good_one_stands_in(tmp_path, tiny_models, ray_session):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+    from transformers import AutoModelForImageTextToText
+
+    from casseat_ray.config import TrainConfig
+    from casseat_ray.train.collate import rope_positions
+    from casseat_ray.train.stream import encode_batch, first_sample, shard_rows
+
+    table = pq.read_table(make_sft(tmp_path / "sft", n_rows=1))
+    rows = table.to_pylist()
+    cut = dict(rows[0], id="cut", images=[rows[0]["images"][0][:64]])
+    batch = pa.Table.from_pylist([cut] + rows, schema=table.schema)
+    model, ids = str(tiny_models["student"]), frozenset(["cut"] + [r["id"] for r in rows])
+    encoded = pa.Table.from_pydict(encode_batch(batch, model, TrainConfig().model_dump(mode="json"), ids))
+    shard = ray.data.from_arrow(encoded).iterator()  # a worker's shard, as Ray Train hands it over
+    rope = AutoModelForImageTextToText.from_pretrained(model).model.get_rope_index  # Qwen2-VL's M-RoPE
+    failed = {}
+    got = list(shard_rows(shard, failed, rope))
+    assert [sid for sid, _ in got] == encoded["id"].to_pylist() and got[0][1] is None and list(failed) == ["cut"]
+    for _, (e, group) in got[1:]:
+        assert e.positions is not None and torch.equal(e.positions, rope_positions(e, rope)) and group is None
+    assert all(s[0].positions is None for _, s in shard_rows(shard, {}) if s)  # no position function: plain positions
+    # the stand-in for an empty micro-batch: the first sample that encoded, positions included
+    spare = first_sample(shard, rope)
+    assert spare.input_ids == got[1][1][0].input_ids and torch.equal(spare.positions, got[1][1][0].positions)
+
+
 def test_a_sample_that_fails_to_encode_is_left_out_of_its_step_and_counted(tmp_path, tiny_models, ray_session):
     import pyarrow as pa
     import pyarrow.parquet as pq
