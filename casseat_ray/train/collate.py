@@ -273,19 +273,21 @@ def aft_rows(samples: list[tuple[Encoded, list | None]]) -> tuple[list[Encoded],
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict:
-    """Right-pad a batch; image patches and grids are concatenated in sample order."""
+    """Right-pad a batch; image patches and grids are concatenated in sample order.
+
+    No attention mask: the padding is on the right and attention is causal, so no real token
+    ever sees a pad (a pad's own outputs carry no label), and SDPA runs its fused causal
+    kernel instead of a masked one."""
     import torch
 
     width = max(len(e) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, e in enumerate(batch):
         n = len(e)
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "labels": labels}
     if any(e.token_types is not None for e in batch):
         types = torch.zeros((len(batch), width), dtype=torch.long)
         for i, e in enumerate(batch):

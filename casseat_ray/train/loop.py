@@ -89,8 +89,12 @@ def build_model(cfg: Config, dtype):
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoModelForImageTextToText
 
+    from casseat_ray.train import attention
+
     lora = cfg.student.lora
-    model = AutoModelForImageTextToText.from_pretrained(cfg.student.model, dtype=dtype)
+    # packed rows attend sample by sample (every batch of a packing run is packed, unmasked)
+    attn = attention.register() if cfg.train.packing else None
+    model = AutoModelForImageTextToText.from_pretrained(cfg.student.model, dtype=dtype, attn_implementation=attn)
     projector = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in PROJECTOR_NAMES] if lora.train_projector else []
     peft_cfg = PeftLora(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_targets(model, lora),

@@ -86,10 +86,11 @@ def test_collate_pads_right_and_concatenates_images(processor, demo_rows):
     b = encode(cot_sample(demo_rows[2], c1, "Step 1: look closely at the bars.\nThe answer is 5."), processor)
     batch = collate([a, b], pad_id=processor.tokenizer.pad_token_id)
     width = max(len(a), len(b))
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, width)
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, width)
     short = 0 if len(a) < len(b) else 1
     n = min(len(a), len(b))
-    assert batch["attention_mask"][short, n:].sum() == 0 and (batch["labels"][short, n:] == IGNORE).all()
+    assert (batch["input_ids"][short, n:] == processor.tokenizer.pad_token_id).all() and (batch["labels"][short, n:] == IGNORE).all()
+    assert "attention_mask" not in batch  # right padding under causal attention: no real token sees a pad
     assert batch["pixel_values"].shape[0] == a.pixel_values.shape[0] + b.pixel_values.shape[0]
     assert batch["image_grid_thw"].shape == (2, 3)
     assert batch["mm_token_type_ids"].shape == (2, width)

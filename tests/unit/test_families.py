@@ -93,15 +93,19 @@ def test_lora_trains_the_language_model_and_the_student_learns_to_stop(family, f
     assert out == labels[:labels.index(processor.tokenizer.eos_token_id) + 1]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "packed"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_rows_give_every_sample_exactly_its_own_logits(family, family_students, demo_rows):
+def test_packed_rows_give_every_sample_exactly_its_own_logits(family, attention, family_students, demo_rows, monkeypatch):
+    # transformers' SDPA with its block-diagonal mask, and the per-sample attention packing runs use
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from casseat_ray.train import attention as packed_attention
     from casseat_ray.train.collate import collate_packed, rope_positions
     from casseat_ray.train.losses import token_nll
 
     processor = AutoProcessor.from_pretrained(family_students[family])
-    model = AutoModelForImageTextToText.from_pretrained(family_students[family]).eval()
+    attn = packed_attention.register() if attention == "packed" else "sdpa"
+    model = AutoModelForImageTextToText.from_pretrained(family_students[family], attn_implementation=attn).eval()
     samples = [_sample(demo_rows[0], "cot"), _sample(demo_rows[1], "self_eval"),
                cot_sample(demo_rows[2], prompts.load("c1"), f"The answer is {demo_rows[2]['answer']}.")]
     enc = [encode(s, processor) for s in samples]
@@ -112,13 +116,30 @@ def test_packed_rows_give_every_sample_exactly_its_own_logits(family, family_stu
     width = len(enc[0]) + len(enc[1])
     assert "attention_mask" not in packed
     assert packed["position_ids"].shape == ((2, width) if family == "llava" else (4, 2, width))
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, *a, **k):
+        calls.append((q.shape[0], q.shape[2], k.get("is_causal"), k.get("attn_mask") is None))
+        return sdpa(q, *a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     with torch.no_grad():
         out = model(**packed, use_cache=False).logits  # a cache would hide the sample boundaries
+    monkeypatch.undo()
+    text_calls = {c for c in calls if c[2] or not c[3]}  # the language model's (the vision tower's are neither causal nor masked)
+    if attention == "packed":  # one unmasked causal call per sample and per closing padding
+        assert text_calls == {(1, len(enc[0]), True, True), (1, len(enc[1]), True, True), (1, len(enc[2]), True, True),
+                              (1, width - len(enc[2]), True, True)}
+    else:  # one call over whole rows with the block-diagonal mask
+        assert text_calls == {(2, width, False, False)}
+    with torch.no_grad():
         alone = [model(**collate([e], pad)).logits[0] for e in enc]
         padded = model(**collate(enc, pad))
     spans = [(0, 0, len(enc[0])), (0, len(enc[0]), len(enc[1])), (1, 0, len(enc[2]))]
     for (row, start, n), ref in zip(spans, alone):
         assert torch.allclose(out[row, start:start + n], ref, atol=1e-4), (row, start)
+    for i, ref in enumerate(alone):  # right-padded with no mask: every real token sees what it sees alone
+        assert torch.allclose(padded.logits[i, :len(enc[i])], ref, atol=1e-4), i
     # the same samples, packed or padded, give the same loss
     assert torch.allclose(token_nll(out, packed["labels"]), padded.loss, atol=1e-5)
 
