@@ -508,8 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "C1 mistakes included, so it writes well-formed reasoning, verdicts (Accept when a second\n"
                                    "reading agrees, Refine when not) and final answers, right for about half of those\n"
                                    "questions; it knows nothing beyond them. The student stays untrained. The same role,\n"
-                                   "seed and steps give identical files. --family builds a Qwen2.5-VL or a LLaVA-1.5 of the same\n"
-                                   "size instead (what training is tested with for every student family the method names).")
+                                   "seed and steps give identical files. --family builds a Qwen2.5-VL, a LLaVA-1.5 or a LLaVA-NeXT of the same\n"
+                                   "size instead (what training is tested with for every student family the method names;\n"
+                                   "the LLaVA-NeXT one is not run in vLLM here).")
     p.add_argument("out", type=Path, help="output directory")
     p.add_argument("--role", choices=["teacher", "student"], required=True, help="which size to build")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and tokenizer corpus (default 0)")

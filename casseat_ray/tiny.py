@@ -9,7 +9,9 @@ Families (``FAMILIES``), each loading in vLLM's CPU build too: ``qwen2_vl`` (the
 default teacher and student), ``qwen2_5_vl`` (same tokenizer and template, Qwen2.5-VL's windowed
 vision tower) and ``llava`` (LLaVA-1.5: a CLIP vision tower, a two-layer projector, a
 Llama language model with a SentencePiece-style tokenizer and LLaVA-1.5's own chat template,
-which ends an assistant turn with a space and no end-of-turn token).
+which ends an assistant turn with a space and no end-of-turn token), and ``llava_next`` (LLaVA-NeXT:
+the same language model, tokenizer and template, its image tiled at any resolution; tested in
+training, not run in vLLM here).
 
 Shape limits found on vLLM's CPU backend: head_dim must be 64 (16 is rejected), and the
 M-RoPE sections must sum to head_dim / 2.
@@ -199,7 +201,7 @@ def build_processor(tokenizer):
     )
 
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next")
 
 # LLaVA-1.5's tokens and its Hugging Face chat template (llava-hf/llava-1.5-7b-hf), verbatim but
 # for the {% generation %} markers: images first, then text, each turn closed by a space.
@@ -213,6 +215,9 @@ LLAVA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 LLAVA_IMAGE_SIZE = 56  # CLIP input side: (56 / 14)^2 = 16 image tokens
+# LLaVA-NeXT's any-resolution grid, scaled to the tiny CLIP side: an image is tiled by the best
+# fitting of these resolutions, each tile a CLIP view, plus one view of the whole image
+LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 
 
 def build_llava_tokenizer(seed: int = 0):
@@ -236,7 +241,8 @@ def build_llava_tokenizer(seed: int = 0):
 
 def build_family(family: str, role: str, seed: int):
     """(model class, config, processor) of a tiny ``family`` model of ``role``'s size."""
-    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, Qwen2_5_VLConfig,
+    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor, Qwen2_5_VLConfig,
                               Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLForConditionalGeneration,
                               Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
@@ -256,7 +262,7 @@ def build_family(family: str, role: str, seed: int):
                                         video_processor=Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
                                         chat_template=CHAT_TEMPLATE)
         return Qwen2_5_VLForConditionalGeneration, config, processor
-    if family == "llava":
+    if family in ("llava", "llava_next"):  # LLaVA-NeXT (vicuna) keeps LLaVA-1.5's tokens and template
         tokenizer = build_llava_tokenizer(seed)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
         text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=s.hidden, intermediate_size=s.intermediate,
@@ -266,6 +272,17 @@ def build_family(family: str, role: str, seed: int):
         vision = dict(model_type="clip_vision_model", hidden_size=s.vision_dim, intermediate_size=2 * s.vision_dim,
                       num_hidden_layers=s.vision_depth, num_attention_heads=s.vision_heads, image_size=LLAVA_IMAGE_SIZE, patch_size=14,
                       projection_dim=s.vision_dim)
+        if family == "llava_next":
+            config = LlavaNextConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
+                                     image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, vision_feature_layer=-2,
+                                     vision_feature_select_strategy="default", tie_word_embeddings=False)
+            image_processor = LlavaNextImageProcessor(size={"shortest_edge": LLAVA_IMAGE_SIZE},
+                                                      crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
+                                                      image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+            processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                           chat_template=LLAVA_CHAT_TEMPLATE)
+            return LlavaNextForConditionalGeneration, config, processor
         config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
                              image_seq_length=(LLAVA_IMAGE_SIZE // 14) ** 2, vision_feature_layer=-2,
                              vision_feature_select_strategy="default", tie_word_embeddings=False)
@@ -311,7 +328,7 @@ def make_tiny(out: str | Path, role: str = "student", seed: int = 0, format_step
     model.generation_config.pad_token_id = text.pad_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    if family == "llava":
+    if family in ("llava", "llava_next"):
         from casseat_ray.train.run import hub_layout
 
         hub_layout(out)  # what vLLM loads

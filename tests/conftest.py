@@ -62,7 +62,7 @@ def family_students(tiny_models) -> dict[str, Path]:
 
     root = tiny_models["student"].parent
     return {"qwen2_vl": tiny_models["student"],
-            **{f: ensure_tiny(root / f"student-{f}", "student", 0, family=f) for f in ("qwen2_5_vl", "llava")}}
+            **{f: ensure_tiny(root / f"student-{f}", "student", 0, family=f) for f in ("qwen2_5_vl", "llava", "llava_next")}}
 
 
 @pytest.fixture(scope="session")

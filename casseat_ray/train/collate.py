@@ -351,8 +351,16 @@ def collate_packed(rows: list[list[Encoded]], pad_id: int) -> dict:
 
 def _image_inputs(samples: list[Encoded]) -> dict:
     """The samples' image inputs (patches, grids, ...), each concatenated in the order their
-    image tokens appear."""
+    image tokens appear. LLaVA-NeXT's ``[images, tiles, 3, h, w]`` pixels are zero-padded to the
+    most tiles, as its processor pads a batch (the model reads each image's tiles from its size)."""
     import torch
 
     with_images = [e.images for e in samples if e.images]
-    return {k: torch.cat([im[k] for im in with_images]) for k in with_images[0]} if with_images else {}
+    out = {}
+    for k in with_images[0] if with_images else ():
+        parts = [im[k] for im in with_images]
+        if parts[0].dim() == 5:
+            most = max(p.shape[1] for p in parts)
+            parts = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in parts]
+        out[k] = torch.cat(parts)
+    return out

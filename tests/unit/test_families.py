@@ -1,4 +1,4 @@
-"""Every student family the method names -- Qwen2-VL, Qwen2.5-VL, LLaVA-1.5 -- tokenized as the
+"""Every student family the method names -- Qwen2-VL, Qwen2.5-VL, LLaVA-1.5, LLaVA-NeXT -- tokenized as the
 model sees it at inference, trained on what it must generate and where it stops, LoRA on its language
 model only. Tiny models of each architecture, built offline."""
 
@@ -11,9 +11,9 @@ from casseat_ray.train.collate import IGNORE, _images, collate, count_tokens, en
 from casseat_ray.train.loop import build_model
 from tests.conftest import train_config
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next"]
 ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                 "llava": "LlavaForConditionalGeneration"}
+                 "llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 
 
 def _sample(row, kind: str) -> dict:
@@ -53,9 +53,9 @@ def test_labels_are_the_tokens_the_student_generates(family, family_students, de
         # Qwen's line after it, as its template renders the turn)
         stop = labels.index(tok.eos_token_id)
         assert tok.decode(labels[:stop]).strip() == s["messages"][-1]["content"]
-        assert tok.decode(labels[stop + 1:]) == ("" if family == "llava" else "\n")
+        assert tok.decode(labels[stop + 1:]) == ("" if family.startswith("llava") else "\n")
         assert count_tokens(s, processor) == len(enc)
-    if family == "llava":  # the template closes a turn with a space and no end token: EOS inserted
+    if family.startswith("llava"):  # the template closes a turn with a space and no end token: EOS inserted
         s = samples[0]
         text = processor.apply_chat_template(to_conversation(s["messages"]), tokenize=False)
         assert text.endswith("The answer is 3. ") and tok.eos_token not in text
@@ -115,7 +115,7 @@ def test_packed_rows_give_every_sample_exactly_its_own_logits(family, attention,
     packed = collate_packed([[enc[0], enc[1]], [enc[2]]], pad)  # the second row closes with padding
     width = len(enc[0]) + len(enc[1])
     assert "attention_mask" not in packed
-    assert packed["position_ids"].shape == ((2, width) if family == "llava" else (4, 2, width))
+    assert packed["position_ids"].shape == ((2, width) if family.startswith("llava") else (4, 2, width))
     sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
 
     def spy(q, *a, **k):
@@ -209,3 +209,35 @@ def test_bf16_training_runs_the_adapters_in_bf16_and_keeps_their_weights_fp32(fa
     with mixed_precision(cpu, torch.float32), torch.no_grad():  # fp32: no autocast at all
         ref = reference(**batch, use_cache=False).loss
     assert abs(loss.item() - ref.item()) < 0.05 * ref.item()
+
+
+def test_llava_next_tiles_images_of_any_shape_and_batches_them(family_students, demo_rows):
+    # a wide image is tiled into fewer views than a square one; a batch pads the views as
+    # LLaVA-NeXT's processor does, and each sample still gets exactly its own logits
+    import io
+
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from casseat_ray.train.collate import collate_packed
+
+    path = family_students["llava_next"]
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    wide = io.BytesIO()
+    Image.open(io.BytesIO(demo_rows[1]["image"])).resize((224, 56)).save(wide, "PNG")
+    samples = [_sample(demo_rows[0], "cot"), {**_sample(demo_rows[1], "cot"), "images": [wide.getvalue()]}]
+    enc = [encode(s, processor) for s in samples]
+    views = [e.images["pixel_values"].shape[1] for e in enc]
+    assert views[1] < views[0]
+    assert [count_tokens(s, processor) for s in samples] == [len(e) for e in enc]
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        alone = [model(**collate([e], pad)).logits[0] for e in enc]
+        padded = model(**collate(enc, pad)).logits
+        packed = model(**collate_packed([enc], pad), use_cache=False).logits[0]
+    assert collate(enc, pad)["pixel_values"].shape[:2] == (2, views[0])
+    for i, ref in enumerate(alone):
+        assert torch.allclose(padded[i, :len(enc[i])], ref, atol=1e-4), i
+    assert torch.allclose(packed[:len(enc[0])], alone[0], atol=1e-4)
+    assert torch.allclose(packed[len(enc[0]):], alone[1], atol=1e-4)
