@@ -199,7 +199,7 @@ def packing_vs_padding(cfg, sft: Path, batch: int, pack_len: int, rounds: int = 
         out[name] = {"batches": len(batches), "seconds": round(best, 2), "tokens_per_s": round(out["tokens"] / best, 1),
                      "pad_share": round(1 - out["tokens"] / slots, 3),
                      # query-key pairs attention computes: per row, or per sample when packing runs it
-                     "attention_pairs": sum(lengths[i] ** 2 for i in range(len(samples))) if name == "packing"
+                     "attention_pairs": sum(n * n for n in lengths) if name == "packing"
                      else sum(b["input_ids"].shape[0] * b["input_ids"].shape[1] ** 2 for b in batches)}
     out["packing_over_padding"] = round(out["packing"]["tokens_per_s"] / out["padding"]["tokens_per_s"], 3)
     out["dense_mask_packing_over_padding"] = round(out["packing_dense_mask"]["tokens_per_s"] / out["padding"]["tokens_per_s"], 3)
