@@ -211,6 +211,15 @@ def test_bf16_training_runs_the_adapters_in_bf16_and_keeps_their_weights_fp32(fa
     assert abs(loss.item() - ref.item()) < 0.05 * ref.item()
 
 
+def test_a_packing_run_builds_its_student_with_per_sample_attention(family_students, tmp_path):
+    from casseat_ray.train.attention import PACKED_ATTENTION
+
+    for packing, expected in ((True, PACKED_ATTENTION), (False, "sdpa")):
+        cfg = train_config(tmp_path, {"student": family_students["qwen2_vl"]}, "attn", packing=packing)
+        model = build_model(cfg, torch.float32)
+        assert model.get_base_model().config.get_text_config()._attn_implementation == expected
+
+
 def test_llava_next_tiles_images_of_any_shape_and_batches_them(family_students, demo_rows):
     # a wide image is tiled into fewer views than a square one; a batch pads the views as
     # LLaVA-NeXT's processor does, and each sample still gets exactly its own logits
