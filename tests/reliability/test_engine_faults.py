@@ -35,6 +35,7 @@ C2_FAULTS = {8: ("", "stop"), 9: (GARBAGE, "stop"), 10: (None, "length")}  # B7 
 EXPECTED = {5: ("no_answer", "C1 has no final answer; C2 not run"), 6: ("no_answer", "C1 has no final answer; C2 not run"),
             7: ("truncated", "C1 hit the token budget; C2 not run"),
             8: ("no_answer", "C2 has no final answer"), 9: ("no_answer", "C2 has no final answer"), 10: ("truncated", "C2 hit the token budget")}
+KEPT = 11  # a right, well-formed C1 and C2 beside the faults: the row DDF must keep
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,8 @@ def cascaded(tiny_models, teacher_engine, tagged) -> list[dict]:
     reply = {tag(i): {"c1": {"text": text, "finish": finish}} for i, (text, finish) in C1_FAULTS.items()}
     for i, (text, finish) in C2_FAULTS.items():  # a right, well-formed C1 first, so that only C2 is at fault
         reply[tag(i)] = {"c1": {"text": scripted_targets(rows[i], rng)["c1"], "finish": "stop"}, "c2": {"text": text, "finish": finish}}
+    right = scripted_targets(rows[KEPT], rng, wrong_rate=0)
+    reply[tag(KEPT)] = {"c1": {"text": right["c1"], "finish": "stop"}, "c2": {"text": right["c2"], "finish": "stop"}}
     faults = {"error": [tag(i) for i in ERRORS], "reply": reply}
     engine = FaultEngine(teacher_engine.model, EngineConfig(**TINY_ENGINE, extra={"faults": faults}), inner=teacher_engine)
     stage = EngineStage(TeacherTask(cfg), engine.model, EngineConfig(**TINY_ENGINE), engine=engine)
@@ -93,13 +96,14 @@ def test_b7_empty_unparsable_and_cut_off_replies_are_rejected_with_stage_and_rea
         assert got[i] == ("ddf_labeled", reason, detail), (i, got[i])
     assert [cascaded[i]["c2_skipped"] for i in C1_FAULTS] == ["c1_no_answer", "c1_no_answer", "c1_truncated"]
     assert all(cascaded[i]["c2_texts"] for i in C2_FAULTS)  # C2 ran: the fault is C2's own
-    # every other row of the batch went through untouched
-    others = [r for i, r in enumerate(cascaded) if i not in EXPECTED and i not in ERRORS]
+    # the right row beside the faults is kept; every other row went through untouched (what the
+    # tiny teacher's own replies earn varies with the machine's numerics, so only its kind is checked)
+    assert (cascaded[KEPT]["reject_stage"], cascaded[KEPT]["reject_reason"]) == (None, None), cascaded[KEPT]["reject_detail"]
+    others = [r for i, r in enumerate(cascaded) if i not in EXPECTED and i not in ERRORS and i != KEPT]
     reasons = Counter(r["reject_reason"] for r in others)
     figures.update(neighbours=len(others), neighbour_outcomes=dict(reasons))
     assert not set(reasons) & set(ERROR_REASONS)
     assert all(r["c1_finish"] != ["error"] and r["c1_texts"][0] and r["c1_texts"][0] != GARBAGE for r in others)
-    assert reasons[None] > 0  # some neighbours were kept
 
 
 def test_b8_requests_the_backend_fails_reject_those_rows_only(cascaded, erring, figures):
