@@ -11,7 +11,11 @@ sampling (tiny teacher; CPU or GPU). Prints one JSON object:
   for the whole batch, then C2 for the whole batch, one batch per actor at a time).
 - ``c2_prefix_cache_speedup``: C2 seconds with the prefix cache off / on (goal >= 2.0); and
   ``c2_prefill_prefix_cache_speedup``, the same for C2's prefill alone (one output token), which
-  is all a prefix cache can save.
+  is all a prefix cache can save. The demo rows' images are tiny (the tiny teacher's processor
+  caps an image at 16 tokens), so their C2 is mostly decode; ``math_v_c2_prefix_cache_speedup``
+  is the same whole-turn ratio on MATH-V testmini questions with their real images, seen at the
+  project's image budget (``images.max_pixels``, as a real Qwen2-VL processor sees them), C2 on
+  the tiny teacher's own C1 replies.
 - ``vs_ray_data_llm``: teacher-only rows/s of the pipeline / the same cascade as two chained
   ``ray.data.llm`` processors (goal >= 1.3), after a correctness gate (greedy C1 and C2 texts
   compared per sample id; no labeling on either side).
@@ -24,13 +28,12 @@ postprocess time minus that duration -- no earlier than the real send, which if 
 favours the peer. (Timing N and 2N rows and taking N / (t_2N - t_N) was tried first: an engine
 start on Ray varies by several seconds here, more than N rows take, so it is not used.)
 
-    python bench/bench_synthesis.py [--n 256] [--batch 64] [--skip-peer]
+    python bench/bench_synthesis.py [--n 256] [--batch 64] [--skip-peer] [--math-v 128]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -38,6 +41,7 @@ from pathlib import Path
 import pyarrow as pa
 
 MAX_TOKENS = 96
+MATHV = Path(__file__).resolve().parents[2] / "shared" / "data" / "math-v" / "testmini.jsonl"
 
 
 def _cfg(root: Path, data: Path, batch: int, max_tokens: int = MAX_TOKENS, **engine):
@@ -128,6 +132,48 @@ def without_cache(cfg, rows: list[dict], c1_texts: list[str]) -> dict:
         return {"c2_seconds": whole, "c2_prefill_seconds": _prefill_c2(engine, ps, rows)}
     finally:
         engine.close()
+
+
+def math_v_rows(cfg, n: int) -> list[dict]:
+    """The first ``n`` MATH-V testmini questions as canonical rows (images normalized as a run
+    normalizes them)."""
+    from casseat_ray.config import SourceConfig
+    from casseat_ray.sources import item_to_row
+
+    source = SourceConfig(name="mathv", format="mathv", path=str(MATHV))
+    rows = [item_to_row(json.loads(line), source, MATHV.parent, cfg.images) for line in MATHV.open()]
+    return [r for r in rows if r["reject_reason"] is None][:n]
+
+
+def c2_on_real_images(cfg, rows: list[dict]) -> dict:
+    """C2 seconds with the prefix cache on and off on real images at the project's image budget:
+    on the cache-on engine C2 follows its own C1 (the cascade's order); the cache-off engine
+    answers the same C2 conversations."""
+    from casseat_ray.engines.vllm import VLLMEngine
+    from casseat_ray.inference.turns import c1_conversation, c2_conversation, run_prompts
+
+    ps = run_prompts(cfg)
+    # a real Qwen2-VL processor's image budget; room for ~1,300 image tokens per prompt and
+    # every row's C1 exchange kept in the cache until its C2
+    engine = cfg.teacher.engine.model_copy(update=dict(mm_processor_kwargs={"max_pixels": cfg.images.max_pixels}, max_model_len=4096,
+                                                       kv_cache_memory_bytes=2 * 2**30))
+    out: dict = {}
+    for cache in (True, False):
+        e = VLLMEngine(cfg.teacher.model, engine.model_copy(update={"enable_prefix_caching": cache}), cfg.teacher.sampling)
+        try:
+            e.chat([c1_conversation(r, ps["c1"]) for r in rows[:8]])  # warm-up
+            if cache:
+                firsts = e.chat([c1_conversation(r, ps["c1"]) for r in rows])
+                out["c1_prompt_tokens"] = sum(f[0].prompt_tokens for f in firsts) / len(rows)
+                conversations = [c2_conversation(r, ps["c1"], f[0].text, ps["teacher_c2"]) for r, f in zip(rows, firsts)]
+            t0 = time.perf_counter()
+            seconds = e.chat(conversations)
+            out["on" if cache else "off"] = time.perf_counter() - t0
+            out["c2_prompt_tokens"] = sum(s[0].prompt_tokens for s in seconds) / len(rows)
+            out["c2_output_tokens"] = sum(s[0].output_tokens for s in seconds) / len(rows)
+        finally:
+            e.close()
+    return out
 
 
 # ---------------------------------------------------------------- the old path, for comparison only
@@ -269,6 +315,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="rows per teacher batch (default 64)")
     ap.add_argument("--root", type=Path, default=Path("out/bench-synthesis"))
     ap.add_argument("--skip-peer", action="store_true", help="leave out the ray.data.llm peer")
+    ap.add_argument("--math-v", type=int, default=128, help="MATH-V questions of the real-image prefix-cache figure (default 128)")
     args = ap.parse_args()
     ensure_tiny(args.root / "models" / "teacher", "teacher", 0)
     ensure_tiny(args.root / "models" / "student", "student", 0)
@@ -280,6 +327,7 @@ def main() -> None:
 
     eng = engine_side(cfg, rows, skewed, skew_cfg.teacher.sampling)
     off = without_cache(cfg, rows, eng["plain"]["c1"])
+    real = c2_on_real_images(cfg, math_v_rows(cfg, args.math_v))
     init_ray(cfg.ray)
     _, pipe, _ = pipeline_run(cfg, rows, "ours")
     _, pipe_skew, _ = pipeline_run(skew_cfg, skewed, "ours")
@@ -300,6 +348,10 @@ def main() -> None:
         "c2_seconds_prefix_cache_on": round(eng["plain"]["c2_seconds"], 3), "c2_seconds_prefix_cache_off": round(off["c2_seconds"], 3),
         "c2_prefix_cache_speedup": round(off["c2_seconds"] / eng["plain"]["c2_seconds"], 3),
         "c2_prefill_prefix_cache_speedup": round(off["c2_prefill_seconds"] / eng["c2_prefill_seconds"], 3),
+        "math_v_rows": args.math_v, "math_v_c1_prompt_tokens": round(real["c1_prompt_tokens"], 1),
+        "math_v_c2_prompt_tokens": round(real["c2_prompt_tokens"], 1), "math_v_c2_output_tokens": round(real["c2_output_tokens"], 1),
+        "math_v_c2_seconds_prefix_cache_on": round(real["on"], 3), "math_v_c2_seconds_prefix_cache_off": round(real["off"], 3),
+        "math_v_c2_prefix_cache_speedup": round(real["off"] / real["on"], 3),
     }
     if not args.skip_peer:
         _, ours, ours_texts = pipeline_run(cfg, rows, "teacher_only")
