@@ -257,6 +257,7 @@ class TrainConfig(Section):
     packing: bool = F(False, "Pack several samples into each row of up to cutoff_len tokens (each attends only to itself) instead of padding; batch_size then counts packed rows.")
     shuffle_window: int = F(1024, "Samples per shuffle window: the SFT set is cut into windows in read order and every epoch shuffles each window's samples (packed rows) by (seed, epoch); a worker holds about window / num_workers encoded samples, pixels included, so lower it for large images.", ge=1)
     data_cpus: float = F(1.0, "CPUs each Ray Data task that reads and encodes the SFT set reserves (the image processor runs there, while the workers train); 0 lets them share CPUs the workers hold.", ge=0)
+    encoded_cache_gb: float = F(8.0, "Each worker keeps its encoded samples (pixels included) on its local disk (the temp directory) after its first whole pass, up to this many GB, and reads later epochs back from there instead of encoding them again; a worker whose samples outgrow it encodes every epoch. 0: encode every epoch.", ge=0)
     precision: Literal["auto", "bf16", "fp32"] = F("auto", "auto: bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = F(False, "Trade compute for memory.")
     strategy: Literal["ddp", "fsdp"] = F("ddp", "ddp: every worker holds the whole student; fsdp: parameters, gradients and optimizer state are sharded across the workers per transformer block (FSDP2; gloo on CPU, NCCL on GPU), for students that do not fit one device.")

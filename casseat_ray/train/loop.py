@@ -10,6 +10,7 @@ step), so a resumed run replays exactly what an uninterrupted one would have don
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import tempfile
 import time
@@ -235,7 +236,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from casseat_ray.train.collate import aft_rows, collate, collate_packed
     from casseat_ray.train.losses import aft_loss
-    from casseat_ray.train.stream import Plan, epoch_windows, first_sample, shard_rows, steps, worker_samples
+    from casseat_ray.train.stream import EncodedCache, Plan, epoch_windows, first_sample, shard_rows, steps, worker_samples
 
     cfg = Config.model_validate(config["cfg"])
     plan = Plan.from_dict(config["plan"])
@@ -263,7 +264,10 @@ def train_loop_per_worker(config: dict) -> None:
     rope = rope_index(_unwrap(model)) if t.packing else None
     per_epoch, total, mine = plan.per_epoch, plan.total, plan.windows[rank]
     failed: dict[str, str] = {}  # samples whose encoding failed in Ray Data: left out of their step
-    shard = ray.train.get_dataset_shard("train")
+    # one cache folder per run and rank on the node's disk: a worker restarted after a crash reuses it
+    run_key = hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:12]
+    shard = EncodedCache(ray.train.get_dataset_shard("train"), t.encoded_cache_gb * 1e9,
+                         Path(tempfile.gettempdir()) / "casseat-encoded" / f"{run_key}-rank{rank}")
 
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total), num_training_steps=total)
@@ -296,13 +300,21 @@ def train_loop_per_worker(config: dict) -> None:
     def step_batches():
         """(step, epoch, micro-batches of units of (id, Encoded, AFT group)) from ``start`` on."""
         step = start
-        while step < total:
-            epoch, pos = divmod(step, per_epoch)
-            order = epoch_windows(mine, t.seed, epoch)
-            # each epoch reads its rows anew: one more pass of this worker's Ray Data pipeline
-            for micro in steps(shard_rows(shard, failed, rope), order, pos, min(per_epoch - pos, total - step), t.batch_size, t.grad_accum):
-                yield step, epoch, [[[(sid, e, g) for sid, (e, g) in u] for u in m] for m in micro]
-                step += 1
+        try:
+            while step < total:
+                epoch, pos = divmod(step, per_epoch)
+                order = epoch_windows(mine, t.seed, epoch)
+                # each epoch reads its rows anew: the first pass from Ray Data, later ones from
+                # the worker's disk where they fit (EncodedCache)
+                rows = shard_rows(shard, failed, rope)
+                for micro in steps(rows, order, pos, min(per_epoch - pos, total - step), t.batch_size, t.grad_accum):
+                    yield step, epoch, [[[(sid, e, g) for sid, (e, g) in u] for u in m] for m in micro]
+                    step += 1
+                if step < total:
+                    for _ in rows:  # the epoch's last window ends the pass: end it, so that the cache holds it whole
+                        pass
+        finally:
+            shard.close()
 
     pad = processor.tokenizer.pad_token_id
     spare = None  # the last sample this worker trained on (see the empty micro-batch below)

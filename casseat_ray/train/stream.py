@@ -18,17 +18,24 @@ never depends on timing and a resumed run replays exactly the steps it missed.
 from __future__ import annotations
 
 import hashlib
+import logging
 import pickle
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Collection, Iterable, Iterator
+
+import pyarrow as pa
 
 from ray.train import DataConfig
 
 from casseat_ray.config import TrainConfig
 
 DROP_REASONS = ("too_long", "no_labels", "malformed")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- pure planning
@@ -299,6 +306,79 @@ class RankSplit(DataConfig):
                 its[name] = mine.iterator()
             out.append(its)
         return out
+
+
+ENCODED_SCHEMA = pa.schema([("id", pa.string()), ("sample", pa.binary()), ("error", pa.string())])
+
+
+class EncodedCache:
+    """A worker's shard that encodes once: the first whole pass streams from Ray Data (read,
+    decode, image processor) and writes each block to the worker's local disk on the way; later
+    passes read the blocks back, as a plain loop that tokenizes its dataset once would, and the
+    Ray Data pipeline never restarts at an epoch start. Either way one block is in memory at a
+    time, so the worker's memory stays flat as the set grows. (Ray Data's ``materialize()``
+    would encode the whole set into the object store before the first step.) A shard whose
+    blocks outgrow ``limit_bytes`` is not kept: every pass streams from Ray Data, as with 0.
+
+    Answers ``iter_batches`` like the Ray Data iterator it wraps; a pass stopped before its end
+    keeps nothing, and the next pass writes again."""
+
+    def __init__(self, shard, limit_bytes: float, directory: Path | None = None):
+        """``directory``: where to keep the rows (emptied first: a worker restarted after a crash
+        takes over what its predecessor left); None: a fresh temp directory."""
+        self.shard, self.limit = shard, limit_bytes
+        self.dir = None
+        if limit_bytes > 0 and directory is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="casseat-encoded-"))
+        elif limit_bytes > 0:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
+            self.dir = directory
+        self.complete = self.writing = False
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.dir is None else self.dir / "rows.arrow"
+
+    def iter_batches(self, **kwargs) -> Iterator[pa.Table]:
+        if self.complete:
+            with pa.OSFile(str(self.path)) as f:  # read, not mapped: the block's memory is freed with it
+                reader = pa.ipc.open_file(f)
+                for i in range(reader.num_record_batches):
+                    yield pa.Table.from_batches([reader.get_batch(i)])
+            return
+        # one pass writes at a time (a stand-in sample is read while an epoch's pass is open)
+        owner = self.dir is not None and not self.writing
+        writer = pa.ipc.new_file(str(self.path), ENCODED_SCHEMA) if owner else None
+        self.writing = self.writing or owner
+        written = 0
+        try:
+            for b in self.shard.iter_batches(**kwargs):
+                if writer is not None:
+                    block = b.select(ENCODED_SCHEMA.names).cast(ENCODED_SCHEMA)
+                    written += block.nbytes
+                    if written > self.limit:
+                        writer.close()
+                        writer = None
+                        log.warning("the worker's encoded samples pass encoded_cache_gb (%.1f GB): every epoch encodes them", self.limit / 1e9)
+                        self.close()
+                    else:
+                        writer.write_table(block)
+                yield b
+            if writer is not None:
+                writer.close()
+                writer = None
+                self.complete = True
+        finally:
+            if writer is not None:  # stopped early: what was written is not a whole pass
+                writer.close()
+            if owner:
+                self.writing = False
+
+    def close(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir, self.complete = None, False
 
 
 def first_sample(shard, rope=None):

@@ -231,6 +231,54 @@ def test_a_workers_rows_arrive_with_their_positions_and_the_first_good_one_stand
     assert spare.input_ids == got[1][1][0].input_ids and torch.equal(spare.positions, got[1][1][0].positions)
 
 
+def test_a_workers_encoded_rows_are_read_back_from_its_disk_after_one_whole_pass(tmp_path, tiny_models, ray_session):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from casseat_ray.config import TrainConfig
+    from casseat_ray.train.stream import ENCODED_SCHEMA, EncodedCache, encode_batch, first_sample, shard_rows
+
+    table = pq.read_table(make_sft(tmp_path / "sft", n_rows=3))
+    rows = table.to_pylist()
+    model, ids = str(tiny_models["student"]), frozenset(r["id"] for r in rows)
+    encoded = pa.Table.from_pydict(encode_batch(table, model, TrainConfig().model_dump(mode="json"), ids))
+    shard = ray.data.from_arrow(encoded).repartition(3).iterator()  # three blocks, as Ray Train hands a shard over
+
+    def whole(source) -> pa.Table:
+        return pa.concat_tables([b.select(["id", "sample", "error"]) for b in source.iter_batches(batch_format="pyarrow", batch_size=None)])
+
+    first = whole(shard)
+    cache = EncodedCache(shard, 1e9)
+    stopped = shard_rows(cache, {})
+    next(stopped)
+    stopped.close()  # a pass stopped early keeps nothing
+    assert not cache.complete and not cache.writing
+    open_pass = shard_rows(cache, {})
+    sid, sample = next(open_pass)
+    assert first_sample(cache).input_ids == sample[0].input_ids  # a stand-in read while the pass is open does not write
+    rest = list(open_pass)
+    assert [sid] + [s for s, _ in rest] == first["id"].to_pylist() and cache.complete
+    assert cache.path.stat().st_size > 0
+    cache.shard = None  # from here on the passes cannot reach Ray Data
+    assert whole(cache).equals(first.cast(ENCODED_SCHEMA)) and whole(cache).num_rows == len(rows)
+    directory = cache.dir
+    cache.close()
+    assert not directory.exists() and cache.dir is None
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "rows.arrow").write_bytes(b"left by a worker that crashed")
+    again = EncodedCache(shard, 1e9, tmp_path / "cache")  # a restarted worker's folder: emptied, then filled anew
+    assert not (tmp_path / "cache" / "rows.arrow").exists()
+    streamed = whole(again)
+    assert again.complete and again.path == tmp_path / "cache" / "rows.arrow" and whole(again).equals(streamed.cast(ENCODED_SCHEMA))
+    again.close()
+
+    small = EncodedCache(shard, 16)  # the blocks outgrow it: nothing kept, every pass from Ray Data
+    assert whole(small).num_rows == whole(small).num_rows == len(rows)
+    assert not small.complete and small.dir is None
+
+
 def test_a_sample_that_fails_to_encode_is_left_out_of_its_step_and_counted(tmp_path, tiny_models, ray_session):
     import pyarrow as pa
     import pyarrow.parquet as pq
