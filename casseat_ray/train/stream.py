@@ -283,7 +283,8 @@ ENCODE_BATCH_ROWS = 16
 class RankSplit(DataConfig):
     """Each worker's own rows of the SFT set, encoded by Ray Data: the dataset read in order,
     filtered to the plan's ids for that worker before anything is decoded, then encoded. The
-    worker iterates its shard once per epoch, and each iteration is a fresh streaming pass.
+    worker iterates its shard once per epoch: a fresh streaming pass each time, unless its
+    :class:`EncodedCache` kept the first whole one.
     Ray's streaming split hands blocks to whichever worker asks first; training needs each
     worker's rows fixed in advance, so that steps replay exactly on resume."""
 
