@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 from functools import lru_cache
 
 from casseat_ray.samples import LETTERS, format_choices
@@ -263,6 +264,50 @@ def _parsed(s: str):
     return parse(_as_latex(s), parsing_timeout=None)
 
 
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
+_PLAIN_LIST = re.compile(r"([\[(])([-+.\d\s]+(?:,[-+.\d\s]+)+)([\])])")
+
+
+def _numbers_equal(a: str, b: str, rounding: int) -> bool | None:
+    gap = abs(Decimal(a) - Decimal(b))
+    if gap == 0:
+        return True
+    return False if gap > Decimal(1).scaleb(-rounding) else None  # rounding moves each by at most half a unit
+
+
+def _plain_values_equal(a: str, b: str, rounding: int) -> bool | None:
+    """Equality of plain answers without the symbolic parser (a few ms a call, the largest
+    per-row cost of a teacher stage); None for anything else, which the parser decides.
+
+    Two plain decimal numbers: the same value is equal, values more than ``10**-rounding``
+    apart are not, as the parser rules; near-equal ones go to it. Two lists of plain numbers in
+    the same brackets (``[2, 3, 8]``): element by element, in order, as the parser compares
+    them (a tuple; with two elements an interval, whose ends decide)."""
+    a, b = a.strip().strip("$").strip(), b.strip().strip("$").strip()
+    if _PLAIN_NUMBER.fullmatch(a) and _PLAIN_NUMBER.fullmatch(b):
+        return _numbers_equal(a, b, rounding)
+    la, lb = _PLAIN_LIST.fullmatch(a), _PLAIN_LIST.fullmatch(b)
+    if not (la and lb and la[1] + la[3] == lb[1] + lb[3]):
+        return None
+    xs, ys = [x.strip() for x in la[2].split(",")], [y.strip() for y in lb[2].split(",")]
+    if not all(_PLAIN_NUMBER.fullmatch(v) for v in xs + ys):
+        return None
+    if len(xs) != len(ys):
+        return False
+    verdicts = [_numbers_equal(x, y, rounding) for x, y in zip(xs, ys)]
+    if False in verdicts:
+        return False
+    return True if all(verdicts) else None
+
+
+def warm_up() -> None:
+    """Imports the symbolic checker and runs it once on each answer shape it meets (fractions,
+    degrees, lists, words): its first calls cost about 2 s of imports and parser set-up, which
+    a stage would otherwise pay on its first rows with its event loop blocked."""
+    for a, b in (("\\frac{1}{2}", "0.5"), ("45°", "30°"), ("[5, 8]", "[1, 3]"), ("blue", "red"), ("x+1", "2x")):
+        math_equal(a, b)
+
+
 @lru_cache(maxsize=65536)
 def math_equal(a: str, b: str, rounding: int = 6) -> bool:
     """Mathematical equivalence of two answers (fractions, roots, pi, degrees, decimals),
@@ -271,6 +316,12 @@ def math_equal(a: str, b: str, rounding: int = 6) -> bool:
         return False
     if a.strip() == b.strip():
         return True
+    plain = _plain_values_equal(a, b, rounding)
+    return symbolic_equal(a, b, rounding) if plain is None else plain
+
+
+def symbolic_equal(a: str, b: str, rounding: int = 6) -> bool:
+    """``math_verify``'s verdict: both answers parsed as LaTeX and compared by sympy."""
     from math_verify import verify
 
     pa, pb = _parsed(a), _parsed(b)
@@ -373,11 +424,11 @@ def score(response: str | None, sample: dict, protocol: str = "math", extraction
     if letter is not None:
         prediction = choices[LETTERS.index(letter)]
         return ScoredAnswer(extraction, prediction, prediction == answer, method)
+    named = next((c for c in choices if c.strip("$ ").casefold() == extraction.strip("$ ").casefold()), None)
+    if named is not None and protocol == "math":  # an option as written: right only if it is the answer's, no parser needed
+        return ScoredAnswer(extraction, named, named == answer, method)
     equal = mathv_equal if protocol == "mathv" else same_value
-    if equal(extraction, answer):
-        return ScoredAnswer(extraction, answer, True, method)
-    matched = next((c for c in choices if c.strip("$ ").casefold() == extraction.strip("$ ").casefold()), None)
-    return ScoredAnswer(extraction, matched, False, method)
+    return ScoredAnswer(extraction, answer, True, method) if equal(extraction, answer) else ScoredAnswer(extraction, named, False, method)
 
 
 # ---------------------------------------------------------------- benchmark query

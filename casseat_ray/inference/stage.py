@@ -18,11 +18,13 @@ import asyncio
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
+from casseat_ray.answers import warm_up
 from casseat_ray.config import EngineConfig, PlacementConfig
 from casseat_ray.engines import Completion, EngineDead, failed
 from casseat_ray.rows import pending, reject, with_columns
@@ -57,10 +59,15 @@ class EngineStage:
     """Owns one engine; runs ``task`` for every pending row of the batches it is handed."""
 
     def __init__(self, task, model: str, engine_config: EngineConfig, engine=None):
+        # The answer scorer's first calls cost ~2 s (imports, parser set-up): pay them while the
+        # engine starts, not on the first rows with the actor's event loop blocked.
+        warm = threading.Thread(target=warm_up, name="scorer-warm-up", daemon=True)
+        warm.start()
         if engine is None:
             from casseat_ray.engines import create
 
             engine = create(model, engine_config)
+        warm.join()
         if engine_config.request_timeout_s:
             engine = TimedEngine(engine, engine_config.request_timeout_s)
         self.task, self.engine = task, engine

@@ -1,11 +1,14 @@
 """Answer extraction and scoring, checked against the benchmarks' own published verdicts."""
 
 import json
+import random
 from collections import Counter
 
 import pytest
 
 from casseat_ray.answers import (
+    _PLAIN_NUMBER,
+    _plain_values_equal,
     build_query,
     extract_answer,
     find_verdicts,
@@ -15,6 +18,7 @@ from casseat_ray.answers import (
     parse_verdict,
     same_value,
     score,
+    symbolic_equal,
 )
 from tests.conftest import shared_data
 
@@ -112,12 +116,55 @@ def test_equivalence_and_protocols():
     assert score("The answer is \\frac{1}{2}", mc).correct  # by value
     assert not score("The answer is \\frac{7}{12}", mc).correct  # no nearest-choice guess...
     assert score("The answer is \\frac{7}{12}", mc, protocol="mathvista").prediction in mc["choices"]  # ...except in MathVista's
+    segments = {"choices": ["AB", "BA", "AC"], "answer": "AB", "answer_type": "multi_choice"}
+    assert symbolic_equal("AB", "BA")  # to the parser, letters are symbols and products commute...
+    assert not score("The answer is BA.", segments).correct  # ...but an option named as written is that option
+    assert score("The answer is $AB$.", segments).correct
     ff = {"choices": [], "answer": "2\\sqrt{2}", "answer_type": "text"}
     assert score("so \\boxed{\\sqrt{8}}", ff).correct and not score("so \\boxed{\\sqrt{7}}", ff).correct
     s = score("no idea", {"choices": [], "answer": "3", "answer_type": "integer"})
     assert (s.extraction, s.prediction, s.correct, s.method) == (None, None, False, "none")
     with pytest.raises(ValueError, match="protocol must be one of"):
         score("3", ff, protocol="gsm8k")
+
+
+def test_plain_numbers_are_decided_as_the_symbolic_checker_decides_them():
+    """Two plain numbers skip the symbolic parser; the verdict must be the parser's own. Pairs:
+    MATH-V's numeric answers (every third) against themselves rewritten (``7.0``, ``07``, ``+7``) and
+    against values 1, 10 and 100 units of the last compared decimal away, at both roundings the
+    project uses; values within one unit go to the parser."""
+    answers = {json.loads(line)["answer"] for line in shared_data("math-v", "test.jsonl").open()}
+    numbers = sorted(a for a in answers if _PLAIN_NUMBER.fullmatch(a))
+    assert len(numbers) > 200
+    decided = 0
+    for rounding in (2, 6):
+        unit = 10.0 ** -rounding
+        for a in numbers[::3]:
+            x = float(a)
+            others = [a + ".0" if "." not in a else a + "0", "0" + a.lstrip("+-") if x >= 0 else a, "+" + a if x >= 0 else a]
+            others += [f"{x + k * unit:.{rounding + 2}f}" for k in (1.5, 10, -100)] + [f"{x + 0.5 * unit:.{rounding + 2}f}"]
+            for b in others:
+                fast = _plain_values_equal(a, b, rounding)
+                if fast is not None:
+                    decided += 1
+                    assert fast == symbolic_equal(a, b, rounding), (a, b, rounding)
+            assert _plain_values_equal(a, f"{x + 0.5 * unit:.{rounding + 2}f}", rounding) is None  # near: the parser decides
+    assert decided > 300
+    assert _plain_values_equal("x+1", "2", 6) is None and _plain_values_equal("1e2", "100", 6) is None
+
+
+def test_lists_of_plain_numbers_compare_element_by_element():
+    """Lists of plain numbers in the same brackets skip the parser; the verdict is the parser's:
+    lists as tuples (order counts), two elements as an interval (its ends count)."""
+    rng = random.Random(0)
+    for _ in range(25):
+        xs = [rng.randint(0, 20) for _ in range(rng.randint(2, 6))]
+        for ys in (xs, xs[::-1], xs + [3], [x + 1 for x in xs], [float(x) for x in xs], xs[:-1] + [xs[-1] + 0.5]):
+            for left, right in ("[]", "()"):
+                a, b = left + ", ".join(map(str, xs)) + right, left + ", ".join(map(str, ys)) + right
+                assert _plain_values_equal(a, b, 6) == symbolic_equal(a, b, 6), (a, b)
+    assert same_value("[1, 2, 3]", "[1.0, 2, 3]") and not same_value("(1, 2)", "(2, 1)") and not math_equal("[5, 8]", "[2, 3, 8, 4]")
+    assert _plain_values_equal("[1, 2]", "(1, 2)", 6) is None and _plain_values_equal("[x, 2]", "[1, 2]", 6) is None
 
 
 def test_build_query_mathvista_style():
