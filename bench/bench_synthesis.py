@@ -4,7 +4,8 @@ sampling (tiny teacher; CPU or GPU). Prints one JSON object:
 - ``engine_limit_rows_per_s``: the engine's own limit: every C1 conversation submitted to one
   engine at once, then every C2 conversation at once; no Ray.
 - ``pipeline_rows_per_s``: the synthesis job's Ray Data teacher + labeling stages.
-- ``engine_limit_ratio`` = pipeline / engine limit (goal >= 0.90).
+- ``engine_limit_ratio`` = pipeline / engine limit (goal >= 0.90), each the median of ``--repeat``
+  runs (their rates are printed too).
 - the same two on a length-skewed set (``skewed_*``): a few rows whose C1 runs to
   ``max_tokens`` among short ones, where a batch barrier costs most.
 - ``vs_batch_sync``: the pipeline / the same pipeline with a batch-synchronous teacher stage (C1
@@ -28,7 +29,7 @@ postprocess time minus that duration -- no earlier than the real send, which if 
 favours the peer. (Timing N and 2N rows and taking N / (t_2N - t_N) was tried first: an engine
 start on Ray varies by several seconds here, more than N rows take, so it is not used.)
 
-    python bench/bench_synthesis.py [--n 256] [--batch 64] [--skip-peer] [--math-v 128]
+    python bench/bench_synthesis.py [--n 256] [--batch 64] [--repeat 3] [--skip-peer] [--math-v 128]
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def _prefill_c2(engine, ps, rows: list[dict]) -> float:
     return time.perf_counter() - t0
 
 
-def engine_side(cfg, rows: list[dict], skewed: list[dict], skew_sampling) -> dict:
+def engine_side(cfg, rows: list[dict], skewed: list[dict], skew_sampling, repeat: int = 1) -> dict:
     from casseat_ray.engines.vllm import VLLMEngine
     from casseat_ray.inference.turns import c1_conversation, c2_conversation, run_prompts
 
@@ -109,7 +110,9 @@ def engine_side(cfg, rows: list[dict], skewed: list[dict], skew_sampling) -> dic
 
     try:
         two_phases(rows[:16])  # warm-up
-        plain = two_phases(rows)
+        runs = [two_phases(rows) for _ in range(repeat)]
+        plain = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run
+        plain["runs_seconds"] = [r["seconds"] for r in runs]
         skew = two_phases(skewed, skew_sampling)
         prefill = _prefill_c2(engine, ps, rows)
     finally:
@@ -182,9 +185,11 @@ class BatchSyncTeacher:
     whole batch, then return; one batch per actor at a time."""
 
     def __init__(self, cfg):
+        from casseat_ray.answers import warm_up
         from casseat_ray.engines.vllm import VLLMEngine
         from casseat_ray.inference.turns import run_prompts
 
+        warm_up()  # as the engine stage does: the scorer's set-up is start-up, on both sides
         self.cfg, self.ps = cfg, run_prompts(cfg)
         self.engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine, cfg.teacher.sampling)
 
@@ -315,6 +320,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="rows per teacher batch (default 64)")
     ap.add_argument("--root", type=Path, default=Path("out/bench-synthesis"))
     ap.add_argument("--skip-peer", action="store_true", help="leave out the ray.data.llm peer")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of the engine limit and of the pipeline, whose medians give the "
+                    "ratio (default 3: one run varies by 10%% or more on a shared 2-core machine)")
     ap.add_argument("--math-v", type=int, default=128, help="MATH-V questions of the real-image prefix-cache figure (default 128)")
     args = ap.parse_args()
     ensure_tiny(args.root / "models" / "teacher", "teacher", 0)
@@ -325,11 +332,12 @@ def main() -> None:
     rows = _rows(data)
     skewed = _skewed(rows)
 
-    eng = engine_side(cfg, rows, skewed, skew_cfg.teacher.sampling)
+    eng = engine_side(cfg, rows, skewed, skew_cfg.teacher.sampling, args.repeat)
     off = without_cache(cfg, rows, eng["plain"]["c1"])
     real = c2_on_real_images(cfg, math_v_rows(cfg, args.math_v))
     init_ray(cfg.ray)
-    _, pipe, _ = pipeline_run(cfg, rows, "ours")
+    pipes = [pipeline_run(cfg, rows, "ours")[1] for _ in range(args.repeat)]
+    pipe = sorted(pipes)[len(pipes) // 2]
     _, pipe_skew, _ = pipeline_run(skew_cfg, skewed, "ours")
     _, sync, _ = pipeline_run(cfg, rows, "batch_sync")
     _, sync_skew, _ = pipeline_run(skew_cfg, skewed, "batch_sync")
@@ -339,6 +347,8 @@ def main() -> None:
         "rows": len(rows), "batch_size": args.batch, "max_tokens": MAX_TOKENS,
         "engine_limit_rows_per_s": round(engine_rate, 2), "pipeline_rows_per_s": round(pipe, 2),
         "engine_limit_ratio": round(pipe / engine_rate, 3),
+        "engine_limit_runs_rows_per_s": [round(len(rows) / t, 2) for t in eng["plain"]["runs_seconds"]],
+        "pipeline_runs_rows_per_s": [round(p, 2) for p in pipes],
         "skewed_max_tokens": SKEW_MAX_TOKENS, "skewed_long_rows": sum(t >= SKEW_MAX_TOKENS for t in eng["skewed"]["c1_tokens"]),
         "skewed_mean_c1_tokens": round(sum(eng["skewed"]["c1_tokens"]) / len(skewed), 1),
         "skewed_engine_limit_rows_per_s": round(engine_skew, 2), "skewed_pipeline_rows_per_s": round(pipe_skew, 2),
