@@ -131,7 +131,7 @@ def test_equivalence_and_protocols():
 def test_plain_numbers_are_decided_as_the_symbolic_checker_decides_them():
     """Two plain numbers skip the symbolic parser; the verdict must be the parser's own. Pairs:
     MATH-V's numeric answers (every third) against themselves rewritten (``7.0``, ``07``, ``+7``) and
-    against values 1, 10 and 100 units of the last compared decimal away, at both roundings the
+    against values 1.5, 10 and 100 units of the last compared decimal away, at both roundings the
     project uses; values within one unit go to the parser."""
     answers = {json.loads(line)["answer"] for line in shared_data("math-v", "test.jsonl").open()}
     numbers = sorted(a for a in answers if _PLAIN_NUMBER.fullmatch(a))
