@@ -97,7 +97,7 @@ class EngineConfig(Section):
     max_model_len: int = F(4096, "Context length the engine reserves per sequence.", ge=64)
     tensor_parallel_size: int = F(1, "GPUs one engine spans (tensor parallel).", ge=1)
     pipeline_parallel_size: int = F(1, "Pipeline stages one engine spans; the engine uses tensor x pipeline devices.", ge=1)
-    distributed_executor_backend: Literal["uni", "mp", "ray"] | None = F(None, "How vLLM runs an engine spanning several devices (None: ray inside the Ray pipeline, so its workers live in the actor's placement group).")
+    distributed_executor_backend: Literal["uni", "mp", "ray"] | None = F(None, "How vLLM runs the engine (None: uni for one device, the model inside the engine process, on CPU too; ray for several devices, so that the workers live in the actor's placement group).")
     gpu_memory_utilization: float = F(0.9, "Share of GPU memory vLLM may take.", gt=0, le=1)
     kv_cache_memory_bytes: int | None = F(None, "Fixed KV-cache size in bytes (None: derived from gpu_memory_utilization). On CPU a fixed size also skips the start-up warm-up.", ge=1)
     enable_prefix_caching: bool = F(True, "Reuse the KV cache of a shared conversation prefix; makes the C2 turn cheap.")

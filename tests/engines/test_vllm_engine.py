@@ -15,6 +15,17 @@ def test_engine_implements_protocol(teacher_engine):
     assert 1 < teacher_engine.start_seconds < 600
 
 
+def test_a_one_device_engine_runs_its_model_in_the_engine_process(teacher_engine):
+    from casseat_ray.config import EngineConfig
+    from casseat_ray.engines.vllm import engine_kwargs
+
+    assert engine_kwargs("m", EngineConfig())["distributed_executor_backend"] == "uni"
+    assert "distributed_executor_backend" not in engine_kwargs("m", EngineConfig(tensor_parallel_size=2))
+    assert engine_kwargs("m", EngineConfig(tensor_parallel_size=2, distributed_executor_backend="ray"))["distributed_executor_backend"] == "ray"
+    # what vLLM resolved: no worker process of its own, on the CPU build too
+    assert teacher_engine.llm.vllm_config.parallel_config.distributed_executor_backend == "uni"
+
+
 def test_two_turn_image_cascade(teacher_engine, demo_rows):
     rows = demo_rows[:6]
     c1, c2 = prompts.load("c1"), prompts.load("c2")
