@@ -5,7 +5,7 @@ sampling (tiny teacher; CPU or GPU). Prints one JSON object:
   engine at once, then every C2 conversation at once; no Ray.
 - ``pipeline_rows_per_s``: the synthesis job's Ray Data teacher + labeling stages.
 - ``engine_limit_ratio`` = pipeline / engine limit (goal >= 0.90), each the median of ``--repeat``
-  runs (their rates are printed too).
+  runs, the two taking turns (their rates are printed too).
 - the same two on a length-skewed set (``skewed_*``): a few rows whose C1 runs to
   ``max_tokens`` among short ones, where a batch barrier costs most.
 - ``vs_batch_sync``: the pipeline / the same pipeline with a batch-synchronous teacher stage (C1
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -92,32 +93,38 @@ def _prefill_c2(engine, ps, rows: list[dict]) -> float:
     return time.perf_counter() - t0
 
 
-def engine_side(cfg, rows: list[dict], skewed: list[dict], skew_sampling, repeat: int = 1) -> dict:
-    from casseat_ray.engines.vllm import VLLMEngine
-    from casseat_ray.inference.turns import c1_conversation, c2_conversation, run_prompts
+class EngineLimit:
+    """The engine's own limit, no Ray: one engine in this process; ``run`` submits every C1
+    conversation at once, then every C2 conversation at once."""
 
-    ps = run_prompts(cfg)
-    engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine, cfg.teacher.sampling)
+    def __init__(self, cfg):
+        from casseat_ray.engines.vllm import VLLMEngine
+        from casseat_ray.inference.turns import run_prompts
 
-    def two_phases(rs, sampling=None):
+        self.ps = run_prompts(cfg)
+        self.engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine, cfg.teacher.sampling)
+
+    def run(self, rows: list[dict], sampling=None) -> dict:
+        from casseat_ray.inference.turns import c1_conversation, c2_conversation
+
+        ps = self.ps
         t0 = time.perf_counter()
-        firsts = engine.chat([c1_conversation(r, ps["c1"]) for r in rs], sampling)
+        firsts = self.engine.chat([c1_conversation(r, ps["c1"]) for r in rows], sampling)
         t1 = time.perf_counter()
-        seconds = engine.chat([c2_conversation(r, ps["c1"], f[0].text, ps["teacher_c2"]) for r, f in zip(rs, firsts)], sampling)
+        seconds = self.engine.chat([c2_conversation(r, ps["c1"], f[0].text, ps["teacher_c2"]) for r, f in zip(rows, firsts)], sampling)
         t2 = time.perf_counter()
         return {"seconds": t2 - t0, "c2_seconds": t2 - t1, "c1": [f[0].text for f in firsts], "c2": [s[0].text for s in seconds],
                 "c1_tokens": [f[0].output_tokens for f in firsts]}
 
-    try:
-        two_phases(rows[:16])  # warm-up
-        runs = [two_phases(rows) for _ in range(repeat)]
-        plain = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run
-        plain["runs_seconds"] = [r["seconds"] for r in runs]
-        skew = two_phases(skewed, skew_sampling)
-        prefill = _prefill_c2(engine, ps, rows)
-    finally:
-        engine.close()
-    return {"plain": plain, "skewed": skew, "c2_prefill_seconds": prefill}
+    def prefill_c2(self, rows: list[dict]) -> float:
+        return _prefill_c2(self.engine, self.ps, rows)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _median(runs: list, key=lambda r: r):
+    return sorted(runs, key=key)[len(runs) // 2]
 
 
 def without_cache(cfg, rows: list[dict], c1_texts: list[str]) -> dict:
@@ -311,6 +318,8 @@ KEEP = ("sample_id", "image", "question", "choices", "answer")
 
 
 def main() -> None:
+    import ray
+
     from casseat_ray.demo import ensure_tiny
     from casseat_ray.demo_data import make_demo_data
     from casseat_ray.runtime import init_ray
@@ -332,32 +341,51 @@ def main() -> None:
     rows = _rows(data)
     skewed = _skewed(rows)
 
-    eng = engine_side(cfg, rows, skewed, skew_cfg.teacher.sampling, args.repeat)
-    off = without_cache(cfg, rows, eng["plain"]["c1"])
+    # Both sides' one-device engines run their model in the engine process: ours asks vLLM for
+    # "uni" and so does ray.data.llm, which vLLM's CPU build honours only with this set (the
+    # Ray workers inherit it from this process).
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    limit = EngineLimit(cfg)
+    try:
+        limit.run(rows[:16])  # warm-up
+        # The two arms take turns, so that a slower minute on a shared machine reaches both; the
+        # engine limit runs with no Ray on the machine (Ray's own processes take some CPU even
+        # when idle), each pipeline run on a Ray started for it.
+        runs, pipes = [], []
+        for _ in range(args.repeat):
+            runs.append(limit.run(rows))
+            init_ray(cfg.ray)
+            pipes.append(pipeline_run(cfg, rows, "ours")[1])
+            ray.shutdown()
+        skew = limit.run(skewed, skew_cfg.teacher.sampling)
+        plain = _median(runs, key=lambda r: r["seconds"])
+        prefill = limit.prefill_c2(rows)
+    finally:
+        limit.close()
+    pipe = _median(pipes)
+    off = without_cache(cfg, rows, plain["c1"])
     real = c2_on_real_images(cfg, math_v_rows(cfg, args.math_v))
     init_ray(cfg.ray)
-    pipes = [pipeline_run(cfg, rows, "ours")[1] for _ in range(args.repeat)]
-    pipe = sorted(pipes)[len(pipes) // 2]
     _, pipe_skew, _ = pipeline_run(skew_cfg, skewed, "ours")
     _, sync, _ = pipeline_run(cfg, rows, "batch_sync")
     _, sync_skew, _ = pipeline_run(skew_cfg, skewed, "batch_sync")
-    engine_rate = len(rows) / eng["plain"]["seconds"]
-    engine_skew = len(skewed) / eng["skewed"]["seconds"]
+    engine_rate = len(rows) / plain["seconds"]
+    engine_skew = len(skewed) / skew["seconds"]
     result = {
         "rows": len(rows), "batch_size": args.batch, "max_tokens": MAX_TOKENS,
         "engine_limit_rows_per_s": round(engine_rate, 2), "pipeline_rows_per_s": round(pipe, 2),
         "engine_limit_ratio": round(pipe / engine_rate, 3),
-        "engine_limit_runs_rows_per_s": [round(len(rows) / t, 2) for t in eng["plain"]["runs_seconds"]],
+        "engine_limit_runs_rows_per_s": [round(len(rows) / r["seconds"], 2) for r in runs],
         "pipeline_runs_rows_per_s": [round(p, 2) for p in pipes],
-        "skewed_max_tokens": SKEW_MAX_TOKENS, "skewed_long_rows": sum(t >= SKEW_MAX_TOKENS for t in eng["skewed"]["c1_tokens"]),
-        "skewed_mean_c1_tokens": round(sum(eng["skewed"]["c1_tokens"]) / len(skewed), 1),
+        "skewed_max_tokens": SKEW_MAX_TOKENS, "skewed_long_rows": sum(t >= SKEW_MAX_TOKENS for t in skew["c1_tokens"]),
+        "skewed_mean_c1_tokens": round(sum(skew["c1_tokens"]) / len(skewed), 1),
         "skewed_engine_limit_rows_per_s": round(engine_skew, 2), "skewed_pipeline_rows_per_s": round(pipe_skew, 2),
         "skewed_engine_limit_ratio": round(pipe_skew / engine_skew, 3),
         "batch_sync_rows_per_s": round(sync, 2), "vs_batch_sync": round(pipe / sync, 3),
         "skewed_batch_sync_rows_per_s": round(sync_skew, 2), "skewed_vs_batch_sync": round(pipe_skew / sync_skew, 3),
-        "c2_seconds_prefix_cache_on": round(eng["plain"]["c2_seconds"], 3), "c2_seconds_prefix_cache_off": round(off["c2_seconds"], 3),
-        "c2_prefix_cache_speedup": round(off["c2_seconds"] / eng["plain"]["c2_seconds"], 3),
-        "c2_prefill_prefix_cache_speedup": round(off["c2_prefill_seconds"] / eng["c2_prefill_seconds"], 3),
+        "c2_seconds_prefix_cache_on": round(plain["c2_seconds"], 3), "c2_seconds_prefix_cache_off": round(off["c2_seconds"], 3),
+        "c2_prefix_cache_speedup": round(off["c2_seconds"] / plain["c2_seconds"], 3),
+        "c2_prefill_prefix_cache_speedup": round(off["c2_prefill_seconds"] / prefill, 3),
         "math_v_rows": args.math_v, "math_v_c1_prompt_tokens": round(real["c1_prompt_tokens"], 1),
         "math_v_c2_prompt_tokens": round(real["c2_prompt_tokens"], 1), "math_v_c2_output_tokens": round(real["c2_output_tokens"], 1),
         "math_v_c2_seconds_prefix_cache_on": round(real["on"], 3), "math_v_c2_seconds_prefix_cache_off": round(real["off"], 3),
