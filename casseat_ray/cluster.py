@@ -56,7 +56,7 @@ def node_types(cluster: dict) -> list[NodeType]:
 
 
 def _engine_unit(engine: EngineConfig, num_cpus: float, num_gpus: float, placement: PlacementConfig) -> dict[str, float]:
-    devices = engine.tensor_parallel_size * engine.pipeline_parallel_size
+    devices = engine.devices
     if devices == 1:
         unit = {"CPU": num_cpus, "GPU": num_gpus}
     else:  # STRICT_PACK (the default) puts every bundle on one node

@@ -114,6 +114,11 @@ class EngineConfig(Section):
     seed: int = F(0, "Engine seed.")
     extra: dict[str, Any] = F({}, "Any other vllm.LLM keyword arguments, passed through unchanged.")
 
+    @property
+    def devices(self) -> int:
+        """Devices one engine spans: tensor x pipeline."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
 
 class SamplingConfig(Section):
     temperature: float = F(0.0, "Sampling temperature; 0 is greedy.", ge=0)
@@ -136,7 +141,7 @@ class PlacementConfig(Section):
 
 def check_engine_placement(where: str, engine: EngineConfig, num_cpus: float, placement: PlacementConfig) -> None:
     """Refuse, before any work, an engine actor that could never be placed."""
-    if engine.tensor_parallel_size * engine.pipeline_parallel_size == 1:
+    if engine.devices == 1:
         return
     if num_cpus > placement.bundle.get("CPU", 0):
         raise ValueError(f"{where}: the engine actor asks for {num_cpus} CPUs but a placement bundle holds "

@@ -111,7 +111,7 @@ def engine_actor_args(engine: EngineConfig, num_cpus: float, num_gpus: float, pl
     GPU itself and vLLM's Ray executor starts one worker per bundle inside the group (the
     group captures the actor's child tasks).
     """
-    devices = engine.tensor_parallel_size * engine.pipeline_parallel_size
+    devices = engine.devices
     if devices == 1:
         return {"num_cpus": num_cpus, "num_gpus": num_gpus}, engine
     bundle = dict(placement.bundle)

@@ -77,8 +77,7 @@ def engine_kwargs(model: str, engine: EngineConfig) -> dict:
         kwargs["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
     # one device: the model runs inside the engine-core process ("uni", as ray.data.llm runs it),
     # not in a worker process of its own fed through a shared-memory queue every step
-    single = engine.tensor_parallel_size * engine.pipeline_parallel_size == 1
-    backend = engine.distributed_executor_backend or ("uni" if single else None)
+    backend = engine.distributed_executor_backend or ("uni" if engine.devices == 1 else None)
     if backend:
         kwargs["distributed_executor_backend"] = backend
     if engine.max_num_seqs:
