@@ -20,7 +20,6 @@ import math
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 import pyarrow as pa
 
@@ -113,12 +112,12 @@ class StageSpec:
     def apply(self, ds):
         from ray.data import ActorPoolStrategy
 
-        extra: dict[str, Any] = {}
-        if self.in_flight_batches:
-            extra["max_concurrency"] = self.in_flight_batches
-        compute = ActorPoolStrategy(size=self.concurrency, max_tasks_in_flight_per_actor=self.in_flight_batches)
+        # the batches Ray Data sends one actor and the calls that actor runs at once (for an
+        # async class: coroutines on its event loop) are the same number
+        compute = ActorPoolStrategy(size=self.concurrency, max_tasks_in_flight_per_actor=self.in_flight_batches,
+                                    max_concurrent_calls_per_actor=self.in_flight_batches)
         return ds.map_batches(self.cls, fn_constructor_kwargs=self.kwargs, batch_format="pyarrow", compute=compute,
-                              batch_size=self.batch_size, **self.resources, **extra)
+                              batch_size=self.batch_size, **self.resources)
 
 
 def engine_stage(name: str, task, model: str, engine: EngineConfig, *, concurrency: int, batch_size: int, num_cpus: float,

@@ -105,3 +105,37 @@ def test_local_ray_workers_share_the_interpreter_under_uv_run():
     result = [line for line in r.stdout.splitlines() if line.startswith("RESULT")]
     assert r.returncode == 0 and result, r.stderr[-2000:]
     assert result[0] == "RESULT [] True"
+
+
+class _Overlap:
+    """An async stage that records how many of its calls ran at once."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+
+    async def __call__(self, batch):
+        import asyncio
+
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        await asyncio.sleep(0.2)
+        self.now -= 1
+        return batch.append_column("peak", [[self.peak] * batch.num_rows])
+
+
+def test_an_async_stage_runs_its_in_flight_batches_at_once_without_deprecated_ray_remote_args(ray_session):
+    import warnings
+
+    import ray
+
+    from casseat_ray.inference.stage import StageSpec
+
+    spec = StageSpec("overlap", _Overlap, {}, concurrency=1, batch_size=2, resources={"num_cpus": 0.25}, in_flight_batches=3)
+    with warnings.catch_warnings():
+        # Ray 2.64 drops map_batches' **ray_remote_args: what the stage asks for goes through
+        # named parameters and the actor pool strategy
+        warnings.filterwarnings("error", message=".*ray_remote_args. is deprecated")
+        ds = spec.apply(ray.data.range(16, override_num_blocks=8).map_batches(lambda t: t, batch_format="pyarrow"))
+    peaks = [r["peak"] for r in ds.take_all()]
+    assert len(peaks) == 16
+    assert 1 < max(peaks) <= 3  # calls overlapped, never more than the batches it was handed
