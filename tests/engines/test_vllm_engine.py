@@ -1,6 +1,7 @@
 """The real vLLM engine (CPU build) on the tiny teacher; one engine for the whole session."""
 
 import io
+import os
 
 from PIL import Image
 
@@ -24,6 +25,18 @@ def test_a_one_device_engine_runs_its_model_in_the_engine_process(teacher_engine
     assert engine_kwargs("m", EngineConfig(tensor_parallel_size=2, distributed_executor_backend="ray"))["distributed_executor_backend"] == "ray"
     # what vLLM resolved: no worker process of its own, on the CPU build too
     assert teacher_engine.llm.vllm_config.parallel_config.distributed_executor_backend == "uni"
+
+
+def test_a_one_device_engine_on_cpu_asks_vllm_to_keep_uni(monkeypatch):
+    # The session sets the variable for every test; here the engine's own setting is checked.
+    from casseat_ray.engines.vllm import keep_uni_on_cpu
+
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    keep_uni_on_cpu({"distributed_executor_backend": "ray"}, cpu=True)
+    keep_uni_on_cpu({"distributed_executor_backend": "uni"}, cpu=False)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ  # a multi-device engine, or a GPU: vLLM's default
+    keep_uni_on_cpu({"distributed_executor_backend": "uni"}, cpu=True)
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
 
 def test_two_turn_image_cascade(teacher_engine, demo_rows):
