@@ -4,7 +4,13 @@ one JSON object:
 
 - ``engine_limit_items_per_s``: one engine, no Ray: every base item's C1 submitted at once, then
   every C2 at once, then the same for the tuned model (LoRA adapter); items = benchmark items x
-  models.
+  models. On CPU the engine computes with the threads Ray gives the job's engine actor
+  (``evaluate.num_cpus``, ``engine_threads``), as the job's engine does: vLLM's CPU LoRA
+  kernels gather each token's adapter weights and scale with threads, so an engine given other
+  threads than the job's is another engine.
+- ``engine_limit_all_cores_items_per_s``: the same with every core computing (torch's
+  default), and ``all_cores_ratio`` = pipeline / that: what the job leaves on the table when
+  the machine has cores its engine actor was not given.
 - ``pipeline_items_per_s``: ``casseat evaluate``'s job (Ray Data, the engine actor, scoring,
   parts written), steady state: items / (the last part written - the first item's first
   request, as the rows record it).
@@ -38,21 +44,33 @@ def _cfg(root: Path, model: Path, adapter: Path, n: int, max_tokens: int):
     ))
 
 
-def engine_side(cfg) -> dict:
-    """Both models' cascade on one engine, phase by phase, no Ray (the engine's limit)."""
+def benchmark_rows(cfg) -> list[dict]:
+    """The benchmark's items, read as the job reads them."""
+    import ray
+
     from casseat_ray import data
+    from casseat_ray.runtime import init_ray
+
+    init_ray(cfg.ray)
+    rows = [r for r in data.load(cfg, sources=list(cfg.evaluate.benchmarks), filtered=False).take_all() if r["reject_reason"] is None]
+    ray.shutdown()
+    return rows
+
+
+def engine_side(cfg, rows: list[dict], threads: float | None) -> dict:
+    """Both models' cascade on one engine, phase by phase, no Ray (the engine's limit). The
+    engine computes with ``threads`` threads (what Ray gives the job's engine actor of that
+    many CPUs); None: torch's default, every core."""
+    import contextlib
+
     from casseat_ray.engines.vllm import VLLMEngine
     from casseat_ray.evaluate.job import adapter_path, student_engine
     from casseat_ray.inference.turns import c1_conversation, c2_conversation, run_prompts
-    from casseat_ray.runtime import init_ray
+    from casseat_ray.runtime import actor_threads
 
-    init_ray(cfg.ray)  # the items are read as the job reads them
-    rows = [r for r in data.load(cfg, sources=list(cfg.evaluate.benchmarks), filtered=False).take_all() if r["reject_reason"] is None]
-    import ray
-
-    ray.shutdown()
     ps = run_prompts(cfg)
-    engine = VLLMEngine(cfg.student.model, student_engine(cfg), cfg.evaluate.sampling)
+    with actor_threads(threads) if threads is not None else contextlib.nullcontext():
+        engine = VLLMEngine(cfg.student.model, student_engine(cfg), cfg.evaluate.sampling)
     adapter = str(adapter_path(cfg).resolve())
     try:
         engine.chat([c1_conversation(r, ps["c1"]) for r in rows[:8]], adapter=adapter)  # warm-up, LoRA loaded
@@ -98,13 +116,18 @@ def main() -> None:
     if not (adapter / "adapter_config.json").is_file():
         make_tiny_adapter(model, adapter)
     cfg = _cfg(args.root, model, adapter, args.n, args.max_tokens)
-    eng = engine_side(cfg)
+    rows = benchmark_rows(cfg)
+    eng = engine_side(cfg, rows, cfg.evaluate.num_cpus)
+    every_core = engine_side(cfg, rows, None)
     pipe = pipeline_side(cfg)
     limit = eng["items"] / eng["seconds"]
+    limit_all = every_core["items"] / every_core["seconds"]
     rate = pipe["items"] / pipe["steady_seconds"]
     print(json.dumps({
         "items": pipe["items"], "mode": "cascade", "models": ["base", "tuned"], "max_tokens": args.max_tokens,
+        "engine_threads": max(1, int(cfg.evaluate.num_cpus)),
         "engine_limit_items_per_s": round(limit, 2), "pipeline_items_per_s": round(rate, 2), "engine_limit_ratio": round(rate / limit, 3),
+        "engine_limit_all_cores_items_per_s": round(limit_all, 2), "all_cores_ratio": round(rate / limit_all, 3),
         "pipeline_wall_seconds": round(pipe["wall_seconds"], 1), "accuracy": pipe["accuracy"],
     }, indent=2))
 

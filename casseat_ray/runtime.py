@@ -3,6 +3,7 @@ for `ray job submit`), and placing the actors that own an engine."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -130,6 +131,23 @@ def placement_group_args(bundles: list[dict], strategy: str) -> dict:
 
     pg = ray.util.placement_group(bundles, strategy=strategy)
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}
+
+
+@contextlib.contextmanager
+def actor_threads(num_cpus: float):
+    """Inside: the compute threads Ray gives an actor of ``num_cpus`` CPUs (``OMP_NUM_THREADS``,
+    at least 1), for a process started here, such as a vLLM engine's core on CPU; the variable
+    as it was afterwards. A benchmark's engine outside Ray then runs with the threads the job's
+    engine actor gets."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(max(1, int(num_cpus)))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
 
 
 def in_ray_job() -> bool:

@@ -139,3 +139,28 @@ def test_an_async_stage_runs_its_in_flight_batches_at_once_without_deprecated_ra
     peaks = [r["peak"] for r in ds.take_all()]
     assert len(peaks) == 16
     assert 1 < max(peaks) <= 3  # calls overlapped, never more than the batches it was handed
+
+
+def test_actor_threads_gives_a_process_the_threads_ray_gives_an_actor_of_those_cpus(ray_session, monkeypatch):
+    # A benchmark's engine outside Ray must compute with the threads the job's engine actor gets.
+    import os
+
+    from casseat_ray.runtime import actor_threads
+
+    @ray_session.remote
+    class Threads:
+        def omp(self):
+            return os.environ.get("OMP_NUM_THREADS")
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # restored afterwards, whatever it was
+    for cpus in (0.5, 1.5):
+        actor = Threads.options(num_cpus=cpus).remote()
+        given = ray_session.get(actor.omp.remote())
+        ray_session.kill(actor)
+        with actor_threads(cpus):
+            assert os.environ["OMP_NUM_THREADS"] == given == "1"
+        assert os.environ["OMP_NUM_THREADS"] == "7"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    with actor_threads(2):
+        assert os.environ["OMP_NUM_THREADS"] == "2"
+    assert "OMP_NUM_THREADS" not in os.environ
