@@ -2,7 +2,10 @@
 sampling (tiny teacher; CPU or GPU). Prints one JSON object:
 
 - ``engine_limit_rows_per_s``: the engine's own limit: every C1 conversation submitted to one
-  engine at once, then every C2 conversation at once; no Ray.
+  engine at once, then every C2 conversation at once; no Ray. On CPU every engine of this
+  process computes with the threads Ray gives the job's teacher actor (``teacher.num_cpus``,
+  ``engine_threads``), as the job's engine does; ``engine_limit_all_cores_rows_per_s`` is the
+  limit with every core computing (torch's default), taken in the same rounds.
 - ``pipeline_rows_per_s``: the synthesis job's Ray Data teacher + labeling stages.
 - ``engine_limit_ratio`` = pipeline / engine limit (goal >= 0.90), each the median of ``--repeat``
   runs, the two taking turns (their rates are printed too).
@@ -97,12 +100,14 @@ class EngineLimit:
     """The engine's own limit, no Ray: one engine in this process; ``run`` submits every C1
     conversation at once, then every C2 conversation at once."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, threads: float | None):
+        """``threads``: the engine's compute threads (None: torch's default, every core)."""
         from casseat_ray.engines.vllm import VLLMEngine
         from casseat_ray.inference.turns import run_prompts
 
         self.ps = run_prompts(cfg)
-        self.engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine, cfg.teacher.sampling)
+        with _threads(threads):
+            self.engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine, cfg.teacher.sampling)
 
     def run(self, rows: list[dict], sampling=None) -> dict:
         from casseat_ray.inference.turns import c1_conversation, c2_conversation
@@ -123,6 +128,16 @@ class EngineLimit:
         self.engine.close()
 
 
+def _threads(threads: float | None):
+    """The compute threads of an engine started inside: what Ray gives an actor of ``threads``
+    CPUs; None: torch's default."""
+    import contextlib
+
+    from casseat_ray.runtime import actor_threads
+
+    return actor_threads(threads) if threads is not None else contextlib.nullcontext()
+
+
 def _median(runs: list, key=lambda r: r):
     return sorted(runs, key=key)[len(runs) // 2]
 
@@ -133,7 +148,8 @@ def without_cache(cfg, rows: list[dict], c1_texts: list[str]) -> dict:
     from casseat_ray.inference.turns import c1_conversation, c2_conversation, run_prompts
 
     ps = run_prompts(cfg)
-    engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine.model_copy(update={"enable_prefix_caching": False}), cfg.teacher.sampling)
+    with _threads(cfg.teacher.num_cpus):
+        engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine.model_copy(update={"enable_prefix_caching": False}), cfg.teacher.sampling)
     try:
         engine.chat([c1_conversation(r, ps["c1"]) for r in rows[:16]])  # warm-up
         t0 = time.perf_counter()
@@ -169,7 +185,8 @@ def c2_on_real_images(cfg, rows: list[dict]) -> dict:
                                                        kv_cache_memory_bytes=2 * 2**30))
     out: dict = {}
     for cache in (True, False):
-        e = VLLMEngine(cfg.teacher.model, engine.model_copy(update={"enable_prefix_caching": cache}), cfg.teacher.sampling)
+        with _threads(cfg.teacher.num_cpus):
+            e = VLLMEngine(cfg.teacher.model, engine.model_copy(update={"enable_prefix_caching": cache}), cfg.teacher.sampling)
         try:
             e.chat([c1_conversation(r, ps["c1"]) for r in rows[:8]])  # warm-up
             if cache:
@@ -345,15 +362,17 @@ def main() -> None:
     # "uni" and so does ray.data.llm, which vLLM's CPU build honours only with this set (the
     # Ray workers inherit it from this process).
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    limit = EngineLimit(cfg)
+    limit, every_core = EngineLimit(cfg, cfg.teacher.num_cpus), EngineLimit(cfg, None)
     try:
         limit.run(rows[:16])  # warm-up
-        # The two arms take turns, so that a slower minute on a shared machine reaches both; the
+        every_core.run(rows[:16])
+        # The arms take turns, so that a slower minute on a shared machine reaches each; the
         # engine limit runs with no Ray on the machine (Ray's own processes take some CPU even
         # when idle), each pipeline run on a Ray started for it.
-        runs, pipes = [], []
+        runs, all_cores, pipes = [], [], []
         for _ in range(args.repeat):
             runs.append(limit.run(rows))
+            all_cores.append(every_core.run(rows)["seconds"])
             init_ray(cfg.ray)
             pipes.append(pipeline_run(cfg, rows, "ours")[1])
             ray.shutdown()
@@ -362,6 +381,7 @@ def main() -> None:
         prefill = limit.prefill_c2(rows)
     finally:
         limit.close()
+        every_core.close()
     pipe = _median(pipes)
     off = without_cache(cfg, rows, plain["c1"])
     real = c2_on_real_images(cfg, math_v_rows(cfg, args.math_v))
@@ -372,9 +392,11 @@ def main() -> None:
     engine_rate = len(rows) / plain["seconds"]
     engine_skew = len(skewed) / skew["seconds"]
     result = {
-        "rows": len(rows), "batch_size": args.batch, "max_tokens": MAX_TOKENS,
+        "rows": len(rows), "batch_size": args.batch, "max_tokens": MAX_TOKENS, "engine_threads": max(1, int(cfg.teacher.num_cpus)),
         "engine_limit_rows_per_s": round(engine_rate, 2), "pipeline_rows_per_s": round(pipe, 2),
         "engine_limit_ratio": round(pipe / engine_rate, 3),
+        "engine_limit_all_cores_rows_per_s": round(len(rows) / _median(all_cores), 2),
+        "all_cores_ratio": round(pipe * _median(all_cores) / len(rows), 3),
         "engine_limit_runs_rows_per_s": [round(len(rows) / r["seconds"], 2) for r in runs],
         "pipeline_runs_rows_per_s": [round(p, 2) for p in pipes],
         "skewed_max_tokens": SKEW_MAX_TOKENS, "skewed_long_rows": sum(t >= SKEW_MAX_TOKENS for t in skew["c1_tokens"]),
