@@ -59,17 +59,15 @@ def benchmark_rows(cfg) -> list[dict]:
 
 def engine_side(cfg, rows: list[dict], threads: float | None) -> dict:
     """Both models' cascade on one engine, phase by phase, no Ray (the engine's limit). The
-    engine computes with ``threads`` threads (what Ray gives the job's engine actor of that
-    many CPUs); None: torch's default, every core."""
-    import contextlib
-
+    engine computes with the threads Ray gives an actor of ``threads`` CPUs (the job's engine
+    actor's); None: torch's default, every core."""
     from casseat_ray.engines.vllm import VLLMEngine
     from casseat_ray.evaluate.job import adapter_path, student_engine
     from casseat_ray.inference.turns import c1_conversation, c2_conversation, run_prompts
     from casseat_ray.runtime import actor_threads
 
     ps = run_prompts(cfg)
-    with actor_threads(threads) if threads is not None else contextlib.nullcontext():
+    with actor_threads(threads):
         engine = VLLMEngine(cfg.student.model, student_engine(cfg), cfg.evaluate.sampling)
     adapter = str(adapter_path(cfg).resolve())
     try:
@@ -104,6 +102,7 @@ def pipeline_side(cfg) -> dict:
 
 def main() -> None:
     from casseat_ray.demo import ensure_tiny
+    from casseat_ray.runtime import actor_thread_count
     from casseat_ray.tiny import make_tiny_adapter
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,7 +124,7 @@ def main() -> None:
     rate = pipe["items"] / pipe["steady_seconds"]
     print(json.dumps({
         "items": pipe["items"], "mode": "cascade", "models": ["base", "tuned"], "max_tokens": args.max_tokens,
-        "engine_threads": max(1, int(cfg.evaluate.num_cpus)),
+        "engine_threads": actor_thread_count(cfg.evaluate.num_cpus),
         "engine_limit_items_per_s": round(limit, 2), "pipeline_items_per_s": round(rate, 2), "engine_limit_ratio": round(rate / limit, 3),
         "engine_limit_all_cores_items_per_s": round(limit_all, 2), "all_cores_ratio": round(rate / limit_all, 3),
         "pipeline_wall_seconds": round(pipe["wall_seconds"], 1), "accuracy": pipe["accuracy"],

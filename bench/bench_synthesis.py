@@ -101,12 +101,14 @@ class EngineLimit:
     conversation at once, then every C2 conversation at once."""
 
     def __init__(self, cfg, threads: float | None):
-        """``threads``: the engine's compute threads (None: torch's default, every core)."""
+        """``threads``: the CPUs of the job's engine actor, whose compute threads the engine gets
+        (None: torch's default, every core)."""
         from casseat_ray.engines.vllm import VLLMEngine
         from casseat_ray.inference.turns import run_prompts
+        from casseat_ray.runtime import actor_threads
 
         self.ps = run_prompts(cfg)
-        with _threads(threads):
+        with actor_threads(threads):
             self.engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine, cfg.teacher.sampling)
 
     def run(self, rows: list[dict], sampling=None) -> dict:
@@ -128,16 +130,6 @@ class EngineLimit:
         self.engine.close()
 
 
-def _threads(threads: float | None):
-    """The compute threads of an engine started inside: what Ray gives an actor of ``threads``
-    CPUs; None: torch's default."""
-    import contextlib
-
-    from casseat_ray.runtime import actor_threads
-
-    return actor_threads(threads) if threads is not None else contextlib.nullcontext()
-
-
 def _median(runs: list, key=lambda r: r):
     return sorted(runs, key=key)[len(runs) // 2]
 
@@ -146,9 +138,10 @@ def without_cache(cfg, rows: list[dict], c1_texts: list[str]) -> dict:
     """C2 seconds (whole turn, and prefill alone) on an engine with the prefix cache off."""
     from casseat_ray.engines.vllm import VLLMEngine
     from casseat_ray.inference.turns import c1_conversation, c2_conversation, run_prompts
+    from casseat_ray.runtime import actor_threads
 
     ps = run_prompts(cfg)
-    with _threads(cfg.teacher.num_cpus):
+    with actor_threads(cfg.teacher.num_cpus):
         engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine.model_copy(update={"enable_prefix_caching": False}), cfg.teacher.sampling)
     try:
         engine.chat([c1_conversation(r, ps["c1"]) for r in rows[:16]])  # warm-up
@@ -177,6 +170,7 @@ def c2_on_real_images(cfg, rows: list[dict]) -> dict:
     answers the same C2 conversations."""
     from casseat_ray.engines.vllm import VLLMEngine
     from casseat_ray.inference.turns import c1_conversation, c2_conversation, run_prompts
+    from casseat_ray.runtime import actor_threads
 
     ps = run_prompts(cfg)
     # a real Qwen2-VL processor's image budget; room for ~1,300 image tokens per prompt and
@@ -185,7 +179,7 @@ def c2_on_real_images(cfg, rows: list[dict]) -> dict:
                                                        kv_cache_memory_bytes=2 * 2**30))
     out: dict = {}
     for cache in (True, False):
-        with _threads(cfg.teacher.num_cpus):
+        with actor_threads(cfg.teacher.num_cpus):
             e = VLLMEngine(cfg.teacher.model, engine.model_copy(update={"enable_prefix_caching": cache}), cfg.teacher.sampling)
         try:
             e.chat([c1_conversation(r, ps["c1"]) for r in rows[:8]])  # warm-up
@@ -339,7 +333,7 @@ def main() -> None:
 
     from casseat_ray.demo import ensure_tiny
     from casseat_ray.demo_data import make_demo_data
-    from casseat_ray.runtime import init_ray
+    from casseat_ray.runtime import actor_thread_count, init_ray
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=256, help="N: 2N questions are run (default 256)")
@@ -392,7 +386,7 @@ def main() -> None:
     engine_rate = len(rows) / plain["seconds"]
     engine_skew = len(skewed) / skew["seconds"]
     result = {
-        "rows": len(rows), "batch_size": args.batch, "max_tokens": MAX_TOKENS, "engine_threads": max(1, int(cfg.teacher.num_cpus)),
+        "rows": len(rows), "batch_size": args.batch, "max_tokens": MAX_TOKENS, "engine_threads": actor_thread_count(cfg.teacher.num_cpus),
         "engine_limit_rows_per_s": round(engine_rate, 2), "pipeline_rows_per_s": round(pipe, 2),
         "engine_limit_ratio": round(pipe / engine_rate, 3),
         "engine_limit_all_cores_rows_per_s": round(len(rows) / _median(all_cores), 2),

@@ -133,14 +133,23 @@ def placement_group_args(bundles: list[dict], strategy: str) -> dict:
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)}
 
 
+def actor_thread_count(num_cpus: float) -> int:
+    """The compute threads Ray gives an actor of ``num_cpus`` CPUs (``OMP_NUM_THREADS``: the
+    floor, at least 1)."""
+    return max(1, int(num_cpus))
+
+
 @contextlib.contextmanager
-def actor_threads(num_cpus: float):
-    """Inside: the compute threads Ray gives an actor of ``num_cpus`` CPUs (``OMP_NUM_THREADS``,
-    at least 1), for a process started here, such as a vLLM engine's core on CPU; the variable
-    as it was afterwards. A benchmark's engine outside Ray then runs with the threads the job's
-    engine actor gets."""
+def actor_threads(num_cpus: float | None):
+    """Inside: ``OMP_NUM_THREADS`` as Ray sets it for an actor of ``num_cpus`` CPUs, for a
+    process started here, such as a vLLM engine's core on CPU; the variable as it was
+    afterwards. A benchmark's engine outside Ray then runs with the threads the job's engine
+    actor gets. None leaves the variable as it is (unset: torch's default, every core)."""
+    if num_cpus is None:
+        yield
+        return
     before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(max(1, int(num_cpus)))
+    os.environ["OMP_NUM_THREADS"] = str(actor_thread_count(num_cpus))
     try:
         yield
     finally:

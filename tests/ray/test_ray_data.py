@@ -145,7 +145,7 @@ def test_actor_threads_gives_a_process_the_threads_ray_gives_an_actor_of_those_c
     # A benchmark's engine outside Ray must compute with the threads the job's engine actor gets.
     import os
 
-    from casseat_ray.runtime import actor_threads
+    from casseat_ray.runtime import actor_thread_count, actor_threads
 
     @ray_session.remote
     class Threads:
@@ -158,9 +158,13 @@ def test_actor_threads_gives_a_process_the_threads_ray_gives_an_actor_of_those_c
         given = ray_session.get(actor.omp.remote())
         ray_session.kill(actor)
         with actor_threads(cpus):
-            assert os.environ["OMP_NUM_THREADS"] == given == "1"
+            assert os.environ["OMP_NUM_THREADS"] == given == str(actor_thread_count(cpus)) == "1"
+        assert os.environ["OMP_NUM_THREADS"] == "7"
+    with actor_threads(None):  # no actor to match: the variable is left as it is
         assert os.environ["OMP_NUM_THREADS"] == "7"
     monkeypatch.delenv("OMP_NUM_THREADS")
     with actor_threads(2):
         assert os.environ["OMP_NUM_THREADS"] == "2"
     assert "OMP_NUM_THREADS" not in os.environ
+    with actor_threads(None):
+        assert "OMP_NUM_THREADS" not in os.environ
