@@ -1,10 +1,17 @@
 """LoRA adapter folders (peft's format): what makes one usable for the student, in one place
-for evaluation (the 'tuned' model) and training (``train.init_adapter``)."""
+for evaluation (the 'tuned' model) and training (``train.init_adapter``), and how one reaches
+the node that uses it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def adapter_weights(path: Path) -> Path | None:
@@ -48,3 +55,62 @@ def serving_engine(engine, adapter: Path):
 def lora_rank_slot(r: int) -> int:
     """vLLM accepts max_lora_rank from a fixed set of sizes."""
     return next(s for s in (8, 16, 32, 64, 128, 256, 320, 512) if s >= r)
+
+
+# ---------------------------------------------------------------- shipping to other nodes
+def node_copies() -> Path:
+    """Where a node keeps the adapters shipped to it, one folder per content digest."""
+    return Path(tempfile.gettempdir()) / "casseat-adapters"
+
+
+@dataclass(frozen=True)
+class ShippedAdapter:
+    """An adapter folder carried in Ray's object store to the engine actors and training
+    workers that use it. A path on the driver is not one on another node: a URI output's
+    adapter sits in the driver's staging folder, and a user's adapter may be on its local disk.
+    ``str()`` is the folder on the driver (what outputs record); ``local()`` a copy on the
+    calling node, written once per node and content."""
+
+    path: str
+    digest: str
+    files: Any  # ObjectRef of {file name: bytes}
+
+    def __str__(self) -> str:
+        return self.path
+
+    def local(self) -> Path:
+        target = node_copies() / self.digest
+        if target.is_dir():
+            return target
+        import ray
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.digest}-", dir=target.parent))
+        for name, data in ray.get(self.files).items():
+            (tmp / name).write_bytes(data)
+        try:
+            os.rename(tmp, target)  # whole or not at all, for the other processes of this node
+        except OSError:  # another process of this node put it there first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def drop_local(self) -> None:
+        """Remove this node's copy (the driver's, once the step that used it is over)."""
+        shutil.rmtree(node_copies() / self.digest, ignore_errors=True)
+
+
+def ship(path: Path) -> ShippedAdapter:
+    """The adapter folder ``path`` (its files; peft's folder has no subfolders) in Ray's object
+    store; needs a connected Ray."""
+    import ray
+
+    files = {f.name: f.read_bytes() for f in sorted(Path(path).iterdir()) if f.is_file()}
+    h = hashlib.sha256()
+    for name, data in files.items():
+        h.update(name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+    return ShippedAdapter(str(path), h.hexdigest()[:20], ray.put(files))
+
+
+def local_path(adapter: ShippedAdapter | str | Path) -> str:
+    """The folder an adapter can be loaded from on this node."""
+    return str(adapter.local() if isinstance(adapter, ShippedAdapter) else adapter)

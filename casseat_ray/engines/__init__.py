@@ -68,7 +68,8 @@ class Engine(Protocol):
     model: str
 
     async def generate(self, conversation: list[dict], sampling=None, adapter: str | None = None) -> list[Completion]:
-        """``sampling.n`` completions of one conversation, awaitable from any event loop.
+        """``sampling.n`` completions of one conversation, awaitable from any event loop;
+        ``adapter``: a LoRA adapter folder of this node, or an ``adapters.ShippedAdapter``.
 
         A conversation the backend rejects yields ``[failed(reason)]`` (``[refused_too_long(
         reason)]`` when its prompt does not fit the context); a dead backend raises

@@ -133,7 +133,7 @@ class VLLMEngine:
         self.default_sampling = sampling or SamplingConfig()
         self.max_num_seqs = engine.max_num_seqs
         self._ids = itertools.count()
-        self._lora_ids: dict[str, int] = {}
+        self._loras: dict[str, object] = {}  # adapter -> its LoRARequest
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
         self._thread.start()
@@ -184,22 +184,30 @@ class VLLMEngine:
     def _on_loop(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def _lora(self, adapter: str | None):
+    def _lora(self, adapter):
+        """The request of ``adapter`` (a folder, or a ``ShippedAdapter`` copied to this node
+        at its first use), one id per adapter."""
         if adapter is None:
             return None
-        from vllm.lora.request import LoRARequest
+        key = str(adapter)
+        if key not in self._loras:
+            from vllm.lora.request import LoRARequest
 
-        idx = self._lora_ids.setdefault(str(adapter), len(self._lora_ids) + 1)
-        return LoRARequest(f"adapter{idx}", idx, str(adapter))
+            from casseat_ray.adapters import local_path
 
-    async def _generate_here(self, conversation: list[dict], sampling: SamplingConfig, adapter: str | None) -> list[Completion]:
+            idx = len(self._loras) + 1
+            self._loras[key] = LoRARequest(f"adapter{idx}", idx, local_path(adapter))
+        return self._loras[key]
+
+    async def _generate_here(self, conversation: list[dict], sampling: SamplingConfig, adapter) -> list[Completion]:
         """Runs on the engine's loop. Anything wrong with this one request fails it alone."""
         if self.llm.errored:
             raise EngineDead(str(self.llm.dead_error))
         if self._one_adapter_at_a_time:
             async with self._turn:
-                await self._turn.wait_for(lambda: self._active[1] == 0 or self._active[0] == adapter)
-                self._active = (adapter, self._active[1] + 1)
+                key = None if adapter is None else str(adapter)
+                await self._turn.wait_for(lambda: self._active[1] == 0 or self._active[0] == key)
+                self._active = (key, self._active[1] + 1)
             try:
                 return await self._request(conversation, sampling, adapter)
             finally:
@@ -208,7 +216,7 @@ class VLLMEngine:
                     self._turn.notify_all()
         return await self._request(conversation, sampling, adapter)
 
-    async def _request(self, conversation: list[dict], sampling: SamplingConfig, adapter: str | None) -> list[Completion]:
+    async def _request(self, conversation: list[dict], sampling: SamplingConfig, adapter) -> list[Completion]:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:

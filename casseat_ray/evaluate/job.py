@@ -15,7 +15,7 @@ from pathlib import Path
 
 from casseat_ray import parts as partstore
 from casseat_ray import storage
-from casseat_ray.adapters import adapter_problems, adapter_weights, serving_engine
+from casseat_ray.adapters import ShippedAdapter, adapter_problems, adapter_weights, serving_engine, ship
 from casseat_ray.config import Config, ConfigError, PlacementConfig
 from casseat_ray.engines import RETRYABLE
 from casseat_ray.evaluate.items import expand_batch
@@ -67,7 +67,7 @@ class EvalTask:
     stage = "evaluate"
     fields = RESULT_FIELDS
 
-    def __init__(self, cfg: Config, model_paths: dict[str, str], adapter: str | None):
+    def __init__(self, cfg: Config, model_paths: dict[str, str], adapter: ShippedAdapter | None):
         e = cfg.evaluate
         ps = run_prompts(cfg)
         greedy = e.sampling
@@ -144,7 +144,8 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
     funnel = data.funnel(items)
     done = partstore.done_ids(parts, "key", retry=RETRYABLE)
     protocols = {b.name: b.protocol for b in e.benchmarks}
-    adapter = str(adapter_path(cfg).resolve()) if "tuned" in e.models else None
+    # the engine actors' nodes get the adapter through the object store, not by a driver path
+    adapter = ship(adapter_path(cfg).resolve()) if "tuned" in e.models else None
     groups = []  # (models served by one engine, model path, engine config, CPUs, GPUs, actors)
     student_models = [m for m in e.models if m in ("base", "tuned")]
     if student_models:
@@ -181,6 +182,8 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
                 bars.update(block)
     finally:
         bars.close()
+        if adapter is not None:
+            adapter.drop_local()
     if written < total:
         return {"complete": False, "rows_done": written, "rows_total": total}
     return report.finalize(cfg, out_dir, parts, funnel, {"wall_seconds": time.perf_counter() - t0}, RETRYABLE)

@@ -20,7 +20,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -74,7 +74,7 @@ class ModeCall:
     sampling: SamplingConfig  # the first turn; its ``n`` is the number of samples
     c2_sampling: SamplingConfig | None = None  # default: the first turn's, one sample
     protocol: str = "math"  # scoring protocol (answers.PROTOCOLS)
-    adapter: str | None = None  # LoRA adapter for every request of the row
+    adapter: Any = None  # LoRA adapter for every request of the row: a folder or an adapters.ShippedAdapter
     c2_skip: SkipRule | None = None  # cascade only: skip C2 after a C1 that cannot be kept
     # The few-shot extraction prompt: a reply no rule parses is sent back to the same model (its
     # adapter included: vLLM's CPU build must not mix adapters in one step) and scored on what
@@ -154,7 +154,7 @@ async def run_mode(engine, row: dict, call: ModeCall) -> dict:
     first = call.prompts[FIRST_PROMPT[call.mode]]
     c1, c1_scores = await _turn(engine, await engine.generate(c1_conversation(row, first), call.sampling, call.adapter), row, call)
     out = dict(
-        mode=call.mode, model=call.model, adapter=call.adapter,
+        mode=call.mode, model=call.model, adapter=None if call.adapter is None else str(call.adapter),
         sampling=json.dumps(call.sampling.model_dump(mode="json"), sort_keys=True), c1_prompt_sha=first.sha,
         c1_texts=[o.text for o in c1], c1_finish=[o.finish_reason for o in c1], c1_errors=[o.error for o in c1],
         c1_prompt_tokens=c1[0].prompt_tokens, c1_output_tokens=[o.output_tokens for o in c1], c1_scores=c1_scores,

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from casseat_ray import parts as partstore
+from casseat_ray.adapters import ShippedAdapter, adapter_weights, serving_engine, ship
 from casseat_ray.config import Config, ConfigError, PlacementConfig, SamplingConfig
 from casseat_ray.engines import RETRYABLE, failure_reason, image_part
 from casseat_ray.rows import REJECT_FIELDS
@@ -98,7 +99,7 @@ class SampleTask:
     stage = "aft_sample"
     fields = RESPONSE_FIELDS
 
-    def __init__(self, sampling: SamplingConfig, adapter: str):
+    def __init__(self, sampling: SamplingConfig, adapter: ShippedAdapter):
         self.sampling, self.adapter = sampling, adapter
 
     async def __call__(self, engine, row: dict) -> dict:
@@ -126,8 +127,6 @@ def questions(batch: pa.Table, done: set[str]) -> pa.Table:
 
 # ---------------------------------------------------------------- the step
 def fingerprint(cfg: Config, sft: Path, adapter: Path) -> dict:
-    from casseat_ray.adapters import adapter_weights
-
     weights = adapter_weights(adapter)
     return partstore.fingerprint(cfg, (), extra={
         "student.model": cfg.student.model, "sampling": sampling(cfg).model_dump(mode="json"),
@@ -151,7 +150,6 @@ def sample(cfg: Config, sft: Path, adapter: Path, out: Path, progress: bool = Tr
     then the SFT copy with them (``out/aft_sft``); returns the step's figures."""
     from tqdm import tqdm
 
-    from casseat_ray.adapters import serving_engine
     from casseat_ray.inference.stage import engine_stage
     from casseat_ray.train.run import read_sft
 
@@ -166,7 +164,8 @@ def sample(cfg: Config, sft: Path, adapter: Path, out: Path, progress: bool = Tr
     asked = work.count()
     if asked:
         engine = serving_engine(e.engine or cfg.student.engine, adapter)
-        spec = engine_stage("aft_sample", SampleTask(sampling(cfg), str(adapter.resolve())), cfg.student.model, engine,
+        shipped = ship(adapter.resolve())
+        spec = engine_stage("aft_sample", SampleTask(sampling(cfg), shipped), cfg.student.model, engine,
                             concurrency=e.concurrency, batch_size=e.batch_size, num_cpus=e.num_cpus, num_gpus=e.num_gpus,
                             placement=cfg.teacher.placement if cfg.teacher else PlacementConfig())
         bar = tqdm(total=asked, desc="AFT: stage-1 student samples", unit="q", disable=not progress, dynamic_ncols=True)
@@ -178,6 +177,7 @@ def sample(cfg: Config, sft: Path, adapter: Path, out: Path, progress: bool = Tr
                     bar.update(block.num_rows)
         finally:
             bar.close()
+            shipped.drop_local()
     figures = write_set(sft, parts, out / SFT_DIR)
     figures.update(asked=asked, seconds=round(time.perf_counter() - t0, 1))
     return figures

@@ -239,6 +239,8 @@ def train_loop_per_worker(config: dict) -> None:
     from casseat_ray.train.stream import EncodedCache, Plan, epoch_windows, first_sample, shard_rows, steps, worker_samples
 
     cfg = Config.model_validate(config["cfg"])
+    if config.get("init_adapter") is not None:  # the driver's folder, copied to this node
+        cfg.train.init_adapter = str(config["init_adapter"].local())
     plan = Plan.from_dict(config["plan"])
     out_dir = Path(config["out_dir"])
     t = cfg.train

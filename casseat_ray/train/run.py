@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from casseat_ray import storage
+from casseat_ray.adapters import adapter_problems, ship
 from casseat_ray.config import Config, ConfigError, with_absolute_models
 from casseat_ray.train import checkpoints
 
@@ -91,8 +92,6 @@ def check_run_name(cfg: Config, resume: bool) -> None:
 
 def check_init_adapter(cfg: Config) -> None:
     """``train.init_adapter`` must be a LoRA adapter of the student with the configured shape."""
-    from casseat_ray.adapters import adapter_problems
-
     if not cfg.train.init_adapter:
         return
     problems, meta = adapter_problems(Path(cfg.train.init_adapter), "train.init_adapter", cfg.student.model)
@@ -166,10 +165,13 @@ def fit(cfg: Config, path: Path, name: str, out: Path, subdir: str = "train") ->
     out_uri = storage.join(cfg.run_uri, subdir) if cfg.run_uri else None
     t = cfg.train
     plan = plan_run(cfg, path)
+    # the workers' nodes get the adapter to start from through the object store
+    init = ship(Path(t.init_adapter)) if t.init_adapter else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         # With URI outputs the rank-0 worker, on whichever node, also copies its outputs there.
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan.to_dict(), "out_dir": str(out), "out_uri": out_uri},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan.to_dict(), "out_dir": str(out), "out_uri": out_uri,
+                           "init_adapter": init},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(
             name=name, storage_path=storage_root(cfg),
@@ -187,6 +189,9 @@ def fit(cfg: Config, path: Path, name: str, out: Path, subdir: str = "train") ->
         if failure is exc:
             raise
         raise failure from exc
+    finally:
+        if init is not None:
+            init.drop_local()
     if out_uri:
         storage.copy_tree(out_uri, out)
     summary = json.loads((out / "summary.json").read_text())

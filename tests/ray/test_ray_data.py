@@ -168,3 +168,36 @@ def test_actor_threads_gives_a_process_the_threads_ray_gives_an_actor_of_those_c
     assert "OMP_NUM_THREADS" not in os.environ
     with actor_threads(None):
         assert "OMP_NUM_THREADS" not in os.environ
+
+
+def test_a_shipped_adapter_reaches_a_worker_that_cannot_read_the_drivers_folder(ray_session, tmp_path):
+    # A URI output's adapter sits in the driver's staging folder: engine actors and training
+    # workers on other nodes load a copy that travelled through the object store.
+    import os
+    import shutil
+    from pathlib import Path
+
+    from casseat_ray.adapters import local_path, ship
+
+    src = tmp_path / "adapter"
+    src.mkdir()
+    (src / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    (src / "adapter_model.safetensors").write_bytes(os.urandom(1 << 16))
+    expected = {f.name: f.read_bytes() for f in src.iterdir()}
+    shipped = ship(src)
+    shutil.rmtree(src)  # as the folder is on another node: only the object store has it
+
+    @ray_session.remote(num_cpus=0)
+    def load(adapter):
+        path = Path(local_path(adapter))
+        return str(path), {f.name: f.read_bytes() for f in path.iterdir()}
+
+    path, files = ray_session.get(load.remote(shipped))
+    assert files == expected and path != str(src) and str(shipped) == str(src)  # outputs still name the driver's folder
+    assert ray_session.get(load.remote(shipped))[0] == path  # one copy per node and content
+    assert not [p for p in Path(path).parent.iterdir() if p.name.startswith(f".{shipped.digest}")]  # no half-written copy
+    shipped.drop_local()
+    assert not Path(path).exists()
+    src.mkdir()
+    (src / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 16}')
+    assert ship(src).digest != shipped.digest  # other content, another copy
