@@ -4,6 +4,7 @@ the node that uses it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -97,6 +98,8 @@ class ShippedAdapter:
     def drop_local(self) -> None:
         """Remove this node's copy (the driver's, once the step that used it is over)."""
         shutil.rmtree(node_copies() / self.digest, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the folder too, when no other copy is in it
+            node_copies().rmdir()
 
 
 def ship(path: Path) -> ShippedAdapter:

@@ -19,7 +19,7 @@ ITEM_SCHEMA = pa.schema([
     pa.field("pass2_ran", pa.bool_()), pa.field("pass2_has_answer", pa.bool_()), pa.field("verdict", pa.string()),
     pa.field("extracted_by", pa.string()),  # rule | model (evaluate.model_extractor) | null: no answer
     pa.field("output_tokens", pa.int64()), pa.field("error", pa.string()),
-    pa.field("failure", pa.string()),  # engine_error (a rerun retries it) | prompt_too_long | stage_error (the task raised) | null
+    pa.field("failure", pa.string()),  # engine_error (a rerun retries it) | prompt_too_long | stage_error (the task raised) | engine_crash | null
     # best_of_n: accept-probability pick with the first k samples (k = 1..N), majority vote, oracle
     pa.field("bon_correct_by_n", pa.list_(pa.bool_())), pa.field("majority_correct", pa.bool_()), pa.field("oracle_correct", pa.bool_()),
 ])

@@ -66,6 +66,7 @@ class EvalTask:
 
     stage = "evaluate"
     fields = RESULT_FIELDS
+    key = "key"  # a sample_id has one row per model and mode
 
     def __init__(self, cfg: Config, model_paths: dict[str, str], adapter: ShippedAdapter | None):
         e = cfg.evaluate

@@ -7,29 +7,41 @@ coroutine (a *task*: a cascade, a direct answer, a judge call) on the shared eng
 waits for a batch boundary. A row whose task raises becomes that row's reject; a dead engine
 ends the actor's process so that Ray restarts it and retries its batches.
 
+A row that kills the engine every time (a kernel crash on one input) would have Ray restart
+the actor and retry its batch for ever. Before exiting, a dying actor therefore tells the run's
+``CrashLedger`` which rows were on the engine; a row on ``ISOLATE_AFTER`` dead engines runs
+alone, and one on the engine alone when it died once more becomes an ``engine_crash`` reject:
+a poison row costs at most three engine restarts, and the rows beside it go on.
+
 A task is a small picklable object with ``stage`` (the reject stage), ``fields`` (the columns
-it adds) and ``async __call__(engine, row) -> dict`` of column values, where the key
-``reject`` may hold ``(reason, detail)``.
+it adds), optionally ``key`` (the column naming a row; ``sample_id`` when absent) and
+``async __call__(engine, row) -> dict`` of column values, where the key ``reject`` may hold
+``(reason, detail)``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
 import threading
+import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from casseat_ray.answers import warm_up
 from casseat_ray.config import EngineConfig, PlacementConfig
-from casseat_ray.engines import Completion, EngineDead, failed
+from casseat_ray.engines import ENGINE_CRASH, Completion, EngineDead, failed
 from casseat_ray.rows import pending, reject, with_columns
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_NUM_SEQS = 256  # vLLM's own default for an offline engine on one device
+ISOLATE_AFTER = 2  # dead engines a row was on before it runs alone
+ALONE = "alone"
 
 
 def in_flight_limit(engine: EngineConfig) -> int:
@@ -54,10 +66,45 @@ class TimedEngine:
         return getattr(self.inner, name)
 
 
-class EngineStage:
-    """Owns one engine; runs ``task`` for every pending row of the batches it is handed."""
+class CrashLedger:
+    """The rows on each engine that died, over the actor restarts of a stage (one Ray actor
+    per driver; ``scope`` names the stage of one run): what each row may do next."""
 
-    def __init__(self, task, model: str, engine_config: EngineConfig, engine=None):
+    def __init__(self):
+        self.deaths: Counter = Counter()  # (scope, row key) -> dead engines it was on
+        self.crashed: dict[tuple, str] = {}  # (scope, row key) -> the reject detail
+
+    def died(self, scope: str, keys: list[str], error: str) -> None:
+        for k in keys:
+            self.deaths[(scope, k)] += 1
+        if len(keys) == 1 and self.deaths[(scope, keys[0])] > ISOLATE_AFTER:
+            n = self.deaths[(scope, keys[0])]
+            self.crashed[(scope, keys[0])] = f"the engine died {n} times with this row on it, the last time alone: {error}"
+
+    def verdicts(self, scope: str, keys: list[str]) -> dict[str, str]:
+        """``ALONE`` or a reject detail for the rows that may not run as usual."""
+        out = {}
+        for k in keys:
+            if (scope, k) in self.crashed:
+                out[k] = self.crashed[(scope, k)]
+            elif self.deaths[(scope, k)] >= ISOLATE_AFTER:
+                out[k] = ALONE
+        return out
+
+
+def crash_ledger():
+    """The driver's ``CrashLedger`` actor (started at its first engine stage)."""
+    import ray
+
+    return ray.remote(CrashLedger).options(name="casseat-crash-ledger", get_if_exists=True, num_cpus=0).remote()
+
+
+class EngineStage:
+    """Owns one engine; runs ``task`` for every pending row of the batches it is handed.
+    ``ledger``: the driver's ``CrashLedger`` and ``scope`` this stage's page of it (None: a dead
+    engine just ends the process)."""
+
+    def __init__(self, task, model: str, engine_config: EngineConfig, engine=None, ledger=None, scope: str = ""):
         # The answer scorer's first calls cost ~2 s (imports, parser set-up): pay them while the
         # engine starts, not on the first rows with the actor's event loop blocked.
         warm = threading.Thread(target=warm_up, name="scorer-warm-up", daemon=True)
@@ -69,32 +116,76 @@ class EngineStage:
         warm.join()
         if engine_config.request_timeout_s:
             engine = TimedEngine(engine, engine_config.request_timeout_s)
-        self.task, self.engine = task, engine
+        self.task, self.engine, self.ledger, self.scope = task, engine, ledger, scope
+        self.key = getattr(task, "key", "sample_id")  # the column naming a row
         # the engine knows its real max_num_seqs once started; the config's value when set
         self.limit = engine_config.max_in_flight or getattr(engine, "max_num_seqs", None) or in_flight_limit(engine_config)
         self._slots: asyncio.Semaphore | None = None
+        self._alone: asyncio.Lock | None = None
+        self._on_engine: set[str] = set()  # keys of the rows whose task is running
+        self._dying = False
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self._slots is None:  # created on the loop Ray Data runs this actor's batches on
-            self._slots = asyncio.Semaphore(self.limit)
+            self._slots, self._alone = asyncio.Semaphore(self.limit), asyncio.Lock()
         rows = batch.to_pylist()
-        await asyncio.gather(*(self._row(rows[i]) for i in pending(rows)))
+        todo = pending(rows)
+        verdicts = {}
+        if self.ledger is not None and todo:
+            verdicts = await self.ledger.verdicts.remote(self.scope, [str(rows[i][self.key]) for i in todo])
+        await asyncio.gather(*(self._row(rows[i], verdicts.get(str(rows[i][self.key]))) for i in todo))
         return with_columns(batch, rows, self.task.fields)
 
-    async def _row(self, row: dict) -> None:
-        async with self._slots:
+    @contextlib.asynccontextmanager
+    async def _slot(self, alone: bool):
+        """One of the engine's slots, or all of them (the row runs with nothing beside it)."""
+        if not alone:
+            async with self._slots:
+                yield
+            return
+        async with self._alone:
+            for _ in range(self.limit):
+                await self._slots.acquire()
+            try:
+                yield
+            finally:
+                for _ in range(self.limit):
+                    self._slots.release()
+
+    async def _row(self, row: dict, verdict: str | None) -> None:
+        if verdict is not None and verdict != ALONE:
+            reject(row, self.task.stage, ENGINE_CRASH, verdict)
+            return
+        key = str(row[self.key])
+        async with self._slot(verdict == ALONE):
+            self._on_engine.add(key)
             try:
                 values = await self.task(self.engine, row)
             except EngineDead as e:
-                log.error("engine dead (%s); exiting so that Ray restarts this actor", e)
-                os._exit(1)
+                await self._exit(e)
             except Exception as e:  # a bug or bad data in this row only: its reject, not a dead job
                 log.warning("row %s failed in %s: %s: %s", row.get("sample_id"), self.task.stage, type(e).__name__, e)
                 values = {"reject": ("stage_error", f"{type(e).__name__}: {e}")}
+            finally:
+                self._on_engine.discard(key)
         hit = values.pop("reject", None)
         row.update(values)
         if hit:
             reject(row, self.task.stage, *hit)
+
+    async def _exit(self, error: EngineDead) -> None:
+        """Tell the ledger which rows were on the dead engine, then end the process so that Ray
+        restarts this actor and retries its batches."""
+        if self._dying:  # another row saw it first and is reporting
+            await asyncio.Event().wait()
+        self._dying = True
+        log.error("engine dead (%s) with %d rows on it; exiting so that Ray restarts this actor", error, len(self._on_engine))
+        if self.ledger is not None:
+            try:
+                await asyncio.wait_for(self.ledger.died.remote(self.scope, sorted(self._on_engine), str(error)[:300]), 30)
+            except Exception as e:  # the restart matters more than the record
+                log.error("could not record the dead engine's rows: %s", e)
+        os._exit(1)
 
 
 @dataclass
@@ -128,4 +219,5 @@ def engine_stage(name: str, task, model: str, engine: EngineConfig, *, concurren
 
     resources, engine = engine_actor_args(engine, num_cpus, num_gpus, placement)
     batches = math.ceil(in_flight_limit(engine) / batch_size) + 1
-    return StageSpec(name, EngineStage, {"task": task, "model": model, "engine_config": engine}, concurrency, batch_size, resources, batches)
+    kwargs = {"task": task, "model": model, "engine_config": engine, "ledger": crash_ledger(), "scope": f"{name}-{uuid.uuid4().hex}"}
+    return StageSpec(name, EngineStage, kwargs, concurrency, batch_size, resources, batches)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from casseat_ray.config import Config
 from casseat_ray.data import columns, is_written_reject
-from casseat_ray.engines import ENGINE_ERROR, RETRYABLE
+from casseat_ray.engines import ENGINE_CRASH, ENGINE_ERROR, RETRYABLE
 from casseat_ray.inference.turns import run_prompts
 from casseat_ray.parts import atomic_write_text, read_parts
 from casseat_ray.rows import REJECT_SCHEMA
@@ -145,7 +145,7 @@ def finalize(cfg: Config, source, source_funnel: dict, parts: Path, timing: dict
     return stats
 
 
-ERROR_REASONS = (ENGINE_ERROR, "stage_error", "label_error", "judge_error")  # failures, not the teacher's answers
+ERROR_REASONS = (ENGINE_ERROR, ENGINE_CRASH, "stage_error", "label_error", "judge_error")  # failures, not the teacher's answers
 # Failures of the moment (an engine error, a request that timed out), not of the row: a rerun
 # of the same command tries these rows again. A bug on one row (stage_error, label_error)
 # would fail the same way again.
@@ -157,7 +157,7 @@ def failure(stats: dict, max_error_share: float) -> str | None:
     than ``max_error_share`` allows, or an empty SFT set. The outputs are still written, to be
     looked at; the command exits non-zero."""
     errors = {r: n for st in stats["stages"].values() for r, n in st["rejected"].items() if r in ERROR_REASONS}
-    asked = stats["teacher"]["rows"]
+    asked = stats["stages"]["ddf_model"]["in"]  # every question the engine stages were given
     if asked and sum(errors.values()) / asked > max_error_share:
         return (f"{sum(errors.values())} of {asked} questions failed with errors ({', '.join(f'{r} {n}' for r, n in sorted(errors.items()))}), "
                 f"over synthesis.max_error_share={max_error_share}; see rejects.parquet for the messages")
@@ -175,7 +175,8 @@ def compute_stats(cfg: Config, source_funnel: dict, light: list[dict], candidate
     """The funnel: per stage ``{"in", "out", "rejected": {reason: n}}``, plus teacher figures."""
     stages = dict(source_funnel["stages"])
     n = source_funnel["accepted"]
-    for stage in ("ddf_model", "ddf_labeled") + (("ddf_judge",) if cfg.ddf_labeled.judge.enabled else ()):
+    # "teacher": the rows its engine stage rejects itself (a task that raised, engine_crash)
+    for stage in ("ddf_model", "teacher", "ddf_labeled") + (("ddf_judge",) if cfg.ddf_labeled.judge.enabled else ()):
         rejected = Counter(r["reject_reason"] for r in light if r["reject_stage"] == stage)
         stages[stage] = {"in": n, "out": n - sum(rejected.values()), "rejected": dict(sorted(rejected.items()))}
         n = stages[stage]["out"]
@@ -241,7 +242,7 @@ def dataset_card(cfg: Config, stats: dict, ps: dict) -> str:
         f"- Teacher outputs: drop truncated={f.drop_truncated}, require answer={f.require_answer}, verdict={f.require_verdict}, "
         f"correct={f.require_correct}, consistent={f.require_consistent}; leakage phrases {f.leakage_phrases}; "
         f"at most {f.max_student_tokens} student tokens (image tokens included, never truncated).",
-        f"- Model judge: " + (f"`{cfg.judge_model}` ({'constrained verdict' if f.judge.constrained else 'free-form, last Verdict: line'}; "
+        "- Model judge: " + (f"`{cfg.judge_model}` ({'constrained verdict' if f.judge.constrained else 'free-form, last Verdict: line'}; "
                               f"no verdict: {f.judge.on_no_verdict})." if f.judge.enabled else "off."),
         "- A kept question gives a CoT sample only when its C1 answer is right (C1 alone is then a correct worked "
         "solution); a Refine question gives its self-evaluation sample only, whose C2 turn carries the correction.",

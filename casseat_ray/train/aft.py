@@ -98,6 +98,7 @@ class SampleTask:
 
     stage = "aft_sample"
     fields = RESPONSE_FIELDS
+    key = "id"
 
     def __init__(self, sampling: SamplingConfig, adapter: ShippedAdapter):
         self.sampling, self.adapter = sampling, adapter

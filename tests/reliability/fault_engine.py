@@ -9,6 +9,9 @@ restarts through marker files.
 - ``die_once``: question substrings; the first request whose conversation contains one kills
   the engine's own processes (vLLM's engine core, found among this process's children) with
   SIGKILL, as an out-of-memory kill or a crashed kernel would, then waits for its answer.
+- ``die``: question substrings; every request containing one kills the engine as ``die_once``
+  does (an input that crashes the engine every time); with ``no_engine``, the engine reports
+  itself dead (``EngineDead``) as vLLM's does.
 - ``error``: question substrings; every request containing one fails as the backend fails a
   request it rejects (``engines.failed``), the engine itself unharmed.
 - ``error_once``: question substrings; the first request containing one fails as ``error``
@@ -36,7 +39,7 @@ import os
 import time
 from pathlib import Path
 
-from casseat_ray.engines import failed
+from casseat_ray.engines import EngineDead, failed
 from casseat_ray.engines.vllm import VLLMEngine
 
 
@@ -62,6 +65,7 @@ class FaultEngine:
         faults = extra.pop("faults", {})
         self.hang_once = list(faults.get("hang_once", []))
         self.die_once = list(faults.get("die_once", []))
+        self.die = list(faults.get("die", []))
         self.error = list(faults.get("error", []))
         self.error_once = list(faults.get("error_once", []))
         self.reply = dict(faults.get("reply", {}))
@@ -106,6 +110,11 @@ class FaultEngine:
         for key in self.die_once:
             if key in text and self._first_time("die", key):
                 _kill_engine_processes()
+        if any(key in text for key in self.die):
+            (self.markers / f"died-{os.getpid()}-{time.time_ns()}").touch()
+            if self.inner is None:
+                raise EngineDead("injected: the engine died on this request")
+            _kill_engine_processes()
         if self.inner is None or any(key in text for key in self.error):
             return [failed(INJECTED_ERROR)]
         for key in self.error_once:

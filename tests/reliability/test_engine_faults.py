@@ -165,3 +165,31 @@ def test_b10_input_that_is_all_bad_or_errors_over_budget_never_end_as_a_success(
     code, err = casseat("train", "--config", str(erring["tmp"] / "erring.yaml"))
     figures["train_on_it_exit_code"] = code
     assert code == 2 and "written by a synthesis that failed" in err and "pass --data to train on it anyway" in err
+
+
+def test_f14_an_input_that_kills_the_engine_every_time_becomes_its_rows_reject_in_bounded_restarts(
+        tmp_path, tiny_models, tagged, ray_session, figures):
+    # Ray restarts a dead engine's actor and retries its batch: a row that kills every engine
+    # would do so for ever. The run's crash ledger isolates it instead (no vLLM here: the fault
+    # engine's deaths cost no engine start, and every other request fails as a backend's would).
+    poison, n = 5, 12
+    (tmp_path / "markers").mkdir()
+    faults = {"no_engine": True, "die": [tag(poison)], "delay_s": 0.3, "marker_dir": str(tmp_path / "markers")}
+    code, err, seconds = synthesize(tmp_path, tiny_models, tagged[0], "poison", faults, f"sources.0.max_samples={n}",
+                                    "teacher.batch_size=4", "synthesis.max_error_share=1.0")
+    rows = pq.read_table(tmp_path / "poison" / "work" / "parts", columns=["question", "reject_stage", "reject_reason", "reject_detail"]).to_pylist()
+    crashed = [r for r in rows if r["reject_reason"] == "engine_crash"]
+    deaths, starts = markers(tmp_path / "markers", "died"), markers(tmp_path / "markers", "attempt")
+    figures.update(rows=n, engine_deaths=deaths, actor_starts=starts, seconds=round(seconds, 1), exit_code=code,
+                   rejected=dict(Counter(r["reject_reason"] for r in rows)))
+    stats = json.loads((tmp_path / "poison" / "stats.json").read_text())
+    # the run ends: with no engine behind the faults no question is kept, which it says
+    assert code == 1 and "the SFT set is empty" in err, err[-3000:]
+    assert stats["stages"]["teacher"] == {"in": n, "out": n - 1, "rejected": {"engine_crash": 1}}
+    assert len(rows) == len({r["question"] for r in rows}) == n  # every row once, none lost
+    assert [tag(poison) in r["question"] for r in crashed] == [True]
+    assert crashed[0]["reject_stage"] == "teacher"
+    assert "the engine died 3 times with this row on it, the last time alone: injected: the engine died" in crashed[0]["reject_detail"]
+    # the rows beside it were on the first two dead engines, ran alone after, and got their answers (here: the backend's failures)
+    assert all(r["reject_reason"] == "engine_error" for r in rows if r not in crashed)
+    assert deaths == 3 and starts == 4  # three engines died on it; a fourth finished the run

@@ -274,13 +274,17 @@ def test_over_budget_rows_are_counted_but_not_written_unless_asked():
 
 
 def test_a_run_that_fails_or_keeps_nothing_is_not_a_success():
-    def stats(rejected: dict, rows=10, samples=4):
-        return {"stages": {"ddf_labeled": {"rejected": rejected}}, "teacher": {"rows": rows}, "sft": {"samples": samples}}
+    def stats(rejected: dict, rows=10, samples=4, crash=False):
+        return {"stages": {"ddf_model": {"in": rows, "rejected": {}}, "teacher": {"rejected": {"engine_crash": 1} if crash else {}},
+                           "ddf_labeled": {"rejected": rejected}}, "sft": {"samples": samples}}
 
     assert outputs.failure(stats({"accept_after_wrong": 6}), 0.1) is None
     assert outputs.failure(stats({"engine_error": 1}), 0.1) is None  # 1 of 10: within the budget
     over = outputs.failure(stats({"engine_error": 1, "stage_error": 1}), 0.1)
     assert over.startswith("2 of 10 questions failed with errors (engine_error 1, stage_error 1), over synthesis.max_error_share=0.1")
+    # a row that crashed the engine never reached the teacher's figures, but was asked
+    crashed = outputs.failure(stats({"engine_error": 1}, crash=True), 0.1)
+    assert crashed.startswith("2 of 10 questions failed with errors (engine_crash 1, engine_error 1)")
     empty = outputs.failure(stats({"accept_after_wrong": 7, "no_answer": 3}, samples=0), 0.1)
     assert empty == "the SFT set is empty: no question was kept (rejects: accept_after_wrong 7, no_answer 3)"
 
