@@ -93,10 +93,14 @@ class CrashLedger:
 
 
 def crash_ledger():
-    """The driver's ``CrashLedger`` actor (started at its first engine stage)."""
+    """The driver's ``CrashLedger`` actor (started at its first engine stage), on the driver's
+    node: it lives as long as the run, not as long as some worker node."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(CrashLedger).options(name="casseat-crash-ledger", get_if_exists=True, num_cpus=0).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(CrashLedger).options(name="casseat-crash-ledger", get_if_exists=True, num_cpus=0,
+                                           scheduling_strategy=here).remote()
 
 
 class EngineStage:
@@ -132,7 +136,10 @@ class EngineStage:
         todo = pending(rows)
         verdicts = {}
         if self.ledger is not None and todo:
-            verdicts = await self.ledger.verdicts.remote(self.scope, [str(rows[i][self.key]) for i in todo])
+            try:
+                verdicts = await self.ledger.verdicts.remote(self.scope, [str(rows[i][self.key]) for i in todo])
+            except Exception as e:  # without the ledger the rows run as usual
+                log.warning("crash ledger unreachable (%s); the batch's rows run as usual", e)
         await asyncio.gather(*(self._row(rows[i], verdicts.get(str(rows[i][self.key]))) for i in todo))
         return with_columns(batch, rows, self.task.fields)
 
