@@ -52,7 +52,7 @@ def refused_too_long(detail: str) -> Completion:
 
 
 ENGINE_ERROR = "engine_error"
-ENGINE_CRASH = "engine_crash"  # the row was on every engine that died, the last one alone: final
+ENGINE_CRASH = "engine_crash"  # the row was on three engines that died, the last time alone on it: final
 # A row a request failed for by a failure of the moment is asked again by a rerun; one whose
 # prompt is over the context (``prompt_too_long``) would fail the same way and stands.
 RETRYABLE = (ENGINE_ERROR,)
