@@ -114,6 +114,18 @@ def ship(path: Path) -> ShippedAdapter:
     return ShippedAdapter(str(path), h.hexdigest()[:20], ray.put(files))
 
 
+@contextlib.contextmanager
+def shipped(path: Path | None):
+    """``ship(path)`` for the step inside (None: no adapter, yields None); the driver node's
+    copy is removed after it."""
+    adapter = None if path is None else ship(path)
+    try:
+        yield adapter
+    finally:
+        if adapter is not None:
+            adapter.drop_local()
+
+
 def local_path(adapter: ShippedAdapter | str | Path) -> str:
     """The folder an adapter can be loaded from on this node."""
     return str(adapter.local() if isinstance(adapter, ShippedAdapter) else adapter)

@@ -10,12 +10,13 @@ so a rerun skips what is done. When every row is in a part, ``report.finalize`` 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 from casseat_ray import parts as partstore
 from casseat_ray import storage
-from casseat_ray.adapters import ShippedAdapter, adapter_problems, adapter_weights, serving_engine, ship
+from casseat_ray.adapters import ShippedAdapter, adapter_problems, adapter_weights, serving_engine, shipped
 from casseat_ray.config import Config, ConfigError, PlacementConfig
 from casseat_ray.engines import RETRYABLE
 from casseat_ray.evaluate.items import expand_batch
@@ -145,8 +146,6 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
     funnel = data.funnel(items)
     done = partstore.done_ids(parts, "key", retry=RETRYABLE)
     protocols = {b.name: b.protocol for b in e.benchmarks}
-    # the engine actors' nodes get the adapter through the object store, not by a driver path
-    adapter = ship(adapter_path(cfg).resolve()) if "tuned" in e.models else None
     groups = []  # (models served by one engine, model path, engine config, CPUs, GPUs, actors)
     student_models = [m for m in e.models if m in ("base", "tuned")]
     if student_models:
@@ -158,7 +157,8 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
     total = funnel["accepted"] * per_item * len(e.models)
     bars = report.progress_bars(e, funnel, enabled=progress, done=done)
     written = len(done)
-    try:
+    # the engine actors' nodes get the adapter through the object store, not by a driver path
+    with shipped(adapter_path(cfg).resolve() if "tuned" in e.models else None) as adapter, contextlib.closing(bars):
         for models, model, engine, cpus, gpus, concurrency in groups:
             finished = sum(1 for k in done if k.rsplit("/", 3)[1] in models)
             if finished >= funnel["accepted"] * per_item * len(models):
@@ -181,10 +181,6 @@ def run(cfg: Config, fresh: bool = False, progress: bool = True) -> dict:
                 partstore.write_part(parts, block.drop_columns(["image"]), "key")
                 written += block.num_rows
                 bars.update(block)
-    finally:
-        bars.close()
-        if adapter is not None:
-            adapter.drop_local()
     if written < total:
         return {"complete": False, "rows_done": written, "rows_total": total}
     return report.finalize(cfg, out_dir, parts, funnel, {"wall_seconds": time.perf_counter() - t0}, RETRYABLE)

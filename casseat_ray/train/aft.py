@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from casseat_ray import parts as partstore
-from casseat_ray.adapters import ShippedAdapter, adapter_weights, serving_engine, ship
+from casseat_ray.adapters import ShippedAdapter, adapter_weights, serving_engine, shipped
 from casseat_ray.config import Config, ConfigError, PlacementConfig, SamplingConfig
 from casseat_ray.engines import RETRYABLE, failure_reason, image_part
 from casseat_ray.rows import REJECT_FIELDS
@@ -165,20 +165,16 @@ def sample(cfg: Config, sft: Path, adapter: Path, out: Path, progress: bool = Tr
     asked = work.count()
     if asked:
         engine = serving_engine(e.engine or cfg.student.engine, adapter)
-        shipped = ship(adapter.resolve())
-        spec = engine_stage("aft_sample", SampleTask(sampling(cfg), shipped), cfg.student.model, engine,
-                            concurrency=e.concurrency, batch_size=e.batch_size, num_cpus=e.num_cpus, num_gpus=e.num_gpus,
-                            placement=cfg.teacher.placement if cfg.teacher else PlacementConfig())
-        bar = tqdm(total=asked, desc="AFT: stage-1 student samples", unit="q", disable=not progress, dynamic_ncols=True)
-        try:
+        with (shipped(adapter.resolve()) as copy,
+              tqdm(total=asked, desc="AFT: stage-1 student samples", unit="q", disable=not progress, dynamic_ncols=True) as bar):
+            spec = engine_stage("aft_sample", SampleTask(sampling(cfg), copy), cfg.student.model, engine,
+                                concurrency=e.concurrency, batch_size=e.batch_size, num_cpus=e.num_cpus, num_gpus=e.num_gpus,
+                                placement=cfg.teacher.placement if cfg.teacher else PlacementConfig())
             for block in spec.apply(work).iter_batches(batch_size=None, batch_format="pyarrow"):
                 if block.num_rows:
                     partstore.record_stamp(parts, stamp)
                     partstore.write_part(parts, block.select(["id", *REJECT_FIELDS, *(f.name for f in RESPONSE_FIELDS)]), "id")
                     bar.update(block.num_rows)
-        finally:
-            bar.close()
-            shipped.drop_local()
     figures = write_set(sft, parts, out / SFT_DIR)
     figures.update(asked=asked, seconds=round(time.perf_counter() - t0, 1))
     return figures

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from casseat_ray import storage
-from casseat_ray.adapters import adapter_problems, ship
+from casseat_ray.adapters import adapter_problems, shipped
 from casseat_ray.config import Config, ConfigError, with_absolute_models
 from casseat_ray.train import checkpoints
 
@@ -166,32 +166,29 @@ def fit(cfg: Config, path: Path, name: str, out: Path, subdir: str = "train") ->
     t = cfg.train
     plan = plan_run(cfg, path)
     # the workers' nodes get the adapter to start from through the object store
-    init = ship(Path(t.init_adapter)) if t.init_adapter else None
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        # With URI outputs the rank-0 worker, on whichever node, also copies its outputs there.
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan.to_dict(), "out_dir": str(out), "out_uri": out_uri,
-                           "init_adapter": init},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(
-            name=name, storage_path=storage_root(cfg),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-        ),
-        # Each worker's rows stream in, read and encoded by Ray Data tasks while it trains.
-        datasets={"train": read_sft(path, t)},
-        dataset_config=RankSplit(cfg.student.model, t, [frozenset(s for w in ws for u in w for s in u) for ws in plan.windows]),
-    )
-    try:
-        result = trainer.fit()  # raises the run's error once Ray Train gives up
-    except Exception as exc:
-        failure = training_failure(exc, t.max_failures, newest_checkpoint(cfg, name))
-        if failure is exc:
-            raise
-        raise failure from exc
-    finally:
-        if init is not None:
-            init.drop_local()
+    with shipped(Path(t.init_adapter) if t.init_adapter else None) as init:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            # With URI outputs the rank-0 worker, on whichever node, also copies its outputs there.
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan.to_dict(), "out_dir": str(out), "out_uri": out_uri,
+                               "init_adapter": init},
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
+            run_config=RunConfig(
+                name=name, storage_path=storage_root(cfg),
+                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=t.max_failures),
+            ),
+            # Each worker's rows stream in, read and encoded by Ray Data tasks while it trains.
+            datasets={"train": read_sft(path, t)},
+            dataset_config=RankSplit(cfg.student.model, t, [frozenset(s for w in ws for u in w for s in u) for ws in plan.windows]),
+        )
+        try:
+            result = trainer.fit()  # raises the run's error once Ray Train gives up
+        except Exception as exc:
+            failure = training_failure(exc, t.max_failures, newest_checkpoint(cfg, name))
+            if failure is exc:
+                raise
+            raise failure from exc
     if out_uri:
         storage.copy_tree(out_uri, out)
     summary = json.loads((out / "summary.json").read_text())
