@@ -167,6 +167,7 @@ def test_b10_input_that_is_all_bad_or_errors_over_budget_never_end_as_a_success(
     assert code == 2 and "written by a synthesis that failed" in err and "pass --data to train on it anyway" in err
 
 
+@pytest.mark.timeout(300)  # the failure this guards against restarts the engine for ever
 def test_f14_an_input_that_kills_the_engine_every_time_becomes_its_rows_reject_in_bounded_restarts(
         tmp_path, tiny_models, tagged, ray_session, figures):
     # Ray restarts a dead engine's actor and retries its batch: a row that kills every engine
