@@ -22,9 +22,12 @@ LOCAL_SYSTEM_CONFIG = {
     # Ray keeps only as many idle task workers as CPUs and ends the rest after 1 s; each Ray
     # Data task process of a run imports transformers afresh (15-20 s), so the training data's
     # measuring and encoding tasks keep theirs warm for the next pass (measured on 2 CPUs: a
-    # second tiny training run in 62 s instead of 110 s).
+    # second tiny training run in 62 s instead of 110 s). Not more, and the rest still end
+    # after Ray's 1 s: every Ray process wakes 100 times a second (its signal check), and on a
+    # small machine each wake-up preempts a compute thread of the engine or the trainer (10
+    # idle workers kept for 10 minutes cost the training step 12%: 29.3-30.5 against
+    # 33.1-33.6 samples/s with 6).
     "num_workers_soft_limit": 6,
-    "idle_worker_killing_time_threshold_ms": 600_000,
 }
 
 
