@@ -7,9 +7,11 @@
    plain loop encodes every sample once before its clock starts; the Ray run's samples are
    encoded by Ray Data tasks on the same two CPUs while it trains (``train.data_cpus`` 0) in
    its first epoch and read back from the worker's disk after (``train.encoded_cache_gb``).
-   Goal >= 0.95. Also the Ray run with that cache off (every epoch encoded anew), and a plain
+   Goal >= 0.95. Also the Ray run with that cache off (every epoch encoded anew), a plain
    loop that encodes each step's samples inside its clock (the same work as the Ray run
-   without the cache, none of it overlapped).
+   without the cache, none of it overlapped), and the plain loop run by a Ray Train worker of
+   the same Ray session right after the Ray run: what being a Ray worker among Ray's own
+   processes costs on this machine, apart from the project's data pipeline and loop.
 2. Packing vs padding: real tokens/s of forward + backward over the same samples, padded in
    batches of ``--batch`` or packed into rows of ``--pack-len`` tokens (attention sample by
    sample, as training runs packed rows; and, to show what that saves, transformers' SDPA
@@ -159,6 +161,23 @@ def ray_train(cfg, sft: Path) -> tuple[float, int]:
     return (len(records) - half) * cfg.train.batch_size / (records[-1]["time"] - records[half - 1]["time"]), summary["steps"]
 
 
+def plain_in_ray_worker(cfg, sft: Path, steps: int) -> float:
+    """``plain_loop`` run by a 1-worker TorchTrainer in the Ray session the Ray run left."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from casseat_ray.train.run import storage_root
+
+    out = Path(cfg.output_dir) / "plain-in-ray-worker.json"  # one machine: the worker writes, the driver reads
+
+    def loop(_):
+        out.write_text(json.dumps(plain_loop(cfg, sft, steps)))
+
+    TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                 run_config=RunConfig(name=f"{cfg.name}-plain-in-worker", storage_path=storage_root(cfg))).fit()
+    return json.loads(out.read_text())
+
+
 def packing_vs_padding(cfg, sft: Path, batch: int, pack_len: int, rounds: int = 3) -> dict:
     """Real tokens/s over the same samples, padded vs packed (the fastest of ``rounds`` passes
     each, the arms taking turns, each pass after a one-batch warm-up). Packed twice: as training runs it (attention sample by sample) and with
@@ -255,9 +274,11 @@ def main() -> None:
         inline = plain_loop(cfg, sft, args.steps, encode_inline=True)
         on_ray, steps = ray_train(cfg, sft)
         assert steps == args.steps, (steps, args.steps)
+        in_worker = plain_in_ray_worker(cfg, sft, args.steps)
         uncached, _ = ray_train(cfg.model_copy(update={"name": "bench-uncached", "train": cfg.train.model_copy(update={"encoded_cache_gb": 0})}), sft)
         result["ray_train"] = {"steps": steps, "batch": args.batch, "cpus": args.cpus, "shuffle_window": args.window, "ray_samples_per_s": round(on_ray, 3),
                                "plain_samples_per_s": round(plain, 3), "ratio": round(on_ray / plain, 3),
+                               "plain_in_ray_worker_samples_per_s": round(in_worker, 3), "ratio_plain_in_ray_worker": round(in_worker / plain, 3),
                                "ray_encoding_every_epoch_samples_per_s": round(uncached, 3), "ratio_encoding_every_epoch": round(uncached / plain, 3),
                                "plain_encoding_inline_samples_per_s": round(inline, 3), "ratio_vs_encoding_inline": round(on_ray / inline, 3)}
         print(json.dumps(result), flush=True)
