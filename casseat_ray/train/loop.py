@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from casseat_ray.config import Config, LoraConfig
+from casseat_ray.config import Config, LoraConfig, TrainConfig
 from casseat_ray.train import checkpoints
 
 VISION_PARTS = ("visual", "vision_tower", "vision_model", "image_encoder")
@@ -149,11 +149,11 @@ def rope_index(model):
     return getattr(model.get_base_model().model, "get_rope_index", None)
 
 
-def _dtype(cfg: Config, use_cuda: bool):
+def compute_dtype(t: TrainConfig, use_cuda: bool):
+    """The student's weights' dtype: bf16 when configured or, with ``auto``, on a GPU."""
     import torch
 
-    p = cfg.train.precision
-    return torch.bfloat16 if p == "bf16" or (p == "auto" and use_cuda) else torch.float32
+    return torch.bfloat16 if t.precision == "bf16" or (t.precision == "auto" and use_cuda) else torch.float32
 
 
 def _unwrap(model):
@@ -251,7 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(t.seed)  # identical LoRA init on every rank
     processor = AutoProcessor.from_pretrained(cfg.student.model)
-    dtype = _dtype(cfg, device.type == "cuda")
+    dtype = compute_dtype(t, device.type == "cuda")
     model = build_model(cfg, dtype)
     fsdp = t.strategy == "fsdp" and distributed
     if fsdp:  # FSDP2 directly (Ray Train's prepare_model offers FSDP on GPUs only)

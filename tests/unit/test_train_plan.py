@@ -203,3 +203,42 @@ def test_a_sample_that_measures_fine_but_fails_on_its_pixels_is_that_rows_error(
     assert out["id"] == [rows[1]["id"], "cut"]
     assert out["sample"][0] is not None and out["error"][0] is None
     assert out["sample"][1] is None and out["error"][1]  # the row's own error; the rest of the batch goes on
+
+
+def test_encoded_samples_carry_pixels_in_the_training_dtype_and_aft_candidates_share_them(tiny_models, tmp_path):
+    import pickle
+
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoProcessor
+
+    from casseat_ray.train.collate import encode, encode_responses
+    from casseat_ray.train.stream import encode_batch
+    from tests.conftest import make_sft
+
+    table = pq.read_table(make_sft(tmp_path / "sft", n_rows=2, aft=True))
+    row = next(r for r in table.to_pylist() if r["kind"] != "self_eval")
+    assert row["images"] and len(row["responses"]) == 3
+    model = str(tiny_models["student"])
+    processor = AutoProcessor.from_pretrained(model)
+    ids = frozenset([row["id"]])
+
+    def sample(**train):
+        out = encode_batch(table, model, TrainConfig(loss="aft", **train).model_dump(mode="json"), ids)
+        assert out["error"] == [None]
+        return out["sample"][0]
+
+    fp32, bf16 = sample(), sample(precision="bf16")
+    (e32, group32), (e16, group16) = pickle.loads(fp32), pickle.loads(bf16)
+    reference = encode(row, processor, "all_assistant")
+    # CPU (auto): fp32 pixels as the processor makes them; bf16 run: the same pixels cast as the model would cast them
+    assert e32.pixel_values.dtype == torch.float32 and torch.equal(e32.pixel_values, reference.pixel_values)
+    assert e16.pixel_values.dtype == torch.bfloat16 and torch.equal(e16.pixel_values, reference.pixel_values.to(torch.bfloat16))
+    assert torch.equal(e16.image_grid_thw, reference.image_grid_thw)  # integer inputs keep their dtype
+    # every AFT candidate holds the row's image inputs, as encoding it alone gives them, and the
+    # pickle holds them once: a sample with 3 candidates is not 4 images' worth of bytes
+    cands = [c for c, _ in group32 if c is not None]
+    assert cands and all(c.images is e32.images for c in cands)
+    assert all(torch.equal(x.pixel_values, reference.pixel_values) for x in encode_responses(row, processor))
+    pixels = reference.pixel_values.numel() * 4
+    assert len(fp32) < 1.5 * pixels and len(bf16) < 0.75 * pixels < len(fp32)
