@@ -254,9 +254,8 @@ def encode_batch(batch, model: str, train: dict, ids: frozenset) -> dict:
     import pyarrow as pa
 
     from casseat_ray.train.collate import aft_group, encode, encode_responses
-    from casseat_ray.train.losses import response_ranks
-
     from casseat_ray.train.loop import compute_dtype
+    from casseat_ray.train.losses import response_ranks
 
     t, processor = TrainConfig.model_validate(train), _processor(model)
     dtype = compute_dtype(t, t.use_gpu)
