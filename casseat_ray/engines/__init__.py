@@ -10,7 +10,7 @@ their backend (lazily), so everything else stays testable without it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 
@@ -25,6 +25,7 @@ class Completion:
     prompt_tokens: int
     output_tokens: int
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens the backend found in its prefix cache
     # With ``SamplingConfig.logprobs``: per generated token, its text and the top candidates'
     # (text -> logprob), the chosen token included.
     tokens: list[str] = field(default_factory=list)
@@ -33,9 +34,6 @@ class Completion:
     @property
     def truncated(self) -> bool:
         return self.finish_reason == "length"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def failed(error: str) -> Completion:

@@ -174,3 +174,16 @@ def test_seeded_sampling_under_a_full_token_budget_keeps_the_engine_alive(teache
     outs = teacher_engine.chat(convs, SamplingConfig(n=2, temperature=1.0, max_tokens=8, seed=0))
     assert all(len(o) == 2 and all(c.error is None for c in o) for o in outs)
     assert not teacher_engine.llm.errored
+
+
+def test_c2_reuses_its_c1_exchange_from_the_prefix_cache_until_the_caches_are_cleared(teacher_engine, demo_rows):
+    # the cascade's saving, and what a benchmark's repeated passes clear to start as a fresh engine
+    c1, c2 = prompts.load("c1"), prompts.load("c2")
+    ((first,),) = teacher_engine.chat([c1_conversation(demo_rows[9], c1)])
+    conversation = c2_conversation(demo_rows[9], c1, first.text, c2)
+    ((cached,),) = teacher_engine.chat([conversation])
+    assert 0 < cached.cached_tokens < cached.prompt_tokens  # whole blocks of the C1 exchange (128 tokens each on CPU)
+    teacher_engine.clear_caches()
+    ((fresh,),) = teacher_engine.chat([conversation])
+    assert fresh.cached_tokens == 0
+    assert cached.text == fresh.text  # greedy: the caches change the cost, not the answer
