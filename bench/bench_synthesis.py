@@ -8,14 +8,21 @@ sampling (tiny teacher; CPU or GPU). Prints one JSON object:
   limit with every core computing (torch's default), taken in the same rounds.
 - ``pipeline_rows_per_s``: the synthesis job's Ray Data teacher + labeling stages.
 - ``engine_limit_ratio`` = pipeline / engine limit (goal >= 0.90), each the median of ``--repeat``
-  runs, the two taking turns (their rates are printed too).
+  runs, the two taking turns (their rates are printed too). Both engines are warm and start
+  each timed pass with empty caches: each has made one untimed pass over the rows (a fresh vLLM
+  engine on CPU runs its first pass at ~0.85 of its later ones, each new batch shape costing
+  set-up once), and its prefix, encoder and image-processor caches are emptied before the
+  timed pass (the same rows again with the caches kept run ~10% faster, which a job never
+  sees). ``cold_engine_limit_ratio``: one pipeline run on a fresh engine / a fresh engine's
+  first pass, as a job's first minutes see it.
 - the same two on a length-skewed set (``skewed_*``): a few rows whose C1 runs to
   ``max_tokens`` among short ones, where a batch barrier costs most.
 - ``vs_batch_sync``: the pipeline / the same pipeline with a batch-synchronous teacher stage (C1
-  for the whole batch, then C2 for the whole batch, one batch per actor at a time).
+  for the whole batch, then C2 for the whole batch, one batch per actor at a time), both warm.
 - ``c2_prefix_cache_speedup``: C2 seconds with the prefix cache off / on (goal >= 2.0); and
   ``c2_prefill_prefix_cache_speedup``, the same for C2's prefill alone (one output token), which
-  is all a prefix cache can save. The demo rows' images are tiny (the tiny teacher's processor
+  is all a prefix cache can save; both engines warm, each C2 pass right after its rows' C1
+  (both find the images preprocessed, as a job's C2 does). The demo rows' images are tiny (the tiny teacher's processor
   caps an image at 16 tokens), so their C2 is mostly decode; ``math_v_c2_prefix_cache_speedup``
   is the same whole-turn ratio on MATH-V testmini questions with their real images, seen at the
   project's image budget (``images.max_pixels``, as a real Qwen2-VL processor sees them), C2 on
@@ -44,6 +51,8 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+
+from casseat_ray.inference.stage import EngineStage
 
 MAX_TOKENS = 96
 MATHV = Path(__file__).resolve().parents[2] / "shared" / "data" / "math-v" / "testmini.jsonl"
@@ -96,9 +105,31 @@ def _prefill_c2(engine, ps, rows: list[dict]) -> float:
     return time.perf_counter() - t0
 
 
+def two_phase(engine, ps: dict, rows: list[dict], sampling=None) -> dict:
+    """Every C1 conversation submitted to ``engine`` at once, then every C2 conversation at once."""
+    from casseat_ray.inference.turns import c1_conversation, c2_conversation
+
+    t0 = time.perf_counter()
+    firsts = engine.chat([c1_conversation(r, ps["c1"]) for r in rows], sampling)
+    t1 = time.perf_counter()
+    seconds = engine.chat([c2_conversation(r, ps["c1"], f[0].text, ps["teacher_c2"]) for r, f in zip(rows, firsts)], sampling)
+    t2 = time.perf_counter()
+    return {"seconds": t2 - t0, "c2_seconds": t2 - t1, "c1": [f[0].text for f in firsts], "c2": [s[0].text for s in seconds],
+            "c1_tokens": [f[0].output_tokens for f in firsts]}
+
+
+def cache_free_pass(engine, ps: dict, rows: list[dict], sampling=None) -> dict:
+    """``two_phase``, then the engine's caches emptied, so that the next pass reuses nothing of
+    this one (a second pass over the same rows with the caches kept runs ~10% faster here,
+    replaying cached prefixes and preprocessed images, which a job never sees twice)."""
+    out = two_phase(engine, ps, rows, sampling)
+    engine.clear_caches()
+    return out
+
+
 class EngineLimit:
     """The engine's own limit, no Ray: one engine in this process; ``run`` submits every C1
-    conversation at once, then every C2 conversation at once."""
+    conversation at once, then every C2 conversation at once, starting with empty caches."""
 
     def __init__(self, cfg, threads: float | None):
         """``threads``: the CPUs of the job's engine actor, whose compute threads the engine gets
@@ -112,16 +143,7 @@ class EngineLimit:
             self.engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine, cfg.teacher.sampling)
 
     def run(self, rows: list[dict], sampling=None) -> dict:
-        from casseat_ray.inference.turns import c1_conversation, c2_conversation
-
-        ps = self.ps
-        t0 = time.perf_counter()
-        firsts = self.engine.chat([c1_conversation(r, ps["c1"]) for r in rows], sampling)
-        t1 = time.perf_counter()
-        seconds = self.engine.chat([c2_conversation(r, ps["c1"], f[0].text, ps["teacher_c2"]) for r, f in zip(rows, firsts)], sampling)
-        t2 = time.perf_counter()
-        return {"seconds": t2 - t0, "c2_seconds": t2 - t1, "c1": [f[0].text for f in firsts], "c2": [s[0].text for s in seconds],
-                "c1_tokens": [f[0].output_tokens for f in firsts]}
+        return cache_free_pass(self.engine, self.ps, rows, sampling)
 
     def prefill_c2(self, rows: list[dict]) -> float:
         return _prefill_c2(self.engine, self.ps, rows)
@@ -134,20 +156,20 @@ def _median(runs: list, key=lambda r: r):
     return sorted(runs, key=key)[len(runs) // 2]
 
 
-def without_cache(cfg, rows: list[dict], c1_texts: list[str]) -> dict:
-    """C2 seconds (whole turn, and prefill alone) on an engine with the prefix cache off."""
+def without_cache(cfg, rows: list[dict]) -> dict:
+    """C2 seconds (whole turn, and prefill alone) on an engine with the prefix cache off, warmed
+    as the engine limit's is, each C2 right after the rows' C1 as on the cache-on side (so
+    that both find the rows' images preprocessed)."""
     from casseat_ray.engines.vllm import VLLMEngine
-    from casseat_ray.inference.turns import c1_conversation, c2_conversation, run_prompts
+    from casseat_ray.inference.turns import run_prompts
     from casseat_ray.runtime import actor_threads
 
     ps = run_prompts(cfg)
     with actor_threads(cfg.teacher.num_cpus):
         engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine.model_copy(update={"enable_prefix_caching": False}), cfg.teacher.sampling)
     try:
-        engine.chat([c1_conversation(r, ps["c1"]) for r in rows[:16]])  # warm-up
-        t0 = time.perf_counter()
-        engine.chat([c2_conversation(r, ps["c1"], c1, ps["teacher_c2"]) for r, c1 in zip(rows, c1_texts)])
-        whole = time.perf_counter() - t0
+        cache_free_pass(engine, ps, rows)  # warm-up
+        whole = two_phase(engine, ps, rows)["c2_seconds"]
         return {"c2_seconds": whole, "c2_prefill_seconds": _prefill_c2(engine, ps, rows)}
     finally:
         engine.close()
@@ -167,7 +189,8 @@ def math_v_rows(cfg, n: int) -> list[dict]:
 def c2_on_real_images(cfg, rows: list[dict]) -> dict:
     """C2 seconds with the prefix cache on and off on real images at the project's image budget:
     on the cache-on engine C2 follows its own C1 (the cascade's order); the cache-off engine
-    answers the same C2 conversations."""
+    answers the same C2 conversations, after the same C1 pass (both then find each image
+    preprocessed, as C2 does in a job)."""
     from casseat_ray.engines.vllm import VLLMEngine
     from casseat_ray.inference.turns import c1_conversation, c2_conversation, run_prompts
     from casseat_ray.runtime import actor_threads
@@ -183,8 +206,8 @@ def c2_on_real_images(cfg, rows: list[dict]) -> dict:
             e = VLLMEngine(cfg.teacher.model, engine.model_copy(update={"enable_prefix_caching": cache}), cfg.teacher.sampling)
         try:
             e.chat([c1_conversation(r, ps["c1"]) for r in rows[:8]])  # warm-up
+            firsts = e.chat([c1_conversation(r, ps["c1"]) for r in rows])  # so that both sides' C2 find the images preprocessed
             if cache:
-                firsts = e.chat([c1_conversation(r, ps["c1"]) for r in rows])
                 out["c1_prompt_tokens"] = sum(f[0].prompt_tokens for f in firsts) / len(rows)
                 conversations = [c2_conversation(r, ps["c1"], f[0].text, ps["teacher_c2"]) for r, f in zip(rows, firsts)]
             t0 = time.perf_counter()
@@ -202,7 +225,7 @@ class BatchSyncTeacher:
     """The teacher stage as it was: C1 for the whole batch, wait for the longest, then C2 for the
     whole batch, then return; one batch per actor at a time."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, warm_rows: list[dict] | None = None):
         from casseat_ray.answers import warm_up
         from casseat_ray.engines.vllm import VLLMEngine
         from casseat_ray.inference.turns import run_prompts
@@ -210,6 +233,8 @@ class BatchSyncTeacher:
         warm_up()  # as the engine stage does: the scorer's set-up is start-up, on both sides
         self.cfg, self.ps = cfg, run_prompts(cfg)
         self.engine = VLLMEngine(cfg.teacher.model, cfg.teacher.engine, cfg.teacher.sampling)
+        if warm_rows:
+            cache_free_pass(self.engine, self.ps, warm_rows)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from casseat_ray.answers import score
@@ -240,9 +265,24 @@ def _source(cfg, rows: list[dict]):
     return ray.data.from_arrow(table).repartition(target_num_rows_per_block=cfg.teacher.batch_size).materialize()
 
 
-def pipeline_run(cfg, rows: list[dict], variant: str) -> tuple[float, float, dict]:
+class WarmEngineStage(EngineStage):
+    """The job's engine stage whose engine first makes one ``cache_free_pass`` over
+    ``warm_rows``, before it takes a batch, as the engine limit's engine has before its timed
+    passes: steady state, not a fresh engine's first pass."""
+
+    def __init__(self, warm_cfg, warm_rows: list[dict], **kwargs):
+        from casseat_ray.inference.turns import run_prompts
+
+        super().__init__(**kwargs)
+        cache_free_pass(self.engine, run_prompts(warm_cfg), warm_rows)
+
+
+def pipeline_run(cfg, rows: list[dict], variant: str, warm: bool = False) -> tuple[float, float, dict]:
     """(seconds for the whole run, start-up included; steady rows/s; C1/C2 texts by sample id).
-    variant: ours (teacher + labeling), teacher_only, batch_sync (teacher + labeling)."""
+    variant: ours (teacher + labeling), teacher_only, batch_sync (teacher + labeling).
+    ``warm``: the teacher's engine makes one untimed pass over the rows first."""
+    import dataclasses
+
     from casseat_ray.inference.stage import StageSpec
     from casseat_ray.synth.stages import stage_specs
 
@@ -250,7 +290,10 @@ def pipeline_run(cfg, rows: list[dict], variant: str) -> tuple[float, float, dic
     if variant == "teacher_only":
         specs = specs[:1]
     elif variant == "batch_sync":
-        specs[0] = StageSpec("teacher", BatchSyncTeacher, {"cfg": cfg}, 1, cfg.teacher.batch_size, {"num_cpus": cfg.teacher.num_cpus})
+        specs[0] = StageSpec("teacher", BatchSyncTeacher, {"cfg": cfg, "warm_rows": rows if warm else None}, 1, cfg.teacher.batch_size,
+                             {"num_cpus": cfg.teacher.num_cpus})
+    if warm and variant != "batch_sync":
+        specs[0] = dataclasses.replace(specs[0], cls=WarmEngineStage, kwargs=dict(specs[0].kwargs, warm_cfg=cfg, warm_rows=rows))
     ds = _source(cfg, rows)
     t0 = time.perf_counter()
     for spec in specs:
@@ -358,18 +401,25 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     limit, every_core = EngineLimit(cfg, cfg.teacher.num_cpus), EngineLimit(cfg, None)
     try:
-        limit.run(rows[:16])  # warm-up
-        every_core.run(rows[:16])
+        # A fresh engine's first pass, as a job's engine meets its first rows (each new batch
+        # shape costs set-up once); then both limit engines are warm for the timed passes.
+        cold = limit.run(rows)
+        every_core.run(rows)
+        init_ray(cfg.ray)
+        _, pipe_cold, _ = pipeline_run(cfg, rows, "ours")
+        ray.shutdown()
         # The arms take turns, so that a slower minute on a shared machine reaches each; the
         # engine limit runs with no Ray on the machine (Ray's own processes take some CPU even
-        # when idle), each pipeline run on a Ray started for it.
+        # when idle), each pipeline run on a Ray started for it, its engine warmed as the
+        # limit's was.
         runs, all_cores, pipes = [], [], []
         for _ in range(args.repeat):
             runs.append(limit.run(rows))
             all_cores.append(every_core.run(rows)["seconds"])
             init_ray(cfg.ray)
-            pipes.append(pipeline_run(cfg, rows, "ours")[1])
+            pipes.append(pipeline_run(cfg, rows, "ours", warm=True)[1])
             ray.shutdown()
+        limit.run(skewed, skew_cfg.teacher.sampling)  # the skewed rows' own shapes, as the pipeline's warm-up has them
         skew = limit.run(skewed, skew_cfg.teacher.sampling)
         plain = _median(runs, key=lambda r: r["seconds"])
         prefill = limit.prefill_c2(rows)
@@ -377,12 +427,12 @@ def main() -> None:
         limit.close()
         every_core.close()
     pipe = _median(pipes)
-    off = without_cache(cfg, rows, plain["c1"])
+    off = without_cache(cfg, rows)
     real = c2_on_real_images(cfg, math_v_rows(cfg, args.math_v))
     init_ray(cfg.ray)
-    _, pipe_skew, _ = pipeline_run(skew_cfg, skewed, "ours")
-    _, sync, _ = pipeline_run(cfg, rows, "batch_sync")
-    _, sync_skew, _ = pipeline_run(skew_cfg, skewed, "batch_sync")
+    _, pipe_skew, _ = pipeline_run(skew_cfg, skewed, "ours", warm=True)
+    _, sync, _ = pipeline_run(cfg, rows, "batch_sync", warm=True)
+    _, sync_skew, _ = pipeline_run(skew_cfg, skewed, "batch_sync", warm=True)
     engine_rate = len(rows) / plain["seconds"]
     engine_skew = len(skewed) / skew["seconds"]
     result = {
@@ -393,6 +443,8 @@ def main() -> None:
         "all_cores_ratio": round(pipe * _median(all_cores) / len(rows), 3),
         "engine_limit_runs_rows_per_s": [round(len(rows) / r["seconds"], 2) for r in runs],
         "pipeline_runs_rows_per_s": [round(p, 2) for p in pipes],
+        "engine_limit_cold_rows_per_s": round(len(rows) / cold["seconds"], 2), "pipeline_cold_rows_per_s": round(pipe_cold, 2),
+        "cold_engine_limit_ratio": round(pipe_cold * cold["seconds"] / len(rows), 3),
         "skewed_max_tokens": SKEW_MAX_TOKENS, "skewed_long_rows": sum(t >= SKEW_MAX_TOKENS for t in skew["c1_tokens"]),
         "skewed_mean_c1_tokens": round(sum(skew["c1_tokens"]) / len(skewed), 1),
         "skewed_engine_limit_rows_per_s": round(engine_skew, 2), "skewed_pipeline_rows_per_s": round(pipe_skew, 2),
