@@ -21,9 +21,10 @@ sampling (tiny teacher; CPU or GPU). Prints one JSON object:
   for the whole batch, then C2 for the whole batch, one batch per actor at a time), both warm.
 - ``c2_prefix_cache_speedup``: C2 seconds with the prefix cache off / on (goal >= 2.0); and
   ``c2_prefill_prefix_cache_speedup``, the same for C2's prefill alone (one output token), which
-  is all a prefix cache can save; both engines warm, each C2 pass right after its rows' C1
-  (both find the images preprocessed, as a job's C2 does). The demo rows' images are tiny (the tiny teacher's processor
-  caps an image at 16 tokens), so their C2 is mostly decode; ``math_v_c2_prefix_cache_speedup``
+  is all a prefix cache can save; both engines warm, each C2 pass right after its rows' C1 (both
+  find the images preprocessed, as a job's C2 does). The demo rows' images are tiny (the tiny
+  teacher's processor caps an image at 16 tokens) and their C1 prompts fill no whole 128-token
+  block of vLLM's CPU cache, so their C2 is mostly decode; ``math_v_c2_prefix_cache_speedup``
   is the same whole-turn ratio on MATH-V testmini questions with their real images, seen at the
   project's image budget (``images.max_pixels``, as a real Qwen2-VL processor sees them), C2 on
   the tiny teacher's own C1 replies.
