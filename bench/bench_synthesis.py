@@ -107,16 +107,16 @@ def _prefill_c2(engine, ps, rows: list[dict]) -> float:
 
 
 def two_phase(engine, ps: dict, rows: list[dict], sampling=None) -> dict:
-    """Every C1 conversation submitted to ``engine`` at once, then every C2 conversation at once."""
+    """Every C1 conversation submitted to ``engine`` at once, then every C2 conversation at once:
+    the seconds of both and of C2, and each row's C1 and C2 completion (its first sample)."""
     from casseat_ray.inference.turns import c1_conversation, c2_conversation
 
     t0 = time.perf_counter()
-    firsts = engine.chat([c1_conversation(r, ps["c1"]) for r in rows], sampling)
+    firsts = [f[0] for f in engine.chat([c1_conversation(r, ps["c1"]) for r in rows], sampling)]
     t1 = time.perf_counter()
-    seconds = engine.chat([c2_conversation(r, ps["c1"], f[0].text, ps["teacher_c2"]) for r, f in zip(rows, firsts)], sampling)
+    seconds = [s[0] for s in engine.chat([c2_conversation(r, ps["c1"], f.text, ps["teacher_c2"]) for r, f in zip(rows, firsts)], sampling)]
     t2 = time.perf_counter()
-    return {"seconds": t2 - t0, "c2_seconds": t2 - t1, "c1": [f[0].text for f in firsts], "c2": [s[0].text for s in seconds],
-            "c1_tokens": [f[0].output_tokens for f in firsts]}
+    return {"seconds": t2 - t0, "c2_seconds": t2 - t1, "c1": firsts, "c2": seconds}
 
 
 def cache_free_pass(engine, ps: dict, rows: list[dict], sampling=None) -> dict:
@@ -240,15 +240,13 @@ class BatchSyncTeacher:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from casseat_ray.answers import score
         from casseat_ray.inference.modes import RESULT_FIELDS, scored_dict
-        from casseat_ray.inference.turns import c1_conversation, c2_conversation
         from casseat_ray.rows import pending, with_columns
 
         started_at = time.time()
         rows = batch.to_pylist()
         todo = [rows[i] for i in pending(rows)]
-        firsts = self.engine.chat([c1_conversation(r, self.ps["c1"]) for r in todo])
-        seconds = self.engine.chat([c2_conversation(r, self.ps["c1"], f[0].text, self.ps["teacher_c2"]) for r, f in zip(todo, firsts)])
-        for r, (a,), (b,) in zip(todo, firsts, seconds):
+        turns = two_phase(self.engine, self.ps, todo)
+        for r, a, b in zip(todo, turns["c1"], turns["c2"]):
             r.update(mode="cascade", started_at=started_at, model=self.cfg.teacher.model, sampling="{}", c1_texts=[a.text], c1_finish=[a.finish_reason],
                      c1_errors=[a.error], c1_prompt_tokens=a.prompt_tokens, c1_output_tokens=[a.output_tokens],
                      c1_scores=[scored_dict(score(a.text, r))], c2_texts=[b.text], c2_finish=[b.finish_reason], c2_errors=[b.error],
@@ -446,8 +444,8 @@ def main() -> None:
         "pipeline_runs_rows_per_s": [round(p, 2) for p in pipes],
         "engine_limit_cold_rows_per_s": round(len(rows) / cold["seconds"], 2), "pipeline_cold_rows_per_s": round(pipe_cold, 2),
         "cold_engine_limit_ratio": round(pipe_cold * cold["seconds"] / len(rows), 3),
-        "skewed_max_tokens": SKEW_MAX_TOKENS, "skewed_long_rows": sum(t >= SKEW_MAX_TOKENS for t in skew["c1_tokens"]),
-        "skewed_mean_c1_tokens": round(sum(skew["c1_tokens"]) / len(skewed), 1),
+        "skewed_max_tokens": SKEW_MAX_TOKENS, "skewed_long_rows": sum(c.output_tokens >= SKEW_MAX_TOKENS for c in skew["c1"]),
+        "skewed_mean_c1_tokens": round(sum(c.output_tokens for c in skew["c1"]) / len(skewed), 1),
         "skewed_engine_limit_rows_per_s": round(engine_skew, 2), "skewed_pipeline_rows_per_s": round(pipe_skew, 2),
         "skewed_engine_limit_ratio": round(pipe_skew / engine_skew, 3),
         "batch_sync_rows_per_s": round(sync, 2), "vs_batch_sync": round(pipe / sync, 3),
