@@ -114,13 +114,16 @@ def test_two_actor_run_writes_a_consistent_dataset(full_run):
 
 def test_killed_run_resumes_to_the_same_sft_set(full_run, tiny_models, demo_parquet):
     tmp, _, _ = full_run
-    args = _overrides(tmp, tiny_models, demo_parquet, "resumed")
+    # one row on the engine at a time: the 5 parts come about a second apart, so the kill lands
+    # between the first and the last (with every row in flight at once, all parts and the
+    # published outputs can come within a fraction of a second)
+    args = _overrides(tmp, tiny_models, demo_parquet, "resumed", "teacher.engine.max_in_flight=1")
     proc = subprocess.Popen(casseat_cmd("synthesize", "--config", str(CONFIG), *args, "--no-progress"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     parts = tmp / "resumed" / "work" / "parts"
     deadline = time.time() + 600
     while not list(parts.glob("part-*.parquet")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.05)
     family = psutil.Process(proc.pid).children(recursive=True)  # the local Ray it started, its engine
     os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as `kill -9` does
     proc.wait()
