@@ -188,23 +188,61 @@ def _expand(ids: list[int], labels: list[int], expanded: list[int], types: list[
     return out_ids, out_labels, out_types
 
 
-def encode(row: dict, processor, label_mode: str = "last_assistant") -> Encoded:
+def encode(row: dict, processor, label_mode: str = "last_assistant", like: Encoded | None = None) -> Encoded:
     """Tokenize one SFT row; labels are the tokens the student must generate in its trained
-    assistant turns."""
+    assistant turns. ``like``: an encoding of a row with the same images (an AFT candidate's
+    reference sample), whose image inputs and image-token runs are taken as they are instead of
+    running the image processor again."""
     messages = list(row["messages"])
-    images = _images(row)
-    _check_markers(messages, len(images))
+    n_images = len(row.get("images") or [])
+    _check_markers(messages, n_images)
     trained = label_turns(messages, row.get("loss_on") or "all", label_mode)
     full, ids, labels = text_tokens(messages, processor, trained)
-    if not images:
+    if not n_images:
         return Encoded(ids, labels, {})
-    enc = processor(text=[full], images=images, return_tensors="pt", add_special_tokens=False)
-    types = enc["mm_token_type_ids"][0].tolist() if "mm_token_type_ids" in enc else None
     tok = processor.tokenizer
-    ids, labels, token_types = _expand(ids, labels, enc["input_ids"][0].tolist(), types, tok.convert_tokens_to_ids(processor.image_token),
-                                       tok.eos_token_id)
-    inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    if like is not None:
+        expanded, types = _with_runs_of(like, ids, image_id)
+        inputs = like.images
+    else:
+        enc = processor(text=[full], images=_images(row), return_tensors="pt", add_special_tokens=False)
+        expanded = enc["input_ids"][0].tolist()
+        types = enc["mm_token_type_ids"][0].tolist() if "mm_token_type_ids" in enc else None
+        inputs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    ids, labels, token_types = _expand(ids, labels, expanded, types, image_id, tok.eos_token_id)
     return Encoded(ids, labels, inputs, token_types if types is not None else None)
+
+
+def _runs(ids: list[int], image_id: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of image tokens in ``ids``."""
+    out = []
+    for k, t in enumerate(ids):
+        if t == image_id:
+            if k and ids[k - 1] == image_id:
+                out[-1] = (out[-1][0], k + 1)
+            else:
+                out.append((k, k + 1))
+    return out
+
+
+def _with_runs_of(like: Encoded, ids: list[int], image_id: int) -> tuple[list[int], list[int] | None]:
+    """``ids`` (``text_tokens``', one placeholder run per image run) expanded as the processor
+    expanded ``like``'s: each placeholder run becomes ``like``'s run at the same place, with its
+    token types; what the processor returns for the same images, without preparing a pixel."""
+    mine, theirs = _runs(ids, image_id), _runs(like.input_ids, image_id)
+    if len(mine) != len(theirs):
+        raise ValueError(f"{len(mine)} image placeholder runs but the reference encoding has {len(theirs)}")
+    expanded, types, at = [], ([] if like.token_types is not None else None), 0
+    for (s, e), (a, b) in zip(mine, theirs):
+        expanded += ids[at:s] + like.input_ids[a:b]
+        if types is not None:
+            types += [0] * (s - at) + like.token_types[a:b]
+        at = e
+    expanded += ids[at:]
+    if types is not None:
+        types += [0] * (len(ids) - at)
+    return expanded, types
 
 
 def measure(row: dict, processor, label_mode: str = "last_assistant") -> tuple[int, int]:
@@ -232,14 +270,15 @@ def count_tokens(row: dict, processor) -> int:
     return measure(row, processor, "all_assistant")[0]
 
 
-def encode_responses(row: dict, processor) -> list[Encoded]:
+def encode_responses(row: dict, processor, ref: Encoded) -> list[Encoded]:
     """AFT candidates of a CoT (or SEAT) row: every teacher response to the row's first user
-    turn, labelled on the response. Self-evaluation rows give none, so each question's
-    candidates are scored once, with its CoT sample."""
+    turn, labelled on the response, sharing the image inputs of ``ref``, the row's own
+    encoding (its images are processed once, not once per response). Self-evaluation rows give
+    none, so each question's candidates are scored once, with its CoT sample."""
     if row.get("kind") == "self_eval" or not row.get("responses"):
         return []
     prompt = prompt_turns(list(row["messages"]))
-    return [encode({**row, "messages": prompt + [{"role": "assistant", "content": text}], "loss_on": "all"}, processor, "all_assistant")
+    return [encode({**row, "messages": prompt + [{"role": "assistant", "content": text}], "loss_on": "all"}, processor, "all_assistant", like=ref)
             for text in row["responses"]]
 
 

@@ -268,9 +268,7 @@ def encode_batch(batch, model: str, train: dict, ids: frozenset) -> dict:
             e.images = images_as(e.images, dtype)
             group = None
             if t.loss == "aft":
-                cands = encode_responses(r, processor)
-                for c in cands:  # the row's images, processed alike: one copy in the pickle, not 1 + k
-                    c.images = e.images
+                cands = encode_responses(r, processor, e)  # e's image inputs: one copy in the pickle, not 1 + k
                 group = aft_group(e, cands, response_ranks(r, t.aft.ranking) if cands else [], t.cutoff_len)
             sample = pickle.dumps((e, group))
         except Exception as exc:  # noqa: BLE001 -- measured fine, failed on its pixels: the worker leaves it out

@@ -145,13 +145,13 @@ def _answer_gap(model, processor, sft: Path, n: int = 8) -> float:
     """Mean s(right) - s(wrong) over the first ``n`` questions' teacher responses."""
     import pyarrow.parquet as pq
 
-    from casseat_ray.train.collate import collate, encode_responses
+    from casseat_ray.train.collate import collate, encode, encode_responses
     from casseat_ray.train.losses import sequence_scores
 
     rows = [r for r in pq.read_table(sft).to_pylist() if r["kind"] == "cot"][:n]
     gaps = []
     for r in rows:
-        right, wrong, _ = encode_responses(r, processor)
+        right, wrong, _ = encode_responses(r, processor, encode(r, processor))
         batch = collate([right, wrong], processor.tokenizer.pad_token_id)
         labels = batch.pop("labels")
         with torch.no_grad():

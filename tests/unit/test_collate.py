@@ -102,15 +102,15 @@ def test_aft_candidates_share_the_prompt_and_label_only_the_response(processor, 
     c1, c2 = prompts.load("c1"), prompts.load("c2")
     texts = ["Step 1.\nThe answer is 3.", "The answer is 5."]
     cot = {**cot_sample(demo_rows[0], c1, texts[0]), "responses": texts, "responses_correct": [True, False], "responses_rank": [0, 1]}
-    cands = encode_responses(cot, processor)
-    assert [_labelled_text(e, processor) for e in cands] == [t + "<|im_end|>\n" for t in texts]
     ref = encode(cot, processor)
+    cands = encode_responses(cot, processor, ref)
+    assert [_labelled_text(e, processor) for e in cands] == [t + "<|im_end|>\n" for t in texts]
     prompt_len = ref.labels.index(next(t for t in ref.labels if t != IGNORE))
     assert all(e.input_ids[:prompt_len] == ref.input_ids[:prompt_len] for e in cands)  # same image + question
     assert cands[0].input_ids == ref.input_ids
     se = {**self_eval_sample(demo_rows[0], c1, texts[0], c2, "Evaluation: Accept\nThe answer is 3."),
           "responses": texts, "responses_correct": [True, False]}
-    assert encode_responses(se, processor) == []  # each question is scored once, with its CoT row
+    assert encode_responses(se, processor, encode(se, processor)) == []  # each question is scored once, with its CoT row
 
 
 def test_aft_reads_a_response_identical_to_the_reference_from_the_reference_row(processor, demo_rows, tiny_models):
@@ -125,7 +125,8 @@ def test_aft_reads_a_response_identical_to_the_reference_from_the_reference_row(
     for r in demo_rows[:2]:
         kept = f"Step 1: read the figure.\nThe answer is {r['answer']}."
         row = {**cot_sample(r, c1, kept), "responses": [kept, "I guess.\nThe answer is 0.", "Not sure"]}
-        ref, cands = encode(row, processor), encode_responses(row, processor)
+        ref = encode(row, processor)
+        cands = encode_responses(row, processor, ref)
         group = aft_group(ref, cands, [0, 1, 2], cutoff_len=4096)
         assert group[0][0] is None and all(c is not None for c, _ in group[1:])
         deduped.append((ref, group))

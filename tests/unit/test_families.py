@@ -250,3 +250,30 @@ def test_llava_next_tiles_images_of_any_shape_and_batches_them(family_students, 
         assert torch.allclose(padded[i, :len(enc[i])], ref, atol=1e-4), i
     assert torch.allclose(packed[:len(enc[0])], alone[0], atol=1e-4)
     assert torch.allclose(packed[len(enc[0]):], alone[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_aft_candidates_take_their_reference_images_and_encode_as_they_would_alone(family, family_students, demo_rows):
+    # the row's images are processed once for the reference sample and its k responses; each
+    # response's tokens, labels and token types are what encoding it on its own gives
+    from transformers import AutoProcessor
+
+    from casseat_ray.train.collate import encode_responses, prompt_turns
+
+    processor = AutoProcessor.from_pretrained(family_students[family])
+    texts = ["Step 1: count the shapes.\nThe answer is 3.", "The answer is 5."]
+    one = {**_sample(demo_rows[0], "cot"), "responses": texts}
+    # two images side by side in one turn (LLaVA's placeholders are then adjacent: one run)
+    two = {**one, "images": [demo_rows[0]["image"], demo_rows[1]["image"]],
+           "messages": [{**one["messages"][0], "content": "<image><image>\n" + one["messages"][0]["content"].replace("<image>", "")},
+                        one["messages"][1]]}
+    for row in (one, two):
+        ref = encode(row, processor)
+        cands = encode_responses(row, processor, ref)
+        assert len(cands) == 2
+        for c, text in zip(cands, texts):
+            alone = encode({**row, "messages": prompt_turns(row["messages"]) + [{"role": "assistant", "content": text}], "loss_on": "all"},
+                           processor, "all_assistant")
+            assert (c.input_ids, c.labels, c.token_types) == (alone.input_ids, alone.labels, alone.token_types)
+            assert c.images is ref.images and c.images.keys() == alone.images.keys()
+            assert all(torch.equal(c.images[k], alone.images[k]) for k in alone.images)
