@@ -9,9 +9,13 @@ ends the actor's process so that Ray restarts it and retries its batches.
 
 A row that kills the engine every time (a kernel crash on one input) would have Ray restart
 the actor and retry its batch for ever. Before exiting, a dying actor therefore tells the run's
-``CrashLedger`` which rows were on the engine; a row on ``ISOLATE_AFTER`` dead engines runs
-alone, and one on the engine alone when it died once more becomes an ``engine_crash`` reject:
-a poison row costs at most three engine restarts, and the rows beside it go on.
+``CrashLedger`` which rows were on the engine. Rows on ``ISOLATE_AFTER`` dead engines are
+*suspects*: they run in groups with nothing else on the engine, half a batch per group, and
+each further death halves the groups of the rows it had on the engine (a bisection). A row on
+the engine alone when it died becomes an ``engine_crash`` reject: a poison row in a batch of
+``b`` rows costs ``ISOLATE_AFTER + log2(b)`` engine restarts, and the rows beside it go on,
+most of them many at a time (two transient deaths make every row in flight a suspect; run one
+at a time, 256 of them would hold a GPU engine for hours).
 
 A task is a small picklable object with ``stage`` (the reject stage), ``fields`` (the columns
 it adds), optionally ``key`` (the column naming a row; ``sample_id`` when absent) and
@@ -40,8 +44,7 @@ from casseat_ray.rows import pending, reject, with_columns
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_NUM_SEQS = 256  # vLLM's own default for an offline engine on one device
-ISOLATE_AFTER = 2  # dead engines a row was on before it runs alone
-ALONE = "alone"
+ISOLATE_AFTER = 2  # dead engines a row was on before it is a suspect
 
 
 def in_flight_limit(engine: EngineConfig) -> int:
@@ -81,15 +84,28 @@ class CrashLedger:
             n = self.deaths[(scope, keys[0])]
             self.crashed[(scope, keys[0])] = f"the engine died {n} times with this row on it, the last time alone: {error}"
 
-    def verdicts(self, scope: str, keys: list[str]) -> dict[str, str]:
-        """``ALONE`` or a reject detail for the rows that may not run as usual."""
+    def verdicts(self, scope: str, keys: list[str]) -> dict[str, str | int]:
+        """For the rows that may not run as usual: a reject detail, or a suspect's level (1 on
+        ``ISOLATE_AFTER`` dead engines, one more for each further one): it runs in a group of at
+        most its batch's rows halved that many times (``suspect_groups``)."""
         out = {}
         for k in keys:
             if (scope, k) in self.crashed:
                 out[k] = self.crashed[(scope, k)]
             elif self.deaths[(scope, k)] >= ISOLATE_AFTER:
-                out[k] = ALONE
+                out[k] = self.deaths[(scope, k)] - ISOLATE_AFTER + 1
         return out
+
+
+def suspect_groups(suspects: dict[int, list], batch_rows: int, limit: int) -> list[list]:
+    """A batch's suspects (by level) in the groups they run in, one group at a time with
+    nothing else on the engine: at ``level``, the batch (or the engine's slots, when fewer)
+    halved ``level`` times."""
+    groups = []
+    for level, these in sorted(suspects.items()):
+        n = max(1, min(batch_rows, limit) >> level)
+        groups += [these[k:k + n] for k in range(0, len(these), n)]
+    return groups
 
 
 def crash_ledger():
@@ -125,13 +141,13 @@ class EngineStage:
         # the engine knows its real max_num_seqs once started; the config's value when set
         self.limit = engine_config.max_in_flight or getattr(engine, "max_num_seqs", None) or in_flight_limit(engine_config)
         self._slots: asyncio.Semaphore | None = None
-        self._alone: asyncio.Lock | None = None
+        self._exclusive: asyncio.Lock | None = None
         self._on_engine: set[str] = set()  # keys of the rows whose task is running
         self._dying = False
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self._slots is None:  # created on the loop Ray Data runs this actor's batches on
-            self._slots, self._alone = asyncio.Semaphore(self.limit), asyncio.Lock()
+            self._slots, self._exclusive = asyncio.Semaphore(self.limit), asyncio.Lock()
         rows = batch.to_pylist()
         todo = pending(rows)
         verdicts = {}
@@ -140,17 +156,23 @@ class EngineStage:
                 verdicts = await self.ledger.verdicts.remote(self.scope, [str(rows[i][self.key]) for i in todo])
             except Exception as e:  # without the ledger the rows run as usual
                 log.warning("crash ledger unreachable (%s); the batch's rows run as usual", e)
-        await asyncio.gather(*(self._row(rows[i], verdicts.get(str(rows[i][self.key]))) for i in todo))
+        usual, suspects = [], {}  # suspects by level
+        for i in todo:
+            verdict = verdicts.get(str(rows[i][self.key]))
+            if isinstance(verdict, str):
+                reject(rows[i], self.task.stage, ENGINE_CRASH, verdict)
+            elif verdict is None:
+                usual.append(rows[i])
+            else:
+                suspects.setdefault(verdict, []).append(rows[i])
+        groups = suspect_groups(suspects, len(rows), self.limit)
+        await asyncio.gather(*(self._row(r) for r in usual), *(self._group(g) for g in groups))
         return with_columns(batch, rows, self.task.fields)
 
     @contextlib.asynccontextmanager
-    async def _slot(self, alone: bool):
-        """One of the engine's slots, or all of them (the row runs with nothing beside it)."""
-        if not alone:
-            async with self._slots:
-                yield
-            return
-        async with self._alone:
+    async def _engine_to_itself(self):
+        """Every slot of the engine: what runs inside has nothing else beside it."""
+        async with self._exclusive:
             for _ in range(self.limit):
                 await self._slots.acquire()
             try:
@@ -159,12 +181,14 @@ class EngineStage:
                 for _ in range(self.limit):
                     self._slots.release()
 
-    async def _row(self, row: dict, verdict: str | None) -> None:
-        if verdict is not None and verdict != ALONE:
-            reject(row, self.task.stage, ENGINE_CRASH, verdict)
-            return
+    async def _group(self, rows: list[dict]) -> None:
+        """Suspect rows, together and with nothing else on the engine (see ``CrashLedger``)."""
+        async with self._engine_to_itself():
+            await asyncio.gather(*(self._row(r, slot=False) for r in rows))
+
+    async def _row(self, row: dict, slot: bool = True) -> None:
         key = str(row[self.key])
-        async with self._slot(verdict == ALONE):
+        async with self._slots if slot else contextlib.nullcontext():
             self._on_engine.add(key)
             try:
                 values = await self.task(self.engine, row)

@@ -190,7 +190,8 @@ def test_f14_an_input_that_kills_the_engine_every_time_becomes_its_rows_reject_i
     assert len(rows) == len({r["question"] for r in rows}) == n  # every row once, none lost
     assert [tag(poison) in r["question"] for r in crashed] == [True]
     assert crashed[0]["reject_stage"] == "teacher"
-    assert "the engine died 3 times with this row on it, the last time alone: injected: the engine died" in crashed[0]["reject_detail"]
-    # the rows beside it were on the first two dead engines, ran alone after, and got their answers (here: the backend's failures)
+    assert "the engine died 4 times with this row on it, the last time alone: injected: the engine died" in crashed[0]["reject_detail"]
+    # the rows beside it were on the first two dead engines, ran in halves of the batch, then
+    # quarters, and got their answers (here: the backend's failures)
     assert all(r["reject_reason"] == "engine_error" for r in rows if r not in crashed)
-    assert deaths == 3 and starts == 4  # three engines died on it; a fourth finished the run
+    assert deaths == 4 and starts == 5  # two deaths, then one per halving of its batch of 4; a fifth engine finished the run

@@ -1,19 +1,20 @@
-"""The crash ledger's rule, without Ray: which rows run as usual, alone, or not at all after the
-engines they were on died (tests/reliability F14 runs it through Ray Data and actor restarts)."""
+"""The crash ledger's rule, without Ray: which rows run as usual, as suspects in shrinking
+groups, or not at all after the engines they were on died (tests/reliability F14 runs it
+through Ray Data and actor restarts)."""
 
-from casseat_ray.inference.stage import ALONE, ISOLATE_AFTER, CrashLedger
+from casseat_ray.inference.stage import ISOLATE_AFTER, CrashLedger, suspect_groups
 
 
-def test_a_row_runs_alone_after_two_dead_engines_and_is_rejected_when_it_kills_the_engine_alone():
+def test_a_row_is_a_suspect_after_two_dead_engines_and_is_rejected_when_it_kills_the_engine_alone():
     ledger = CrashLedger()
     assert ISOLATE_AFTER == 2 and ledger.verdicts("teacher-1", ["a", "b"]) == {}
     ledger.died("teacher-1", ["a", "b", "c"], "boom")  # a preempted node, an OOM kill: nothing to say yet
     assert ledger.verdicts("teacher-1", ["a", "b", "c"]) == {}
     ledger.died("teacher-1", ["a", "b"], "boom")
-    assert ledger.verdicts("teacher-1", ["a", "b", "c"]) == {"a": ALONE, "b": ALONE}
+    assert ledger.verdicts("teacher-1", ["a", "b", "c"]) == {"a": 1, "b": 1}
     ledger.died("teacher-1", ["a"], "EngineCore died")  # alone on the engine: the row is the cause
     assert ledger.verdicts("teacher-1", ["a", "b"]) == {
-        "a": "the engine died 3 times with this row on it, the last time alone: EngineCore died", "b": ALONE}
+        "a": "the engine died 3 times with this row on it, the last time alone: EngineCore died", "b": 1}
     assert ledger.verdicts("teacher-2", ["a"]) == {}  # another stage (or run) has a page of its own
 
 
@@ -21,4 +22,40 @@ def test_dying_alone_before_isolation_proves_nothing_yet():
     ledger = CrashLedger()
     ledger.died("s", ["a"], "x")  # the last row of a run on an engine that died for its own reasons
     ledger.died("s", ["a"], "x")
-    assert ledger.verdicts("s", ["a"]) == {"a": ALONE}
+    assert ledger.verdicts("s", ["a"]) == {"a": 1}
+
+
+def test_suspect_groups_halve_with_each_level_down_to_one_row():
+    rows = [f"r{i}" for i in range(16)]
+    assert suspect_groups({1: rows}, 16, 256) == [rows[:8], rows[8:]]
+    assert suspect_groups({2: rows[:8], 1: rows[8:]}, 16, 256) == [rows[8:], rows[:4], rows[4:8]]  # lower levels first
+    assert suspect_groups({1: rows[:3]}, 16, 4) == [rows[:2], rows[2:3]]  # never more than half the engine's slots
+    assert suspect_groups({9: rows[:2]}, 16, 256) == [rows[:1], rows[1:2]]
+
+
+def test_a_poison_row_among_a_batch_in_flight_is_found_by_halving_and_the_others_run_many_at_a_time():
+    # what the engine actors do with the ledger's verdicts, replayed: a batch of 16 is retried
+    # after each death; its suspects run group by group; the group holding the poison row dies
+    ledger, batch, poison = CrashLedger(), [f"r{i}" for i in range(16)], "r11"
+    ledger.died("s", batch, "boom")  # two deaths with the whole batch on the engine
+    ledger.died("s", batch, "boom")
+    deaths, groups_run = 2, []
+    while True:
+        verdicts = ledger.verdicts("s", batch)
+        if isinstance(verdicts[poison], str):
+            break
+        suspects = {}
+        for k in batch:
+            suspects.setdefault(verdicts[k], []).append(k)
+        for group in suspect_groups(suspects, len(batch), 256):
+            groups_run.append(len(group))
+            if poison in group:
+                ledger.died("s", group, "boom")
+                deaths += 1
+                break
+    assert deaths == ISOLATE_AFTER + 4  # log2(16) halvings
+    assert verdicts[poison].startswith("the engine died 6 times with this row on it, the last time alone")
+    assert all(isinstance(verdicts[k], int) for k in batch if k != poison)  # the others run (and finish) next time
+    # 13 rounds with the engine to themselves; one suspect at a time took 27 (11 before the poison
+    # row, itself, then the 15 others of its retried batch), and 256 with a GPU engine's rows in flight
+    assert groups_run == [8, 8, 8, 4, 8, 4, 2, 2, 8, 4, 2, 1, 1]
