@@ -12,6 +12,11 @@
    without the cache, none of it overlapped), and the plain loop run by a Ray Train worker of
    the same Ray session right after the Ray run: what being a Ray worker among Ray's own
    processes costs on this machine, apart from the project's data pipeline and loop.
+   Measured at each of ``--cpus`` (default 1 and 2): the worker's CPUs and the plain loop's
+   torch threads. With 1 of the 2 CPUs, Ray's own processes (raylet, GCS, the Train
+   controller, idle workers) have a core beside the loop, as on a node whose trainer does not
+   own every core; with 2, every wake-up of theirs takes a core from one of the loop's two
+   compute threads.
 2. Packing vs padding: real tokens/s of forward + backward over the same samples, padded in
    batches of ``--batch`` or packed into rows of ``--pack-len`` tokens (attention sample by
    sample, as training runs packed rows; and, to show what that saves, transformers' SDPA
@@ -25,7 +30,7 @@
    steps (10 epochs of the small set, one of the large) and ``train.shuffle_window``: the
    worker holds one window of encoded samples, so its peak must stay flat as the set grows.
 
-    python bench/bench_train.py [--steps 48] [--batch 4] [--samples 96] [--only ray|packing|memory]
+    python bench/bench_train.py [--steps 48] [--batch 4] [--samples 96] [--cpus 1 2] [--only ray|packing|memory]
 """
 
 from __future__ import annotations
@@ -253,7 +258,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--samples", type=int, default=96)
     ap.add_argument("--pack-len", type=int, default=2048)
-    ap.add_argument("--cpus", type=int, default=2, help="CPUs (torch threads) of the worker and of the plain loop")
+    ap.add_argument("--cpus", type=int, nargs="+", default=[1, 2],
+                    help="CPUs (torch threads) of the worker and of the plain loop; the Ray Train benchmark runs at each")
     ap.add_argument("--memory-samples", type=int, default=64, help="the smaller set of the memory benchmark (the larger is 10x)")
     ap.add_argument("--window", type=int, default=32, help="train.shuffle_window of the Ray Train and memory runs")
     ap.add_argument("--only", choices=["ray", "packing", "memory"], help="run one of the benchmarks")
@@ -266,22 +272,31 @@ def main() -> None:
     if not (student / "config.json").exists():
         make_tiny(student, role="student", seed=0)
     sft = real_sft(args.root / "sft", args.samples)
-    cfg = _config(args.root, student, "bench", args.steps, args.batch, args.samples, args.cpus, shuffle_window=args.window)
+    cfg = _config(args.root, student, "bench", args.steps, args.batch, args.samples, max(args.cpus), shuffle_window=args.window)
 
     result = {}
     if args.only in (None, "ray"):
-        plain = plain_loop(cfg, sft, args.steps)
-        inline = plain_loop(cfg, sft, args.steps, encode_inline=True)
-        on_ray, steps = ray_train(cfg, sft)
-        assert steps == args.steps, (steps, args.steps)
-        in_worker = plain_in_ray_worker(cfg, sft, args.steps)
-        uncached, _ = ray_train(cfg.model_copy(update={"name": "bench-uncached", "train": cfg.train.model_copy(update={"encoded_cache_gb": 0})}), sft)
-        result["ray_train"] = {"steps": steps, "batch": args.batch, "cpus": args.cpus, "shuffle_window": args.window, "ray_samples_per_s": round(on_ray, 3),
-                               "plain_samples_per_s": round(plain, 3), "ratio": round(on_ray / plain, 3),
-                               "plain_in_ray_worker_samples_per_s": round(in_worker, 3), "ratio_plain_in_ray_worker": round(in_worker / plain, 3),
-                               "ray_encoding_every_epoch_samples_per_s": round(uncached, 3), "ratio_encoding_every_epoch": round(uncached / plain, 3),
-                               "plain_encoding_inline_samples_per_s": round(inline, 3), "ratio_vs_encoding_inline": round(on_ray / inline, 3)}
-        print(json.dumps(result), flush=True)
+        import ray
+
+        configs = {c: _config(args.root, student, f"bench-cpus{c}", args.steps, args.batch, args.samples, c, shuffle_window=args.window)
+                   for c in args.cpus}
+        # every plain loop before any Ray starts: an idle local Ray in the process slows a loop by ~10%
+        plain = {c: plain_loop(cfg, sft, args.steps) for c, cfg in configs.items()}
+        inline = {c: plain_loop(cfg, sft, args.steps, encode_inline=True) for c, cfg in configs.items()}
+        result["ray_train"] = {}
+        for c, cfg in configs.items():  # each in a Ray session of its own
+            on_ray, steps = ray_train(cfg, sft)
+            assert steps == args.steps, (steps, args.steps)
+            in_worker = plain_in_ray_worker(cfg, sft, args.steps)
+            uncached, _ = ray_train(cfg.model_copy(update={"name": f"{cfg.name}-uncached", "train": cfg.train.model_copy(update={"encoded_cache_gb": 0})}), sft)
+            ray.shutdown()
+            result["ray_train"][f"cpus_{c}"] = {
+                "steps": steps, "batch": args.batch, "cpus": c, "shuffle_window": args.window, "ray_samples_per_s": round(on_ray, 3),
+                "plain_samples_per_s": round(plain[c], 3), "ratio": round(on_ray / plain[c], 3),
+                "plain_in_ray_worker_samples_per_s": round(in_worker, 3), "ratio_plain_in_ray_worker": round(in_worker / plain[c], 3),
+                "ray_encoding_every_epoch_samples_per_s": round(uncached, 3), "ratio_encoding_every_epoch": round(uncached / plain[c], 3),
+                "plain_encoding_inline_samples_per_s": round(inline[c], 3), "ratio_vs_encoding_inline": round(on_ray / inline[c], 3)}
+            print(json.dumps(result), flush=True)
     if args.only in (None, "packing"):
         result["packing"] = packing_vs_padding(cfg, sft, args.batch, args.pack_len)
         print(json.dumps(result), flush=True)
