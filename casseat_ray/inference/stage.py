@@ -7,15 +7,19 @@ coroutine (a *task*: a cascade, a direct answer, a judge call) on the shared eng
 waits for a batch boundary. A row whose task raises becomes that row's reject; a dead engine
 ends the actor's process so that Ray restarts it and retries its batches.
 
-A row that kills the engine every time (a kernel crash on one input) would have Ray restart
-the actor and retry its batch for ever. Before exiting, a dying actor therefore tells the run's
-``CrashLedger`` which rows were on the engine. Rows on ``ISOLATE_AFTER`` dead engines are
-*suspects*: they run in groups with nothing else on the engine, half a batch per group, and
-each further death halves the groups of the rows it had on the engine (a bisection). A row on
-the engine alone when it died becomes an ``engine_crash`` reject: a poison row in a batch of
-``b`` rows costs ``ISOLATE_AFTER + log2(b)`` engine restarts, and the rows beside it go on,
-most of them many at a time (two transient deaths make every row in flight a suspect; run one
-at a time, 256 of them would hold a GPU engine for hours).
+A row that kills the engine every time (a kernel crash on one input), or the actor's whole
+process (a crash or an out-of-memory kill while its request is prepared), would have Ray
+restart the actor and retry its batch for ever. The run's ``CrashLedger`` therefore knows
+which rows each actor's engine is working on: an actor records its rows there before their
+tasks start, a dying engine's actor reports them with the error before it exits, and an actor
+whose process ended without a word has them counted when Ray restarts it. Rows on
+``ISOLATE_AFTER`` dead engines are *suspects*: they run in groups with nothing else on the
+engine, half a batch per group, and each further death halves the groups of the rows it had on
+the engine (a bisection). A row on the engine alone when it died becomes an ``engine_crash``
+reject: a poison row in a batch of ``b`` rows costs ``ISOLATE_AFTER + log2(b)`` engine
+restarts, and the rows beside it go on, most of them many at a time (two transient deaths make
+every row in flight a suspect; run one at a time, 256 of them would hold a GPU engine for
+hours).
 
 A task is a small picklable object with ``stage`` (the reject stage), ``fields`` (the columns
 it adds), optionally ``key`` (the column naming a row; ``sample_id`` when absent) and
@@ -45,6 +49,7 @@ from casseat_ray.rows import pending, reject, with_columns
 log = logging.getLogger(__name__)
 DEFAULT_MAX_NUM_SEQS = 256  # vLLM's own default for an offline engine on one device
 ISOLATE_AFTER = 2  # dead engines a row was on before it is a suspect
+PROCESS_DIED = "the actor's process ended (a crash, an out-of-memory kill or a lost node)"
 
 
 def in_flight_limit(engine: EngineConfig) -> int:
@@ -76,8 +81,22 @@ class CrashLedger:
     def __init__(self):
         self.deaths: Counter = Counter()  # (scope, row key) -> dead engines it was on
         self.crashed: dict[tuple, str] = {}  # (scope, row key) -> the reject detail
+        # (scope, actor id) -> the rows its engine was working on at its last record: a
+        # superset (rows that finished since count too), never missing a row that has started
+        self.working: dict[tuple, list[str]] = {}
 
-    def died(self, scope: str, keys: list[str], error: str) -> None:
+    def work(self, scope: str, actor: str, keys: list[str]) -> None:
+        self.working[(scope, actor)] = keys
+
+    def started(self, scope: str, actor: str) -> None:
+        """An actor (re)starts: the rows its previous process was working on, if it ended
+        without reporting them (Ray restarts an actor under the same id), were on a dead engine."""
+        keys = self.working.pop((scope, actor), None)
+        if keys:
+            self.died(scope, keys, PROCESS_DIED)
+
+    def died(self, scope: str, keys: list[str], error: str, actor: str | None = None) -> None:
+        self.working.pop((scope, actor), None)
         for k in keys:
             self.deaths[(scope, k)] += 1
         if len(keys) == 1 and self.deaths[(scope, keys[0])] > ISOLATE_AFTER:
@@ -125,6 +144,14 @@ class EngineStage:
     engine just ends the process)."""
 
     def __init__(self, task, model: str, engine_config: EngineConfig, engine=None, ledger=None, scope: str = ""):
+        self.actor = _actor_id() if ledger is not None else None  # None: nothing to record
+        if self.actor is not None:
+            try:
+                import ray
+
+                ray.get(ledger.started.remote(scope, self.actor), timeout=60)
+            except Exception as e:  # without the ledger the rows run as usual
+                log.warning("crash ledger unreachable (%s); rows on a dead process go unrecorded", e)
         # The answer scorer's first calls cost ~2 s (imports, parser set-up): pay them while the
         # engine starts, not on the first rows with the actor's event loop blocked.
         warm = threading.Thread(target=warm_up, name="scorer-warm-up", daemon=True)
@@ -143,11 +170,13 @@ class EngineStage:
         self._slots: asyncio.Semaphore | None = None
         self._exclusive: asyncio.Lock | None = None
         self._on_engine: set[str] = set()  # keys of the rows whose task is running
+        self._changes = self._recorded = 0  # rows started; rows started when the ledger's copy was taken
+        self._recording: asyncio.Lock | None = None
         self._dying = False
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self._slots is None:  # created on the loop Ray Data runs this actor's batches on
-            self._slots, self._exclusive = asyncio.Semaphore(self.limit), asyncio.Lock()
+            self._slots, self._exclusive, self._recording = asyncio.Semaphore(self.limit), asyncio.Lock(), asyncio.Lock()
         rows = batch.to_pylist()
         todo = pending(rows)
         verdicts = {}
@@ -191,6 +220,7 @@ class EngineStage:
         async with self._slots if slot else contextlib.nullcontext():
             self._on_engine.add(key)
             try:
+                await self._record()
                 values = await self.task(self.engine, row)
             except EngineDead as e:
                 await self._exit(e)
@@ -204,6 +234,27 @@ class EngineStage:
         if hit:
             reject(row, self.task.stage, *hit)
 
+    async def _record(self) -> None:
+        """Before a row's task starts, the ledger's copy of ``_on_engine`` holds it, so that a
+        process that ends without a word (``CrashLedger.started``) still names its rows. One
+        call covers every row that started while the one before it was on its way."""
+        if self.actor is None:
+            return
+        self._changes += 1
+        mine = self._changes
+        async with self._recording:
+            if self._dying:  # the dead engine's rows are reported; a later copy would count them twice
+                await asyncio.Event().wait()
+            if self._recorded >= mine:
+                return
+            taken = self._changes
+            try:
+                await self.ledger.work.remote(self.scope, self.actor, sorted(self._on_engine))
+            except Exception as e:  # without the ledger the rows run as usual
+                log.warning("crash ledger unreachable (%s); rows on a dead process go unrecorded", e)
+                self.actor = None
+            self._recorded = taken
+
     async def _exit(self, error: EngineDead) -> None:
         """Tell the ledger which rows were on the dead engine, then end the process so that Ray
         restarts this actor and retries its batches."""
@@ -213,10 +264,20 @@ class EngineStage:
         log.error("engine dead (%s) with %d rows on it; exiting so that Ray restarts this actor", error, len(self._on_engine))
         if self.ledger is not None:
             try:
-                await asyncio.wait_for(self.ledger.died.remote(self.scope, sorted(self._on_engine), str(error)[:300]), 30)
+                await asyncio.wait_for(self.ledger.died.remote(self.scope, sorted(self._on_engine), str(error)[:300], self.actor), 30)
             except Exception as e:  # the restart matters more than the record
                 log.error("could not record the dead engine's rows: %s", e)
         os._exit(1)
+
+
+def _actor_id() -> str | None:
+    """This Ray actor's id (kept across its restarts); None outside an actor."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+    except Exception:
+        return None
 
 
 @dataclass

@@ -12,6 +12,8 @@ restarts through marker files.
 - ``die``: question substrings; every request containing one kills the engine as ``die_once``
   does (an input that crashes the engine every time); with ``no_engine``, the engine reports
   itself dead (``EngineDead``) as vLLM's does.
+- ``exit_on``: question substrings; every request containing one ends the actor's whole
+  process (an input that crashes or exhausts the process preparing its request, every time).
 - ``error``: question substrings; every request containing one fails as the backend fails a
   request it rejects (``engines.failed``), the engine itself unharmed.
 - ``error_once``: question substrings; the first request containing one fails as ``error``
@@ -66,6 +68,7 @@ class FaultEngine:
         self.hang_once = list(faults.get("hang_once", []))
         self.die_once = list(faults.get("die_once", []))
         self.die = list(faults.get("die", []))
+        self.exit_on = list(faults.get("exit_on", []))
         self.error = list(faults.get("error", []))
         self.error_once = list(faults.get("error_once", []))
         self.reply = dict(faults.get("reply", {}))
@@ -110,6 +113,9 @@ class FaultEngine:
         for key in self.die_once:
             if key in text and self._first_time("die", key):
                 _kill_engine_processes()
+        if any(key in text for key in self.exit_on):
+            (self.markers / f"died-{os.getpid()}-{time.time_ns()}").touch()
+            os._exit(1)
         if any(key in text for key in self.die):
             (self.markers / f"died-{os.getpid()}-{time.time_ns()}").touch()
             if self.inner is None:

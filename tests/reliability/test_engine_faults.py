@@ -20,7 +20,7 @@ import pytest
 from casseat_ray.config import Config, EngineConfig, load_config, to_yaml
 from casseat_ray.data import ROW_SCHEMA
 from casseat_ray.demo import TINY_ENGINE
-from casseat_ray.inference.stage import EngineStage
+from casseat_ray.inference.stage import PROCESS_DIED, EngineStage
 from casseat_ray.synth.stages import LabelStage, TeacherTask
 from casseat_ray.synth.outputs import ERROR_REASONS
 from casseat_ray.tiny import scripted_targets
@@ -168,14 +168,18 @@ def test_b10_input_that_is_all_bad_or_errors_over_budget_never_end_as_a_success(
 
 
 @pytest.mark.timeout(300)  # the failure this guards against restarts the engine for ever
+@pytest.mark.parametrize("kills, reported", [("die", "injected: the engine died"), ("exit_on", PROCESS_DIED)],
+                         ids=["engine", "actor-process"])
 def test_f14_an_input_that_kills_the_engine_every_time_becomes_its_rows_reject_in_bounded_restarts(
-        tmp_path, tiny_models, tagged, ray_session, figures):
+        kills, reported, tmp_path, tiny_models, tagged, ray_session, figures):
     # Ray restarts a dead engine's actor and retries its batch: a row that kills every engine
     # would do so for ever. The run's crash ledger isolates it instead (no vLLM here: the fault
     # engine's deaths cost no engine start, and every other request fails as a backend's would).
+    # ``die``: the engine dies and its actor reports the rows on it; ``exit_on``: the actor's
+    # whole process ends without a word, and its restart reports the rows it had recorded.
     poison, n = 5, 12
     (tmp_path / "markers").mkdir()
-    faults = {"no_engine": True, "die": [tag(poison)], "delay_s": 0.3, "marker_dir": str(tmp_path / "markers")}
+    faults = {"no_engine": True, kills: [tag(poison)], "delay_s": 0.3, "marker_dir": str(tmp_path / "markers")}
     code, err, seconds = synthesize(tmp_path, tiny_models, tagged[0], "poison", faults, f"sources.0.max_samples={n}",
                                     "teacher.batch_size=4", "synthesis.max_error_share=1.0")
     rows = pq.read_table(tmp_path / "poison" / "work" / "parts", columns=["question", "reject_stage", "reject_reason", "reject_detail"]).to_pylist()
@@ -190,7 +194,7 @@ def test_f14_an_input_that_kills_the_engine_every_time_becomes_its_rows_reject_i
     assert len(rows) == len({r["question"] for r in rows}) == n  # every row once, none lost
     assert [tag(poison) in r["question"] for r in crashed] == [True]
     assert crashed[0]["reject_stage"] == "teacher"
-    assert "the engine died 4 times with this row on it, the last time alone: injected: the engine died" in crashed[0]["reject_detail"]
+    assert f"the engine died 4 times with this row on it, the last time alone: {reported}" in crashed[0]["reject_detail"]
     # the rows beside it were on the first two dead engines, ran in halves of the batch, then
     # quarters, and got their answers (here: the backend's failures)
     assert all(r["reject_reason"] == "engine_error" for r in rows if r not in crashed)

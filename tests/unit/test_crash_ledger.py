@@ -2,7 +2,7 @@
 groups, or not at all after the engines they were on died (tests/reliability F14 runs it
 through Ray Data and actor restarts)."""
 
-from casseat_ray.inference.stage import ISOLATE_AFTER, CrashLedger, suspect_groups
+from casseat_ray.inference.stage import ISOLATE_AFTER, PROCESS_DIED, CrashLedger, suspect_groups
 
 
 def test_a_row_is_a_suspect_after_two_dead_engines_and_is_rejected_when_it_kills_the_engine_alone():
@@ -59,3 +59,30 @@ def test_a_poison_row_among_a_batch_in_flight_is_found_by_halving_and_the_others
     # 13 rounds with the engine to themselves; one suspect at a time took 27 (11 before the poison
     # row, itself, then the 15 others of its retried batch), and 256 with a GPU engine's rows in flight
     assert groups_run == [8, 8, 8, 4, 8, 4, 2, 2, 8, 4, 2, 1, 1]
+
+
+def test_a_process_that_ended_without_a_word_has_its_recorded_rows_counted_when_its_actor_restarts():
+    ledger = CrashLedger()
+    ledger.started("s", "actor-1")  # a first start: nothing to count
+    ledger.work("s", "actor-1", ["a", "b"])
+    ledger.work("s", "actor-2", ["c"])
+    ledger.work("s", "actor-1", ["a", "b", "d"])  # each record replaces the one before
+    ledger.started("s", "actor-1")  # Ray restarted actor-1 under the same id: its process had died
+    ledger.started("s", "actor-1")  # a second restart with nothing recorded since counts nothing more
+    ledger.work("s", "actor-1", ["a", "b"])
+    ledger.started("s", "actor-1")
+    assert ledger.verdicts("s", ["a", "b", "c", "d"]) == {"a": 1, "b": 1}
+    ledger.work("s", "actor-1", ["a"])
+    ledger.started("s", "actor-1")
+    assert ledger.verdicts("s", ["a"]) == {"a": f"the engine died 3 times with this row on it, the last time alone: {PROCESS_DIED}"}
+
+
+def test_an_engine_death_its_actor_reported_is_not_counted_again_at_the_restart():
+    ledger = CrashLedger()
+    ledger.work("s", "actor-1", ["a", "b"])
+    ledger.died("s", ["a"], "EngineCore died", "actor-1")  # the rows on the engine, as the actor saw them
+    ledger.started("s", "actor-1")
+    ledger.work("s", "actor-1", ["a"])
+    ledger.died("s", ["a"], "EngineCore died", "actor-1")
+    ledger.started("s", "actor-1")
+    assert ledger.verdicts("s", ["a", "b"]) == {"a": 1}
