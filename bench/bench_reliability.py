@@ -38,7 +38,7 @@ CASES = {
     "F11": "a training run killed, then rerun with the same name: resumes, same weights",
     "F12": "the newest checkpoint torn: the previous complete one is used, and the log says why",
     "F13": "a training worker dies on every attempt: fails after max_failures + 1 attempts",
-    "F14": "an input that kills the engine every time: its row's engine_crash reject after three engine deaths, the rest go on",
+    "F14": "an input that kills the engine (or its actor's whole process) every time: its row's engine_crash reject in bounded restarts, the rest go on",
 }
 
 

@@ -185,8 +185,9 @@ def test_f14_an_input_that_kills_the_engine_every_time_becomes_its_rows_reject_i
     rows = pq.read_table(tmp_path / "poison" / "work" / "parts", columns=["question", "reject_stage", "reject_reason", "reject_detail"]).to_pylist()
     crashed = [r for r in rows if r["reject_reason"] == "engine_crash"]
     deaths, starts = markers(tmp_path / "markers", "died"), markers(tmp_path / "markers", "attempt")
-    figures.update(rows=n, engine_deaths=deaths, actor_starts=starts, seconds=round(seconds, 1), exit_code=code,
-                   rejected=dict(Counter(r["reject_reason"] for r in rows)))
+    figures[{"die": "engine_dies", "exit_on": "actor_process_ends"}[kills]] = dict(
+        rows=n, engine_deaths=deaths, actor_starts=starts, seconds=round(seconds, 1), exit_code=code,
+        rejected=dict(Counter(r["reject_reason"] for r in rows)))
     stats = json.loads((tmp_path / "poison" / "stats.json").read_text())
     # the run ends: with no engine behind the faults no question is kept, which it says
     assert code == 1 and "the SFT set is empty" in err, err[-3000:]
