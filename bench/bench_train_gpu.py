@@ -10,7 +10,7 @@ step by the bf16 matmul rate measured on the same device in the same run:
 gradients), the lm_head's share only at the positions the loss reads, plus 4 x layers x seq x hidden for causal attention, plus 2 x N_vision per
 patch (the frozen vision tower runs forward only). LoRA's own matmuls are ignored (< 2%).
 
-    python bench/bench_train_gpu.py [--batch 4] [--seq 2048] [--steps 10] [--shape qwen2-vl-2b|tiny]
+    python bench/bench_train_gpu.py [--batch 4] [--seq 2048] [--steps 10] [--shape qwen2-vl-2b|tiny] [--compile]
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="train.compile: each decoder layer compiled with torch.compile "
+                    "(the warm-up steps pay the compilation)")
     args = ap.parse_args()
 
     import torch
@@ -88,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # build_model loads from a path, as in training
         Qwen2VLForConditionalGeneration(config).to(dtype).save_pretrained(tmp)
         cfg = Config.model_validate(dict(student=dict(model=tmp, lora=dict(r=args.rank, alpha=2 * args.rank, dropout=0.0)),
-                                         train=dict(gradient_checkpointing=args.gradient_checkpointing)))
+                                         train=dict(gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)))
         model = build_model(cfg, dtype).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -143,7 +145,7 @@ def main() -> None:
     peak = matmul_rate(device, dtype)
     print(json.dumps({
         "shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "batch": args.batch, "seq": args.seq, "lora_rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing,
+        "batch": args.batch, "seq": args.seq, "lora_rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
         "params_lm": n_lm, "params_vision": n_vision, "trainable": sum(p.numel() for p in params),
         "step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,

@@ -265,6 +265,7 @@ class TrainConfig(Section):
     encoded_cache_gb: float = F(8.0, "Each worker keeps its encoded samples (pixels included) on its local disk (the temp directory) after its first whole pass, up to this many GB, and reads later epochs back from there instead of encoding them again; a worker whose samples outgrow it encodes every epoch. 0: encode every epoch.", ge=0)
     precision: Literal["auto", "bf16", "fp32"] = F("auto", "auto: bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = F(False, "Trade compute for memory.")
+    compile: bool = F(False, "Compile each decoder layer of the student's language model with torch.compile: the layers share one compiled code (regional compilation), and their elementwise work (norms, activations, LoRA's scaling and adds, dropout) runs in fused kernels. The first steps pay the compilation (once for the first shape, once more when lengths vary); the frozen vision tower stays eager.")
     strategy: Literal["ddp", "fsdp"] = F("ddp", "ddp: every worker holds the whole student; fsdp: parameters, gradients and optimizer state are sharded across the workers per transformer block (FSDP2; gloo on CPU, NCCL on GPU), for students that do not fit one device.")
     num_workers: int = F(1, "Ray Train workers.", ge=0)
     use_gpu: bool = F(False, "One GPU per worker.")
@@ -350,6 +351,9 @@ class Config(Section):
                 check_engine_placement("ddf_labeled.judge", self.judge_engine, self.ddf_labeled.judge.num_cpus, self.teacher.placement)
         if self.train.packing and self.train.loss == "aft":
             raise ValueError("train.packing cannot be combined with train.loss=aft: AFT scores each response as its own row")
+        if self.train.compile and self.train.strategy == "fsdp":
+            raise ValueError("train.compile cannot be combined with train.strategy=fsdp: FSDP's hooks on every layer would run "
+                             "inside the compiled layers; use strategy ddp with compile, or fsdp without it")
         e = self.evaluate
         if "best_of_n" in e.modes and e.best_of_n > 1 and e.best_of_n_temperature == 0:
             raise ValueError("evaluate.best_of_n > 1 needs evaluate.best_of_n_temperature > 0 (greedy samples are identical)")

@@ -46,7 +46,10 @@ def register() -> str:
     """Makes ``PACKED_ATTENTION`` a name ``from_pretrained(attn_implementation=...)`` accepts
     (in the process that builds the model). Left out of the mask registry on purpose:
     transformers then builds no mask for it."""
+    import torch
     from transformers import AttentionInterface
 
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
+    # under ``train.compile`` it runs eager between the compiled parts of a layer: its per-sample
+    # split reads the positions, which would recompile the layer for every packing layout
+    AttentionInterface.register(PACKED_ATTENTION, torch.compiler.disable(packed_sdpa))
     return PACKED_ATTENTION

@@ -118,7 +118,21 @@ def build_model(cfg: Config, dtype):
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if cfg.train.compile:
+        # the language model's layers (where the backward runs), each in place: the layer list,
+        # FSDP's units and peft's module names stay as they are. The frozen vision tower stays
+        # eager: its attention splits the batch per image, a break and a recompile per image count.
+        for block in blocks(model, vision=False):
+            block.compile()
     return model
+
+
+def blocks(model, vision: bool = True) -> list:
+    """The peft-wrapped student's repeated transformer blocks (its own no-split modules:
+    decoder layers and, unless ``vision`` is False, vision blocks)."""
+    names = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
+    return [m for n, m in model.named_modules()
+            if type(m).__name__ in names and (vision or not any(p in n.split(".") for p in VISION_PARTS))]
 
 
 def mixed_precision(device, dtype):
@@ -167,8 +181,7 @@ def shard_model(model, device):
     from torch.distributed.fsdp import fully_shard
 
     model = model.to(device)
-    blocks = set(getattr(model.get_base_model(), "_no_split_modules", None) or [])
-    for module in [m for m in model.modules() if type(m).__name__ in blocks]:
+    for module in blocks(model):
         fully_shard(module)
     fully_shard(model)
     return model

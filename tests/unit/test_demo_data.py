@@ -3,7 +3,7 @@ import io
 import pyarrow.parquet as pq
 from PIL import Image
 
-from casseat_ray.demo_data import GENERATORS, make_demo_data, make_rows
+from casseat_ray.demo_data import GENERATORS, make_rows
 from casseat_ray.samples import ANSWER_TYPES, SCHEMA, image_hash, sample_id
 
 

@@ -277,3 +277,61 @@ def test_aft_candidates_take_their_reference_images_and_encode_as_they_would_alo
             assert (c.input_ids, c.labels, c.token_types) == (alone.input_ids, alone.labels, alone.token_types)
             assert c.images is ref.images and c.images.keys() == alone.images.keys()
             assert all(torch.equal(c.images[k], alone.images[k]) for k in alone.images)
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_compiled_layers_train_as_the_eager_student_does(packing, family_students, demo_rows, tmp_path):
+    """``train.compile``: the language model's layers compiled in place, sharing one compiled
+    code; on batches of three lengths (padded, or packed rows of two samples each) the student
+    gives the eager model's loss and LoRA gradients (to fp32 summation order) and the same
+    weights after the steps, and a third length compiles nothing more."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoProcessor
+
+    from casseat_ray.train.collate import collate_packed, rope_positions
+    from casseat_ray.train.loop import blocks, nll_loss, rope_index
+    from casseat_ray.train.losses import label_tokens
+
+    path = family_students["qwen2_vl"]
+    processor = AutoProcessor.from_pretrained(path)
+    pad = processor.tokenizer.pad_token_id
+    models = {}
+    for compiled in (False, True):
+        cfg = train_config(tmp_path, {"student": path}, "compile", compile=compiled, packing=packing)
+        cfg.student.lora.dropout = 0.0  # compiled code draws other random numbers than eager
+        torch.manual_seed(0)
+        models[compiled] = build_model(cfg, torch.float32)
+    eager, model = models[False], models[True]
+    compiled = [b for b in blocks(model) if b._compiled_call_impl is not None]
+    assert compiled == blocks(model, vision=False) and {type(b).__name__ for b in compiled} == {"Qwen2VLDecoderLayer"}
+    assert len(compiled) == 2 and not any(b._compiled_call_impl for b in blocks(eager))
+    encoded = [encode(_sample(r, kind), processor) for r in demo_rows[:6] for kind in ("cot", "self_eval")]
+    if packing:  # two rows of two samples each, with their own M-RoPE positions
+        for e in encoded:
+            e.positions = rope_positions(e, rope_index(eager))
+        batches = [collate_packed([encoded[k:k + 2], encoded[k + 2:k + 4]], pad) for k in (0, 4, 8)]
+    else:
+        batches = [collate(encoded[k:k + 2], pad) for k in (0, 2, 4)]
+    assert len({b["input_ids"].shape[1] for b in batches}) == 3
+    counters.clear()
+    graphs = []
+    # plain SGD: Adam would turn the last-digit differences of near-zero gradients into whole steps
+    opts = {k: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for k, m in models.items()}
+    for batch in batches:
+        losses, grads = {}, {}
+        for k, m in models.items():
+            loss = nll_loss(m, batch, label_tokens(batch["labels"]))
+            loss.backward()
+            losses[k] = loss.item()
+            grads[k] = torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad])
+            opts[k].step()
+            opts[k].zero_grad()
+        assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+        assert ((grads[True] - grads[False]).norm() / grads[False].norm()).item() < 1e-4
+        graphs.append(counters["stats"]["unique_graphs"])
+    for (n, p), q in zip([(n, p) for n, p in eager.named_parameters() if p.requires_grad],
+                         [p for p in model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=n)
+    # the first length compiles the layer (twice: the first layer's input needs no gradient, the
+    # second's does), the second compiles it with the length dynamic, the third compiles nothing
+    assert 0 < graphs[0] < graphs[1] == graphs[2]

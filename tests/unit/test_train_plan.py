@@ -116,11 +116,14 @@ def test_pack_fills_rows_tightly_and_deterministically():
         pack([1200], 1000)
 
 
-def test_packing_and_aft_together_are_refused():
+def test_packing_with_aft_and_compile_with_fsdp_are_refused():
     from casseat_ray.config import Config
 
     with pytest.raises(ValueError, match="train.packing cannot be combined with train.loss=aft"):
         Config.model_validate(dict(train=dict(packing=True, loss="aft")))
+    with pytest.raises(ValueError, match="train.compile cannot be combined with train.strategy=fsdp"):
+        Config.model_validate(dict(train=dict(compile=True, strategy="fsdp")))
+    Config.model_validate(dict(train=dict(compile=True, strategy="ddp", packing=True)))
 
 
 def test_checkpoint_state_round_trips_weights_and_optimizer():
@@ -229,7 +232,7 @@ def test_encoded_samples_carry_pixels_in_the_training_dtype_and_aft_candidates_s
         return out["sample"][0]
 
     fp32, bf16 = sample(), sample(precision="bf16")
-    (e32, group32), (e16, group16) = pickle.loads(fp32), pickle.loads(bf16)
+    (e32, group32), (e16, _) = pickle.loads(fp32), pickle.loads(bf16)
     reference = encode(row, processor, "all_assistant")
     # CPU (auto): fp32 pixels as the processor makes them; bf16 run: the same pixels cast as the model would cast them
     assert e32.pixel_values.dtype == torch.float32 and torch.equal(e32.pixel_values, reference.pixel_values)
