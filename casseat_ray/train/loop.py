@@ -447,6 +447,7 @@ def train_loop_per_worker(config: dict) -> None:
             "dropped_no_labels": plan.dropped["no_labels"], "dropped_malformed": plan.dropped["malformed"], "workers": workers,
             "skipped_nonfinite": skipped, "strategy": "fsdp" if fsdp else ("ddp" if distributed else "single"),
             "trainable_params": sum(p.numel() for p in params), "trainable_params_on_rank0": held, "adapter": str(adapter),
+            "compiled_layers": sum(b._compiled_call_impl is not None for b in blocks(_unwrap(model))),
             **({"aft_questions": plan.aft_questions} if aft else {}),
         }, indent=2) + "\n")
         if config.get("out_uri"):
