@@ -193,6 +193,8 @@ def packing_vs_padding(cfg, sft: Path, batch: int, pack_len: int, rounds: int = 
     from casseat_ray.train.loop import build_model, rope_index
     from casseat_ray.train.stream import pack
 
+    # the worker's threads, whatever the benchmarks run before in this process set
+    torch.set_num_threads(int(cfg.train.cpus_per_worker))
     processor, _, encoded = _encoded(cfg, sft)
     samples = [e for e in encoded.values() if len(e) <= pack_len]
     pad = processor.tokenizer.pad_token_id
@@ -231,6 +233,7 @@ def packing_vs_padding(cfg, sft: Path, batch: int, pack_len: int, rounds: int = 
     out["dense_mask_packing_over_padding"] = round(out["packing_dense_mask"]["tokens_per_s"] / out["padding"]["tokens_per_s"], 3)
     # what removing the padding alone could give if a step's cost were linear in its tokens
     out["padding_free_bound"] = round(1 / (1 - out["padding"]["pad_share"]), 3)
+    out["torch_threads"] = torch.get_num_threads()
     return out
 
 
