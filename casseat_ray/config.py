@@ -265,7 +265,7 @@ class TrainConfig(Section):
     encoded_cache_gb: float = F(8.0, "Each worker keeps its encoded samples (pixels included) on its local disk (the temp directory) after its first whole pass, up to this many GB, and reads later epochs back from there instead of encoding them again; a worker whose samples outgrow it encodes every epoch. 0: encode every epoch.", ge=0)
     precision: Literal["auto", "bf16", "fp32"] = F("auto", "auto: bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: bool = F(False, "Trade compute for memory.")
-    compile: bool = F(False, "Compile each decoder layer of the student's language model with torch.compile: the layers share one compiled code (regional compilation), and their elementwise work (norms, activations, LoRA's scaling and adds, dropout) runs in fused kernels. The first steps pay the compilation (once for the first shape, once more when lengths vary); the frozen vision tower stays eager.")
+    compile: bool = F(False, "Compile each decoder layer of the student's language model with torch.compile: the layers share their compiled code (regional compilation), and their elementwise work (norms, activations, LoRA's scaling and adds, dropout) runs in fused kernels. The first steps pay the compilation (once for the first shape, once more when lengths vary); the frozen vision tower stays eager.")
     strategy: Literal["ddp", "fsdp"] = F("ddp", "ddp: every worker holds the whole student; fsdp: parameters, gradients and optimizer state are sharded across the workers per transformer block (FSDP2; gloo on CPU, NCCL on GPU), for students that do not fit one device.")
     num_workers: int = F(1, "Ray Train workers.", ge=0)
     use_gpu: bool = F(False, "One GPU per worker.")

@@ -119,8 +119,8 @@ def build_model(cfg: Config, dtype):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if cfg.train.compile:
-        # the language model's layers (where the backward runs), each in place: the layer list,
-        # FSDP's units and peft's module names stay as they are. The frozen vision tower stays
+        # the language model's layers (where the backward runs), each in place: the layer list
+        # and peft's module names stay as they are. The frozen vision tower stays
         # eager: its attention splits the batch per image, a break and a recompile per image count.
         for block in blocks(model, vision=False):
             block.compile()

@@ -302,9 +302,9 @@ def test_compiled_layers_train_as_the_eager_student_does(packing, family_student
         torch.manual_seed(0)
         models[compiled] = build_model(cfg, torch.float32)
     eager, model = models[False], models[True]
-    compiled = [b for b in blocks(model) if b._compiled_call_impl is not None]
-    assert compiled == blocks(model, vision=False) and {type(b).__name__ for b in compiled} == {"Qwen2VLDecoderLayer"}
-    assert len(compiled) == 2 and not any(b._compiled_call_impl for b in blocks(eager))
+    layers = [b for b in blocks(model) if b._compiled_call_impl is not None]
+    assert layers == blocks(model, vision=False) and {type(b).__name__ for b in layers} == {"Qwen2VLDecoderLayer"}
+    assert len(layers) == 2 and not any(b._compiled_call_impl for b in blocks(eager))
     encoded = [encode(_sample(r, kind), processor) for r in demo_rows[:6] for kind in ("cot", "self_eval")]
     if packing:  # two rows of two samples each, with their own M-RoPE positions
         for e in encoded:
