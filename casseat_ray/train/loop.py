@@ -96,6 +96,7 @@ def build_model(cfg: Config, dtype):
     # packed rows attend sample by sample (every batch of a packing run is packed, unmasked)
     attn = attention.register() if cfg.train.packing else None
     model = AutoModelForImageTextToText.from_pretrained(cfg.student.model, dtype=dtype, attn_implementation=attn)
+    attention.register_varlen(model)  # a Qwen vision tower: every image in one attention call, no host sync
     projector = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in PROJECTOR_NAMES] if lora.train_projector else []
     peft_cfg = PeftLora(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_targets(model, lora),
@@ -119,10 +120,8 @@ def build_model(cfg: Config, dtype):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if cfg.train.compile:
-        # the language model's layers (where the backward runs), each in place: the layer list
-        # and peft's module names stay as they are. The frozen vision tower stays
-        # eager: its attention splits the batch per image, a break and a recompile per image count.
-        for block in blocks(model, vision=False):
+        # every block, in place: the layer lists and peft's module names stay as they are
+        for block in blocks(model):
             block.compile()
     return model
 
@@ -146,15 +145,17 @@ def mixed_precision(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def nll_loss(model, batch: dict, num_tokens):
+def nll_loss(model, batch: dict, num_tokens, compiled: bool = False):
     """One micro-batch's share of the step's token NLL (``num_tokens``: the step's label
-    tokens), computing logits only where a label follows."""
-    from casseat_ray.train.losses import kept_nll, predicting_positions
+    tokens), computing logits only where a label follows; ``compiled`` (``train.compile``):
+    the cross-entropy as one fused kernel over the half-precision logits."""
+    from casseat_ray.train.losses import compiled_kept_nll, kept_nll, predicting_positions
 
     batch = dict(batch)
     labels = batch.pop("labels")
     keep = predicting_positions(labels)
-    return kept_nll(model(**batch, use_cache=False, logits_to_keep=keep).logits, labels, keep, num_tokens)
+    loss = compiled_kept_nll() if compiled else kept_nll
+    return loss(model(**batch, use_cache=False, logits_to_keep=keep).logits, labels, keep, num_tokens)
 
 
 def rope_index(model):
@@ -377,7 +378,7 @@ def train_loop_per_worker(config: dict) -> None:
                     loss, align = aft_loss(logits, labels, len(refs), groups, t.aft.variant, t.aft.tau, t.aft.weight, num_tokens, num_groups)
                     aligns.append(align.detach().float())
                 else:
-                    loss = nll_loss(model, batch, num_tokens)
+                    loss = nll_loss(model, batch, num_tokens, compiled=t.compile)
                 (loss * (world * weight)).backward()
             losses.append(loss.detach().float() * weight)
             tokens += sum(len(e) for e in refs)

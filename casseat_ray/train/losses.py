@@ -14,6 +14,8 @@ Positives/negatives are ranks 0/1; a ranked list uses every better/worse pair.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 IGNORE = -100
@@ -50,6 +52,14 @@ def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
 def kept_nll(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, num_tokens: int | torch.Tensor) -> torch.Tensor:
     """``token_nll`` with ``num_tokens`` from the logits of the positions ``keep`` alone."""
     return _summed_nll(logits, labels[:, keep + 1]) / num_tokens
+
+
+@functools.cache
+def compiled_kept_nll():
+    """``kept_nll`` under torch.compile (``train.compile``), built once per process: the fp32
+    upcast, log-softmax and pick fuse into kernels that read the half-precision logits, so
+    neither an fp32 copy of the logits nor their log-softmax is kept for the backward pass."""
+    return torch.compile(kept_nll, dynamic=True)
 
 
 SCORE_CHUNK_TOKENS = 4096  # positions whose fp32 log-sum-exp is computed at once

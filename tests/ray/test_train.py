@@ -188,11 +188,11 @@ def test_a_run_starts_from_an_existing_adapter(tmp_path, tiny_models, sft, two_w
     trained = train_run.train_dir(two_workers[0]) / "adapter"
     before = load_file(str(trained / "adapter_model.safetensors"))
     # one step at a negligible learning rate: what comes out is what went in. The run also
-    # compiles its layers (train.compile) in the Ray Train worker, its compile workers included
-    # (that compiled layers compute what eager ones do: tests/unit/test_families.py)
+    # compiles its blocks and loss (train.compile) in the Ray Train worker, its compile workers
+    # included (that compiled blocks compute what eager ones do: tests/unit/test_families.py)
     cfg = _cfg(tmp_path, tiny_models, "from-adapter", max_steps=1, lr=1e-9, warmup_ratio=0.0, compile=True)
     cfg.train.init_adapter = str(trained)
-    assert train_run.run(cfg, data=sft)["compiled_layers"] == 2  # the tiny student's two decoder layers
+    assert train_run.run(cfg, data=sft)["compiled_layers"] == 4  # the tiny student's two decoder layers and two vision blocks
     after = load_file(str(train_run.train_dir(cfg) / "adapter" / "adapter_model.safetensors"))
     assert sorted(after) == sorted(before)
     assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-6

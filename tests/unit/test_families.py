@@ -281,10 +281,11 @@ def test_aft_candidates_take_their_reference_images_and_encode_as_they_would_alo
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_compiled_layers_train_as_the_eager_student_does(packing, family_students, demo_rows, tmp_path):
-    """``train.compile``: the language model's layers compiled in place, sharing one compiled
-    code; on batches of three lengths (padded, or packed rows of two samples each) the student
-    gives the eager model's loss and LoRA gradients (to fp32 summation order) and the same
-    weights after the steps, and a third length compiles nothing more."""
+    """``train.compile``: every block (decoder layers and vision blocks) compiled in place, each
+    kind sharing one compiled code, and the token loss compiled; on batches of three lengths
+    (padded, or packed rows of two samples each) the student gives the eager model's loss and
+    LoRA gradients (to fp32 summation order) and the same weights after the steps, and a third
+    length compiles nothing more."""
     from torch._dynamo.utils import counters
     from transformers import AutoProcessor
 
@@ -303,8 +304,8 @@ def test_compiled_layers_train_as_the_eager_student_does(packing, family_student
         models[compiled] = build_model(cfg, torch.float32)
     eager, model = models[False], models[True]
     layers = [b for b in blocks(model) if b._compiled_call_impl is not None]
-    assert layers == blocks(model, vision=False) and {type(b).__name__ for b in layers} == {"Qwen2VLDecoderLayer"}
-    assert len(layers) == 2 and not any(b._compiled_call_impl for b in blocks(eager))
+    assert layers == blocks(model) and {type(b).__name__ for b in layers} == {"Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"}
+    assert len(blocks(model, vision=False)) == 2 and not any(b._compiled_call_impl for b in blocks(eager))
     encoded = [encode(_sample(r, kind), processor) for r in demo_rows[:6] for kind in ("cot", "self_eval")]
     if packing:  # two rows of two samples each, with their own M-RoPE positions
         for e in encoded:
@@ -320,7 +321,7 @@ def test_compiled_layers_train_as_the_eager_student_does(packing, family_student
     for batch in batches:
         losses, grads = {}, {}
         for k, m in models.items():
-            loss = nll_loss(m, batch, label_tokens(batch["labels"]))
+            loss = nll_loss(m, batch, label_tokens(batch["labels"]), compiled=k)
             loss.backward()
             losses[k] = loss.item()
             grads[k] = torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad])
@@ -332,6 +333,33 @@ def test_compiled_layers_train_as_the_eager_student_does(packing, family_student
     for (n, p), q in zip([(n, p) for n, p in eager.named_parameters() if p.requires_grad],
                          [p for p in model.parameters() if p.requires_grad]):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=n)
-    # the first length compiles the layer (twice: the first layer's input needs no gradient, the
-    # second's does), the second compiles it with the length dynamic, the third compiles nothing
+    # the first length compiles each kind of block and the loss (a decoder layer twice: the first
+    # layer's input needs no gradient, the second's does), the second compiles them with the
+    # length dynamic, the third compiles nothing
     assert 0 < graphs[0] < graphs[1] == graphs[2]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava"])
+def test_qwen_vision_towers_attend_to_every_image_in_one_call(family, family_students, tmp_path):
+    """``build_model`` gives a vision tower whose blocks take the images' bounds (the Qwen
+    families) the attention that reads those bounds (no per-image split, no host sync); its
+    image features equal those of transformers' own per-image SDPA for two images of different
+    sizes (Qwen2.5-VL: windowed blocks included). LLaVA's tower keeps SDPA."""
+    from casseat_ray.train.attention import VARLEN_ATTENTION
+
+    model = build_model(train_config(tmp_path, {"student": family_students[family]}, "varlen"), torch.float32)
+    base = model.get_base_model()
+    if family == "llava":
+        assert base.config.vision_config._attn_implementation == "sdpa"
+        return
+    assert base.config.vision_config._attn_implementation == VARLEN_ATTENTION
+    assert base.config.text_config._attn_implementation == "sdpa"
+    tower = base.model.visual
+    grid = torch.tensor([[1, 8, 8], [1, 4, 12]])
+    c = tower.config
+    pixels = torch.randn(int(grid.prod(-1).sum()), c.in_channels * c.temporal_patch_size * c.patch_size ** 2)
+    with torch.no_grad():
+        ours = tower(pixels, grid_thw=grid).pooler_output
+        base.set_attn_implementation({"vision_config": "sdpa"})
+        theirs = tower(pixels, grid_thw=grid).pooler_output
+    torch.testing.assert_close(ours, theirs)
