@@ -4,13 +4,23 @@ torch, transformers and peft): tokens/s, peak memory and MFU.
 The model is Qwen2-VL-2B's architecture (published config values below) with random bf16
 weights; each sample is one 448x448 image (256 merged image tokens) followed by text up to
 ``--seq`` tokens. The step is the project's own: ``build_model``'s LoRA placement (language
-model linear layers, vision frozen; fp32 adapter weights) under ``mixed_precision``'s bf16 autocast, ``nll_loss`` (logits only where a label follows), AdamW, clipping. MFU divides the model FLOPs of a LoRA
-step by the bf16 matmul rate measured on the same device in the same run:
-4 x N_lm (linear-layer weights) per text/image token (forward + activation gradients; frozen weights need no weight
-gradients), the lm_head's share only at the positions the loss reads, plus 4 x layers x seq x hidden for causal attention, plus 2 x N_vision per
-patch (the frozen vision tower runs forward only). LoRA's own matmuls are ignored (< 2%).
+model linear layers, vision frozen; fp32 adapter weights) and vision attention, under
+``mixed_precision``'s bf16 autocast, ``nll_loss`` (logits only where a label follows), AdamW,
+clipping; ``--compile`` is ``train.compile``.
 
-    python bench/bench_train_gpu.py [--batch 4] [--seq 2048] [--steps 10] [--shape qwen2-vl-2b|tiny] [--compile]
+MFU is the model FLOPs of a LoRA step per second over the bf16 matmul rate measured on the same
+device in the same run (``mfu``), and over the device's published dense bf16 peak where it is
+known (``mfu_of_spec_peak``). The model FLOPs, with no recomputation counted:
+- frozen language-model linear layers: 4 x weights per token (forward and the activations'
+  gradients; frozen weights need no weight gradients), the lm_head only at the positions the
+  loss reads;
+- LoRA adapters: 6 x adapter weights per token (they also get weight gradients);
+- causal attention: 6 x layers x seq x hidden per token (the forward's QK^T and AV over half the
+  keys on average, 2 x seq x hidden, and a backward of twice that);
+- the frozen vision tower, forward only: 2 x its linear weights per patch, plus 4 x blocks x
+  patches-per-image x width per patch for its attention.
+
+    python bench/bench_train_gpu.py [--batch 4] [--seq 2048] [--steps 10] [--shape qwen2-vl-2b|tiny] [--compile] [--profile]
 """
 
 from __future__ import annotations
@@ -39,6 +49,28 @@ SHAPES = {
 }
 
 
+# published dense bf16 tensor-core peaks (FLOP/s), by a part of the device's name
+SPEC_BF16_DENSE = {"H100 80GB HBM3": 989.4e12, "H200": 989.4e12, "H100 PCIe": 756.5e12, "A100": 312e12}
+
+
+def varlen_check(device) -> float | None:
+    """The vision attention's one-call path (PyTorch's varlen FlashAttention, GPU only) against
+    one SDPA call per image, on random bf16 inputs of four images: the largest difference."""
+    import torch
+
+    from casseat_ray.train.attention import _per_sequence, varlen_attn, varlen_sdpa
+
+    if device.type != "cuda" or varlen_attn is None:
+        return None
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(1, 16, 4 * 1024, 80, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    bounds = torch.tensor([0, 1024, 2048, 3072, 4096], device=device, dtype=torch.int32)
+    with torch.no_grad():
+        one = varlen_sdpa(None, q, k, v, None, cu_seq_lens_q=bounds, max_length_q=1024, scaling=80**-0.5)[0]
+        each = _per_sequence(None, q, k, v, bounds, 80**-0.5)
+    return round((one.float() - each.float()).abs().max().item(), 5)
+
+
 def matmul_rate(device, dtype, n: int = 8192, reps: int = 20) -> float:
     """Measured dense matmul FLOP/s at ``dtype`` on ``device``."""
     import torch
@@ -63,6 +95,34 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def profile_step(model, batch, step) -> None:
+    """One step under torch.profiler, its phases annotated, and the frozen vision tower's
+    forward timed on its own."""
+    import sys
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from casseat_ray.train import loop
+
+    phases = {}
+    visual = model.get_base_model().model.visual
+    with torch.no_grad(), loop.mixed_precision(batch["pixel_values"].device, torch.bfloat16):
+        for _ in range(2):
+            visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        torch.cuda.synchronize()
+        phases["vision_forward_s"] = round((time.perf_counter() - t0) / 5, 4)
+    print(json.dumps(phases), file=sys.stderr)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=40, max_name_column_width=90), file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-vl-2b")
@@ -71,11 +131,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="train.compile: each decoder layer compiled with torch.compile "
-                    "(the warm-up steps pay the compilation)")
+    ap.add_argument("--compile", action="store_true", help="train.compile: every transformer block and the loss compiled "
+                    "with torch.compile (the warm-up steps pay the compilation)")
+    ap.add_argument("--profile", action="store_true", help="also print, to stderr, where one step's GPU time goes: "
+                    "forward, backward and optimizer, the frozen vision tower's forward alone, and the kernels that take longest")
     args = ap.parse_args()
 
     import torch
+    from torch.profiler import record_function
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from casseat_ray.config import Config
@@ -111,13 +174,15 @@ def main() -> None:
     batch = {k: t.to(device) for k, t in batch.items()}
     n_labels = label_tokens(batch["labels"])
 
-    def step():
-        with mixed_precision(device, dtype):
-            loss = nll_loss(model, batch, n_labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step():  # the phases are named for --profile
+        with record_function("phase: forward"), mixed_precision(device, dtype):
+            loss = nll_loss(model, batch, n_labels, compiled=args.compile)
+        with record_function("phase: backward"):
+            loss.backward()
+        with record_function("phase: clip + optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     model.train()
     for _ in range(2):
@@ -130,6 +195,8 @@ def main() -> None:
         step()
     _sync(device)
     seconds = (time.perf_counter() - t0) / args.steps
+    if args.profile and device.type == "cuda":
+        profile_step(model, batch, step)
 
     base = model.get_base_model()
     # matmul weights only: embedding lookups cost no FLOPs, a tied lm_head still does
@@ -140,17 +207,23 @@ def main() -> None:
     tokens = args.batch * args.seq
     n_head = base.lm_head.weight.numel()
     kept = args.batch * len(predicting_positions(batch["labels"]))  # logits are computed at these alone
-    flops = (4 * (n_lm - n_head) * tokens + 4 * n_head * kept + 4 * t["num_hidden_layers"] * args.seq * t["hidden_size"] * tokens
-             + 2 * n_vision * args.batch * n_patch)
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    flops = (4 * (n_lm - n_head) * tokens + 4 * n_head * kept + 6 * n_lora * tokens
+             + 6 * t["num_hidden_layers"] * args.seq * t["hidden_size"] * tokens
+             + (2 * n_vision + 4 * v["depth"] * n_patch * v["embed_dim"]) * args.batch * n_patch)
     peak = matmul_rate(device, dtype)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    spec = next((rate for key, rate in SPEC_BF16_DENSE.items() if key in name), None)
     print(json.dumps({
-        "shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "shape": args.shape, "device": name,
         "batch": args.batch, "seq": args.seq, "lora_rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
         "params_lm": n_lm, "params_vision": n_vision, "trainable": sum(p.numel() for p in params),
         "step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "model_tflops_per_s": round(flops / seconds / 1e12, 3), "matmul_bf16_tflops_per_s": round(peak / 1e12, 3),
         "mfu": round(flops / seconds / peak, 4),
+        "mfu_of_spec_peak": round(flops / seconds / spec, 4) if spec else None,
+        "vision_varlen_max_abs_diff": varlen_check(device),
     }, indent=2))
 
 
