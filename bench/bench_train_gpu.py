@@ -3,7 +3,7 @@ torch, transformers and peft): tokens/s, peak memory and MFU.
 
 The model is Qwen2-VL-2B's architecture (published config values below) with random bf16
 weights; each sample is one 448x448 image (256 merged image tokens) followed by text up to
-``--seq`` tokens. The step is the project's own: ``build_model``'s LoRA placement (language
+``--seq`` tokens (``--packing N``: N such samples of seq/N tokens in each row). The step is the project's own: ``build_model``'s LoRA placement (language
 model linear layers, vision frozen; fp32 adapter weights) and vision attention, under
 ``mixed_precision``'s bf16 autocast, ``nll_loss`` (logits only where a label follows), AdamW,
 clipping; ``--compile`` is ``train.compile``.
@@ -15,12 +15,12 @@ known (``mfu_of_spec_peak``). The model FLOPs, with no recomputation counted:
   gradients; frozen weights need no weight gradients), the lm_head only at the positions the
   loss reads;
 - LoRA adapters: 6 x adapter weights per token (they also get weight gradients);
-- causal attention: 6 x layers x seq x hidden per token (the forward's QK^T and AV over half the
-  keys on average, 2 x seq x hidden, and a backward of twice that);
+- causal attention: 6 x layers x sample length x hidden per token (the forward's QK^T and AV over
+  half the sample's keys on average, 2 x length x hidden, and a backward of twice that);
 - the frozen vision tower, forward only: 2 x its linear weights per patch, plus 4 x blocks x
   patches-per-image x width per patch for its attention.
 
-    python bench/bench_train_gpu.py [--batch 4] [--seq 2048] [--steps 10] [--shape qwen2-vl-2b|tiny] [--compile] [--profile]
+    python bench/bench_train_gpu.py [--batch 4] [--seq 2048] [--steps 10] [--shape qwen2-vl-2b|tiny] [--compile] [--packing N] [--profile]
 """
 
 from __future__ import annotations
@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--packing", type=int, default=0, metavar="N",
+                    help="train.packing: each row packs N samples of seq/N tokens, each with its own image")
     ap.add_argument("--compile", action="store_true", help="train.compile: every transformer block and the loss compiled "
                     "with torch.compile (the warm-up steps pay the compilation)")
     ap.add_argument("--profile", action="store_true", help="also print, to stderr, where one step's GPU time goes: "
@@ -142,7 +144,8 @@ def main() -> None:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from casseat_ray.config import Config
-    from casseat_ray.train.loop import build_model, mixed_precision, nll_loss
+    from casseat_ray.train.collate import IGNORE, Encoded, collate_packed, rope_positions
+    from casseat_ray.train.loop import build_model, mixed_precision, nll_loss, rope_index
     from casseat_ray.train.losses import label_tokens, predicting_positions
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,24 +156,37 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:  # build_model loads from a path, as in training
         Qwen2VLForConditionalGeneration(config).to(dtype).save_pretrained(tmp)
         cfg = Config.model_validate(dict(student=dict(model=tmp, lora=dict(r=args.rank, alpha=2 * args.rank, dropout=0.0)),
-                                         train=dict(gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)))
+                                         train=dict(gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
+                                                    packing=args.packing > 0)))
         model = build_model(cfg, dtype).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     # one 448x448 image per sample: a 32x32 patch grid, 256 tokens after the 2x2 merge
     v = shape["vision"]
-    grid = torch.tensor([[1, 32, 32]] * args.batch)
     n_patch = 32 * 32
     n_img = n_patch // v["spatial_merge_size"] ** 2
-    ids = torch.randint(0, 150000, (args.batch, args.seq))
-    ids[:, 1:1 + n_img] = config.image_token_id
-    types = torch.zeros_like(ids)
-    types[:, 1:1 + n_img] = 1
     patch_dim = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "mm_token_type_ids": types,
-             "pixel_values": torch.randn(args.batch * n_patch, patch_dim, dtype=dtype), "image_grid_thw": grid}
-    batch["labels"][:, :1 + n_img] = -100
+    per_row = max(args.packing, 1)  # samples in a row
+    sample_len = args.seq // per_row
+    if args.packing:  # the training loop's own packed rows: positions restart per sample, no mask
+        samples = []
+        for _ in range(args.batch * per_row):
+            ids = [1] + [config.image_token_id] * n_img + torch.randint(0, 150000, (sample_len - 1 - n_img,)).tolist()
+            e = Encoded(ids, [IGNORE] * (1 + n_img) + ids[1 + n_img:], {"pixel_values": torch.randn(n_patch, patch_dim, dtype=dtype),
+                        "image_grid_thw": torch.tensor([[1, 32, 32]])}, [0] + [1] * n_img + [0] * (sample_len - 1 - n_img))
+            e.positions = rope_positions(e, rope_index(model))
+            samples.append(e)
+        batch = collate_packed([samples[r * per_row:(r + 1) * per_row] for r in range(args.batch)], pad_id=0)
+    else:
+        ids = torch.randint(0, 150000, (args.batch, args.seq))
+        ids[:, 1:1 + n_img] = config.image_token_id
+        types = torch.zeros_like(ids)
+        types[:, 1:1 + n_img] = 1
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "mm_token_type_ids": types,
+                 "pixel_values": torch.randn(args.batch * n_patch, patch_dim, dtype=dtype),
+                 "image_grid_thw": torch.tensor([[1, 32, 32]] * args.batch)}
+        batch["labels"][:, :1 + n_img] = IGNORE
     batch = {k: t.to(device) for k, t in batch.items()}
     n_labels = label_tokens(batch["labels"])
 
@@ -209,14 +225,14 @@ def main() -> None:
     kept = args.batch * len(predicting_positions(batch["labels"]))  # logits are computed at these alone
     n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     flops = (4 * (n_lm - n_head) * tokens + 4 * n_head * kept + 6 * n_lora * tokens
-             + 6 * t["num_hidden_layers"] * args.seq * t["hidden_size"] * tokens
-             + (2 * n_vision + 4 * v["depth"] * n_patch * v["embed_dim"]) * args.batch * n_patch)
+             + 6 * t["num_hidden_layers"] * sample_len * t["hidden_size"] * tokens  # each token attends within its sample
+             + (2 * n_vision + 4 * v["depth"] * n_patch * v["embed_dim"]) * args.batch * per_row * n_patch)
     peak = matmul_rate(device, dtype)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     spec = next((rate for key, rate in SPEC_BF16_DENSE.items() if key in name), None)
     print(json.dumps({
         "shape": args.shape, "device": name,
-        "batch": args.batch, "seq": args.seq, "lora_rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
+        "batch": args.batch, "seq": args.seq, "samples_per_row": per_row, "lora_rank": args.rank, "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
         "params_lm": n_lm, "params_vision": n_vision, "trainable": sum(p.numel() for p in params),
         "step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,

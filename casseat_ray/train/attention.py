@@ -42,19 +42,19 @@ def packed_sdpa(module, query, key, value, attention_mask, position_ids=None, **
     causal = getattr(module, "is_causal", True) if causal is None else causal
     if attention_mask is not None or position_ids is None or not causal or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, is_causal=causal, **kwargs)
+    # the samples are split off (not sliced): the backward of a split is one concatenation, that of
+    # each slice a zero tensor of the whole input
     if position_ids.dim() == 3:  # M-RoPE [3, batch, len]: every row restarts where the text does
         position_ids = position_ids[0]
     position_ids = position_ids.expand(query.shape[0], -1)
     rows = []
-    for r in range(query.shape[0]):
+    for r, qkv in enumerate(zip(query.split(1), key.split(1), value.split(1))):
         starts = torch.nonzero(position_ids[r] == 0).flatten().tolist()
         if not starts or starts[0] != 0:
             starts = [0, *starts]
-        bounds = [*starts, query.shape[2]]
-        rows.append(torch.cat([
-            sdpa_attention_forward(module, query[r:r + 1, :, a:b], key[r:r + 1, :, a:b], value[r:r + 1, :, a:b], None,
-                                   is_causal=True, **kwargs)[0]
-            for a, b in zip(bounds, bounds[1:])], dim=1))
+        lengths = [b - a for a, b in zip(starts, [*starts[1:], query.shape[2]])]
+        rows.append(torch.cat([sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+                               for q, k, v in zip(*(t.split(lengths, dim=2) for t in qkv))], dim=1))
     return torch.cat(rows), None
 
 
@@ -90,11 +90,9 @@ def varlen_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, m
 # bounds, which would recompile the block for every image count
 @torch.compiler.disable
 def _per_sequence(module, query, key, value, cu_seq_lens, scaling):
-    bounds = cu_seq_lens.tolist()
-    return torch.cat([
-        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, scaling=scaling,
-                               is_causal=False)[0]
-        for a, b in zip(bounds, bounds[1:])], dim=1)
+    lengths = cu_seq_lens.diff().tolist()
+    return torch.cat([sdpa_attention_forward(module, q, k, v, None, scaling=scaling, is_causal=False)[0]
+                      for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)))], dim=1)
 
 
 def register_varlen(model) -> bool:
