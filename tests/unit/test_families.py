@@ -185,7 +185,7 @@ def test_bf16_training_runs_the_adapters_in_bf16_and_keeps_their_weights_fp32(fa
 
     from casseat_ray.train.loop import mixed_precision
 
-    path = family_students["qwen2_vl"]
+    path = family_students[family]
     processor = AutoProcessor.from_pretrained(path)
     cfg = train_config(tmp_path, {"student": path}, "bf16")
     batch = collate([encode(_sample(demo_rows[1], "self_eval"), processor)], processor.tokenizer.pad_token_id)
@@ -279,11 +279,17 @@ def test_aft_candidates_take_their_reference_images_and_encode_as_they_would_alo
             assert all(torch.equal(c.images[k], alone.images[k]) for k in alone.images)
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_compiled_layers_train_as_the_eager_student_does(packing, family_students, demo_rows, tmp_path):
+COMPILED_BLOCKS = {"qwen2_vl": {"Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"},
+                   "llava": {"LlamaDecoderLayer", "CLIPEncoderLayer", "CLIPVisionEmbeddings"}}
+
+
+@pytest.mark.parametrize(("family", "packing"), [("qwen2_vl", False), ("qwen2_vl", True), ("llava", False)],
+                         ids=["padded", "packed", "llava"])
+def test_compiled_layers_train_as_the_eager_student_does(family, packing, family_students, demo_rows, tmp_path):
     """``train.compile``: every block (decoder layers and vision blocks) compiled in place, each
     kind sharing one compiled code, and the token loss compiled; on batches of three lengths
-    (padded, or packed rows of two samples each) the student gives the eager model's loss and
+    (Qwen2-VL padded, or packed rows of two samples each; LLaVA padded, its CLIP tower compiled
+    too) the student gives the eager model's loss and
     LoRA gradients (to fp32 summation order) and the same weights after the steps, and a third
     length compiles nothing more."""
     from torch._dynamo.utils import counters
@@ -293,7 +299,7 @@ def test_compiled_layers_train_as_the_eager_student_does(packing, family_student
     from casseat_ray.train.loop import blocks, nll_loss, rope_index
     from casseat_ray.train.losses import label_tokens
 
-    path = family_students["qwen2_vl"]
+    path = family_students[family]
     processor = AutoProcessor.from_pretrained(path)
     pad = processor.tokenizer.pad_token_id
     models = {}
@@ -304,7 +310,7 @@ def test_compiled_layers_train_as_the_eager_student_does(packing, family_student
         models[compiled] = build_model(cfg, torch.float32)
     eager, model = models[False], models[True]
     layers = [b for b in blocks(model) if b._compiled_call_impl is not None]
-    assert layers == blocks(model) and {type(b).__name__ for b in layers} == {"Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"}
+    assert layers == blocks(model) and {type(b).__name__ for b in layers} == COMPILED_BLOCKS[family]
     assert len(blocks(model, vision=False)) == 2 and not any(b._compiled_call_impl for b in blocks(eager))
     encoded = [encode(_sample(r, kind), processor) for r in demo_rows[:6] for kind in ("cot", "self_eval")]
     if packing:  # two rows of two samples each, with their own M-RoPE positions
