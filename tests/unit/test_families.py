@@ -289,9 +289,8 @@ def test_compiled_layers_train_as_the_eager_student_does(family, packing, family
     """``train.compile``: every block (decoder layers and vision blocks) compiled in place, each
     kind sharing one compiled code, and the token loss compiled; on batches of three lengths
     (Qwen2-VL padded, or packed rows of two samples each; LLaVA padded, its CLIP tower compiled
-    too) the student gives the eager model's loss and
-    LoRA gradients (to fp32 summation order) and the same weights after the steps, and a third
-    length compiles nothing more."""
+    too) the student gives the eager model's loss and LoRA gradients (to fp32 summation order)
+    and the same weights after the steps, and a third length compiles nothing more."""
     from torch._dynamo.utils import counters
     from transformers import AutoProcessor
 
