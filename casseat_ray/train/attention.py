@@ -42,12 +42,12 @@ def packed_sdpa(module, query, key, value, attention_mask, position_ids=None, **
     causal = getattr(module, "is_causal", True) if causal is None else causal
     if attention_mask is not None or position_ids is None or not causal or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, is_causal=causal, **kwargs)
-    # the samples are split off (not sliced): the backward of a split is one concatenation, that of
-    # each slice a zero tensor of the whole input
     if position_ids.dim() == 3:  # M-RoPE [3, batch, len]: every row restarts where the text does
         position_ids = position_ids[0]
     position_ids = position_ids.expand(query.shape[0], -1)
     rows = []
+    # the samples are split off, not sliced: the backward of a split is one concatenation, that
+    # of each slice a zero tensor of the whole input
     for r, qkv in enumerate(zip(query.split(1), key.split(1), value.split(1))):
         starts = torch.nonzero(position_ids[r] == 0).flatten().tolist()
         if not starts or starts[0] != 0:
@@ -100,8 +100,7 @@ def register_varlen(model) -> bool:
     (``cu_seqlens``: the Qwen families); True when it did."""
     from transformers import AttentionInterface
 
-    takes_bounds = any("cu_seqlens" in inspect.signature(type(m).forward).parameters
-                       for n, m in model.named_modules() if n.endswith("blocks.0"))
+    takes_bounds = any("cu_seqlens" in inspect.signature(kind.forward).parameters for kind in {type(m) for m in model.modules()})
     if getattr(model.config, "vision_config", None) is None or not takes_bounds:
         return False
     AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa)

@@ -148,7 +148,7 @@ def mixed_precision(device, dtype):
 def nll_loss(model, batch: dict, num_tokens, compiled: bool = False):
     """One micro-batch's share of the step's token NLL (``num_tokens``: the step's label
     tokens), computing logits only where a label follows; ``compiled`` (``train.compile``):
-    the cross-entropy as one fused kernel over the half-precision logits."""
+    the cross-entropy in fused kernels over the half-precision logits."""
     from casseat_ray.train.losses import compiled_kept_nll, kept_nll, predicting_positions
 
     batch = dict(batch)

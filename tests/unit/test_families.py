@@ -185,7 +185,7 @@ def test_bf16_training_runs_the_adapters_in_bf16_and_keeps_their_weights_fp32(fa
 
     from casseat_ray.train.loop import mixed_precision
 
-    path = family_students[family]
+    path = family_students["qwen2_vl"]
     processor = AutoProcessor.from_pretrained(path)
     cfg = train_config(tmp_path, {"student": path}, "bf16")
     batch = collate([encode(_sample(demo_rows[1], "self_eval"), processor)], processor.tokenizer.pad_token_id)
