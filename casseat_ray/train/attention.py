@@ -46,16 +46,21 @@ def packed_sdpa(module, query, key, value, attention_mask, position_ids=None, **
         position_ids = position_ids[0]
     position_ids = position_ids.expand(query.shape[0], -1)
     rows = []
-    # the samples are split off, not sliced: the backward of a split is one concatenation, that
-    # of each slice a zero tensor of the whole input
     for r, qkv in enumerate(zip(query.split(1), key.split(1), value.split(1))):
         starts = torch.nonzero(position_ids[r] == 0).flatten().tolist()
         if not starts or starts[0] != 0:
             starts = [0, *starts]
         lengths = [b - a for a, b in zip(starts, [*starts[1:], query.shape[2]])]
-        rows.append(torch.cat([sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
-                               for q, k, v in zip(*(t.split(lengths, dim=2) for t in qkv))], dim=1))
+        rows.append(_each_span(module, *qkv, lengths, is_causal=True, **kwargs))
     return torch.cat(rows), None
+
+
+def _each_span(module, query, key, value, lengths: list[int], **kwargs):
+    """SDPA within each span of ``lengths`` consecutive positions, on its own: output
+    ``[batch, len, heads, dim]``. The spans are split off, not sliced: the backward of a split
+    is one concatenation, that of each slice a zero tensor of the whole input."""
+    return torch.cat([sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+                      for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)))], dim=1)
 
 
 def register() -> str:
@@ -90,9 +95,7 @@ def varlen_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, m
 # bounds, which would recompile the block for every image count
 @torch.compiler.disable
 def _per_sequence(module, query, key, value, cu_seq_lens, scaling):
-    lengths = cu_seq_lens.diff().tolist()
-    return torch.cat([sdpa_attention_forward(module, q, k, v, None, scaling=scaling, is_causal=False)[0]
-                      for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)))], dim=1)
+    return _each_span(module, query, key, value, cu_seq_lens.diff().tolist(), scaling=scaling, is_causal=False)
 
 
 def register_varlen(model) -> bool:
